@@ -1,0 +1,163 @@
+//! The one attention call every layer goes through, and the processor hook on it.
+//!
+//! Spatial self-attention, cross-attention and temporal (motion-module) attention all call
+//! [`AttentionHook::attend`] with their layer path (the diffusers module path, e.g.
+//! `down_blocks.0.attentions.0.transformer_blocks.0.attn1`), their kind and Q/K/V already split
+//! into heads. Methods that change attention (motion-adaptive bias, entropy probes, I/U
+//! perturbation, injection for editing, Enhance-A-Video) are processors installed on the hook
+//! for the layers they address, as diffusers' attention processors are; the layers never change.
+
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor, D};
+
+/// What an attention layer attends over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttentionKind {
+    /// Self-attention among the pixels of one frame (`attn1` of a spatial transformer).
+    SpatialSelf,
+    /// Cross-attention from pixels to text tokens (`attn2` of a spatial transformer).
+    Cross,
+    /// Self-attention among the frames at one pixel (motion modules).
+    Temporal,
+}
+
+/// Everything a processor may want to know about the call it handles.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionCall<'a> {
+    /// Diffusers module path of the attention layer.
+    pub layer: &'a str,
+    pub kind: AttentionKind,
+    /// Index of the sampling step (0-based), when the call happens inside a sampling loop.
+    pub step: Option<usize>,
+    /// Softmax scale, 1/√head_dim.
+    pub scale: f64,
+}
+
+/// A swappable attention implementation.
+///
+/// `q` is (batch, heads, queries, head_dim), `k` and `v` are (batch, heads, keys, head_dim); the
+/// result is (batch, heads, queries, head_dim). `default` is the plain computation, which a
+/// processor may call to wrap rather than replace it.
+pub trait AttentionProcessor: Send + Sync {
+    fn attend(&self, call: &AttentionCall, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+}
+
+/// Plain scaled dot-product attention: softmax(q·kᵀ·scale)·v.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScaledDotProduct;
+
+impl AttentionProcessor for ScaledDotProduct {
+    fn attend(&self, call: &AttentionCall, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        scaled_dot_product(q, k, v, call.scale)
+    }
+}
+
+/// softmax(q·kᵀ·scale)·v over the last two dimensions.
+pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_probs(q, k, scale)?.matmul(&v.contiguous()?)
+}
+
+/// The attention map softmax(q·kᵀ·scale), (batch, heads, queries, keys); rows sum to 1.
+pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+/// A processor addressed by layer path: installed for every layer whose path starts with
+/// `prefix` (an empty prefix addresses every layer) and, optionally, only for one kind.
+#[derive(Clone)]
+pub struct ProcessorBinding {
+    pub prefix: String,
+    pub kind: Option<AttentionKind>,
+    pub processor: Arc<dyn AttentionProcessor>,
+}
+
+/// The processors installed on a model for one forward pass, plus the step being run.
+///
+/// The last matching binding wins, so later patches override earlier ones, as in ComfyUI's
+/// model patcher.
+#[derive(Clone, Default)]
+pub struct AttentionHook {
+    bindings: Vec<ProcessorBinding>,
+    step: Option<usize>,
+}
+
+impl AttentionHook {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Installs `processor` on every layer whose path starts with `prefix` (of `kind`, if given).
+    pub fn with_processor(
+        mut self,
+        prefix: impl Into<String>,
+        kind: Option<AttentionKind>,
+        processor: Arc<dyn AttentionProcessor>,
+    ) -> Self {
+        self.bindings.push(ProcessorBinding { prefix: prefix.into(), kind, processor });
+        self
+    }
+
+    pub fn with_step(mut self, step: Option<usize>) -> Self {
+        self.step = step;
+        self
+    }
+
+    pub fn step(&self) -> Option<usize> {
+        self.step
+    }
+
+    pub fn bindings(&self) -> &[ProcessorBinding] {
+        &self.bindings
+    }
+
+    /// Runs the attention of `layer` through the processor installed for it.
+    pub fn attend(
+        &self,
+        layer: &str,
+        kind: AttentionKind,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let head_dim = q.dim(D::Minus1)?;
+        let call = AttentionCall { layer, kind, step: self.step, scale: 1.0 / (head_dim as f64).sqrt() };
+        let binding = self.bindings.iter().rev().find(|b| {
+            layer.starts_with(b.prefix.as_str()) && b.kind.map_or(true, |want| want == kind)
+        });
+        match binding {
+            Some(b) => b.processor.attend(&call, q, k, v),
+            None => ScaledDotProduct.attend(&call, q, k, v),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, DType};
+
+    /// A processor that only forwards to the default keeps results bit-for-bit.
+    struct PassThrough;
+    impl AttentionProcessor for PassThrough {
+        fn attend(&self, c: &AttentionCall, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+            ScaledDotProduct.attend(c, q, k, v)
+        }
+    }
+
+    #[test]
+    fn pass_through_processor_is_bit_exact() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev)?;
+        let plain = AttentionHook::new().attend("a.attn1", AttentionKind::SpatialSelf, &q, &k, &v)?;
+        let hooked = AttentionHook::new()
+            .with_processor("", None, Arc::new(PassThrough))
+            .attend("a.attn1", AttentionKind::SpatialSelf, &q, &k, &v)?;
+        let diff = (plain - hooked)?.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
+}

@@ -1,0 +1,8 @@
+//! The models every video workflow runs on, built with candle from diffusers-named weights.
+
+pub mod attention;
+pub mod clip;
+pub mod load;
+pub mod motion;
+pub mod unet;
+pub mod vae;
