@@ -4,5 +4,6 @@ pub mod attention;
 pub mod clip;
 pub mod load;
 pub mod motion;
+pub mod tokenizer;
 pub mod unet;
 pub mod vae;
