@@ -1,1 +1,202 @@
-fn main(){}
+//! The `vdm` command: run, validate and list node workflows.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use vdm::events::{EventSink, JsonLines, ProgressBars, Silent};
+use vdm::{plugin, validate, Executor, PluginSet, RunError, Workflow};
+
+/// Exit status of a workflow that failed validation (or could not be read as one).
+const EXIT_INVALID: u8 = 2;
+/// Exit status of a workflow that failed while running.
+const EXIT_FAILED: u8 = 1;
+
+#[derive(Parser)]
+#[command(name = "vdm", version, about = "Run video-diffusion node workflows (ComfyUI API format)")]
+struct Cli {
+    /// Folder of plugins to load (repeatable); also VDM_PLUGIN_PATH and the binary's folder.
+    #[arg(long = "plugins", global = true, value_name = "DIR")]
+    plugins: Vec<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate and run a workflow.
+    Run {
+        #[command(flatten)]
+        workflow: WorkflowArgs,
+        /// Output folder for saved files (default: the current folder).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Models folder with ComfyUI's layout (checkpoints/, animatediff_models/, vae/); also VDM_MODELS.
+        #[arg(long, value_name = "DIR", env = "VDM_MODELS")]
+        models: Option<PathBuf>,
+        /// Folder that relative input paths are resolved against.
+        #[arg(long, value_name = "DIR")]
+        input: Option<PathBuf>,
+        /// Compute device: auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Print one JSON object per line for each event (ComfyUI's websocket messages).
+        #[arg(long)]
+        json_events: bool,
+        /// No progress bars.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check a workflow against the loaded nodes without running it.
+    Validate {
+        #[command(flatten)]
+        workflow: WorkflowArgs,
+        /// Print the report as ComfyUI's {"error", "node_errors"} JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the loaded nodes (and any refused plugins, on stderr).
+    Nodes {
+        /// Print what ComfyUI's /object_info would return for these nodes.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct WorkflowArgs {
+    /// Workflow file in ComfyUI's API format.
+    workflow: PathBuf,
+    /// Override a literal input: ID.INPUT=VALUE (VALUE is JSON, or else a string).
+    #[arg(long = "set", value_name = "ID.INPUT=VALUE")]
+    set: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let plugins = PluginSet::load(&plugin::default_dirs(&cli.plugins), &[]);
+    for refused in &plugins.refused {
+        eprintln!("warning: plugin refused: {refused}");
+    }
+    match cli.command {
+        Command::Nodes { json } => list_nodes(&plugins, json),
+        Command::Validate { workflow, json } => {
+            let workflow = match read_workflow(&workflow, json) {
+                Ok(w) => w,
+                Err(code) => return code,
+            };
+            let report = validate(&workflow, &plugins);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("serialisable"));
+            } else if report.is_ok() {
+                println!("valid: {} nodes", workflow.nodes.len());
+            } else {
+                eprint!("{}", report.to_text());
+            }
+            if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_INVALID)
+            }
+        }
+        Command::Run { workflow, out, models, input, device, json_events, quiet } => {
+            let workflow = match read_workflow(&workflow, json_events) {
+                Ok(w) => w,
+                Err(code) => return code,
+            };
+            let sink: Box<dyn EventSink> = if json_events {
+                Box::new(JsonLines)
+            } else if quiet {
+                Box::new(Silent)
+            } else {
+                Box::new(ProgressBars::new())
+            };
+            let out = out.unwrap_or_else(|| PathBuf::from("."));
+            let mut executor = Executor::new(&plugins, sink.as_ref())
+                .with_setting("output_dir", out.to_string_lossy())
+                .with_setting("device", device);
+            if let Some(models) = models {
+                executor = executor.with_setting("models_dir", models.to_string_lossy());
+            }
+            if let Some(input) = input {
+                executor = executor.with_setting("input_dir", input.to_string_lossy());
+            }
+            match executor.run(&workflow) {
+                Ok(summary) => {
+                    if !json_events {
+                        for (node, ui) in &summary.ui {
+                            for file in ui.as_object().into_iter().flat_map(|o| o.values()).flat_map(|v| v.as_array().cloned().unwrap_or_default()) {
+                                if let Some(path) = file.get("fullpath").and_then(|p| p.as_str()) {
+                                    println!("node {node}: wrote {path}");
+                                }
+                            }
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(RunError::Invalid(report)) => {
+                    if json_events {
+                        println!("{}", json!({"type": "validation_error", "data": report}));
+                    } else {
+                        eprint!("{}", report.to_text());
+                    }
+                    ExitCode::from(EXIT_INVALID)
+                }
+                Err(RunError::Node(error)) => {
+                    eprintln!("error: {error}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+    }
+}
+
+/// Reads, parses and applies `--set`; on failure prints the problem and gives the exit code.
+fn read_workflow(args: &WorkflowArgs, json_output: bool) -> Result<Workflow, ExitCode> {
+    let fail = |kind: &str, message: String| {
+        if json_output {
+            println!("{}", json!({"error": {"type": kind, "message": message, "details": "", "extra_info": {}}, "node_errors": {}}));
+        } else {
+            eprintln!("error: {message}");
+        }
+        ExitCode::from(EXIT_INVALID)
+    };
+    let text = std::fs::read_to_string(&args.workflow)
+        .map_err(|e| fail("invalid_prompt", format!("cannot read {}: {e}", args.workflow.display())))?;
+    let mut workflow = Workflow::parse(&text)
+        .map_err(|e| fail("invalid_prompt", format!("{}: {e}", args.workflow.display())))?;
+    for assignment in &args.set {
+        apply_set(&mut workflow, assignment).map_err(|e| fail("invalid_prompt", e))?;
+    }
+    Ok(workflow)
+}
+
+/// `ID.INPUT=VALUE`: the value is parsed as JSON when it is JSON, else taken as a string.
+fn apply_set(workflow: &mut Workflow, assignment: &str) -> Result<(), String> {
+    let (target, value) =
+        assignment.split_once('=').ok_or_else(|| format!("--set {assignment}: expected ID.INPUT=VALUE"))?;
+    let (id, input) =
+        target.split_once('.').ok_or_else(|| format!("--set {assignment}: expected ID.INPUT=VALUE"))?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| json!(value));
+    workflow.set_literal(id, input, value)
+}
+
+fn list_nodes(plugins: &PluginSet, json: bool) -> ExitCode {
+    if json {
+        let info = vdm::object_info::object_info(plugins.descriptors(), "vdm_nodes");
+        println!("{}", serde_json::to_string_pretty(&info).expect("serialisable"));
+    } else {
+        for plugin in &plugins.plugins {
+            println!("{} ({}; features: {})", plugin.name, plugin.path.display(), plugin.features.join(", "));
+        }
+        for d in plugins.descriptors() {
+            let output = if d.output_node { " [output]" } else { "" };
+            println!("  {:<24} {:<12} {}{output}", d.class_type.as_str(), d.category.as_str(), d.display_name.as_str());
+        }
+        if plugins.plugins.is_empty() {
+            eprintln!("no plugins found: build the workspace (cargo build --release) or pass --plugins DIR");
+        }
+    }
+    ExitCode::SUCCESS
+}

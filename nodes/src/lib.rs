@@ -1,6 +1,10 @@
 //! vdm-nodes: the video-diffusion node plugin.
+//!
+//! `node/` wraps the domain code for the host (descriptors, ABI values); `models/`,
+//! `schedulers/` and `video/` are plain Rust over candle and know nothing of the ABI.
 
 pub mod models;
+pub mod node;
+pub mod plugin;
 pub mod schedulers;
 pub mod video;
-pub mod node;

@@ -59,3 +59,18 @@ pub fn assert_close(what: &str, out: &Tensor, reference: &Tensor, tol: f64) {
     println!("{what}: relative error {rel:.3e}, max abs error {max:.3e}");
     assert!(rel <= tol, "{what}: relative error {rel:.3e} > {tol:.0e} (max abs {max:.3e})");
 }
+
+/// The shared library of a workspace plugin crate, built by cargo next to the test binaries
+/// (plugins are dev-dependencies for that reason).
+pub fn plugin_library(crate_name: &str) -> PathBuf {
+    let deps = std::env::current_exe().expect("test binary path").parent().expect("deps dir").to_path_buf();
+    let file = format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        crate_name.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    );
+    let path = deps.join(&file);
+    assert!(path.exists(), "{} was not built; it is a dev-dependency of the tests", path.display());
+    path
+}

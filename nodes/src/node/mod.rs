@@ -1,0 +1,274 @@
+//! The nodes: each family in its own file, a declarative descriptor plus an `execute` that
+//! converts ABI values, calls the domain code and converts back.
+//!
+//! This module holds what every node shares: the [`Node`] trait, typed access to inputs with
+//! errors that name the input, the objects that travel as handles, and the registry.
+
+mod latent;
+mod noise;
+pub mod objects;
+mod spec;
+mod video_io;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use abi_stable::std_types::{RNone, RSome, RStr, RString, RVec};
+use candle_core::Device;
+use vdm_ffi::{
+    ErrorKind, Handle, HostContext_TO, NamedValue, NodeDescriptor, NodeError, PluginObject,
+    Value,
+};
+
+pub use objects::{Images, Latent};
+pub use spec::DescriptorBuilder;
+
+/// A node: what it declares, and how it runs.
+pub trait Node: Send + Sync {
+    fn descriptor(&self) -> NodeDescriptor;
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure>;
+}
+
+/// Every node of the plugin, built once.
+pub fn registry() -> &'static [Box<dyn Node>] {
+    static NODES: OnceLock<Vec<Box<dyn Node>>> = OnceLock::new();
+    NODES.get_or_init(|| {
+        let mut nodes: Vec<Box<dyn Node>> = Vec::new();
+        nodes.extend(noise::nodes());
+        nodes.extend(latent::nodes());
+        nodes.extend(video_io::nodes());
+        nodes
+    })
+}
+
+/// Looks a node up by its `class_type`.
+pub fn find(class_type: &str) -> Option<&'static dyn Node> {
+    registry()
+        .iter()
+        .find(|n| n.descriptor().class_type.as_str() == class_type)
+        .map(|n| n.as_ref())
+}
+
+/// Why a node failed, before the boundary adds the node id and class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeFailure {
+    pub kind: ErrorKind,
+    pub input: Option<String>,
+    pub message: String,
+}
+
+impl NodeFailure {
+    /// The value given for `input` is unusable.
+    pub fn input(input: &str, message: impl std::fmt::Display) -> Self {
+        Self { kind: ErrorKind::InvalidInput, input: Some(input.to_owned()), message: message.to_string() }
+    }
+
+    /// The node failed while running.
+    pub fn execution(message: impl std::fmt::Display) -> Self {
+        Self { kind: ErrorKind::Execution, input: None, message: message.to_string() }
+    }
+
+    pub fn cancelled() -> Self {
+        Self { kind: ErrorKind::Cancelled, input: None, message: "cancelled".to_owned() }
+    }
+
+    pub fn into_error(self, node_id: &str, class_type: &str) -> NodeError {
+        NodeError {
+            kind: self.kind,
+            node_id: node_id.into(),
+            class_type: class_type.into(),
+            input: self.input.map(RString::from).into(),
+            message: self.message.into(),
+        }
+    }
+}
+
+impl From<candle_core::Error> for NodeFailure {
+    fn from(e: candle_core::Error) -> Self {
+        Self::execution(e)
+    }
+}
+
+/// Attaches the input name to errors of a fallible call about that input.
+pub trait ForInput<T> {
+    fn for_input(self, input: &str) -> Result<T, NodeFailure>;
+}
+
+impl<T, E: std::fmt::Display> ForInput<T> for Result<T, E> {
+    fn for_input(self, input: &str) -> Result<T, NodeFailure> {
+        self.map_err(|e| NodeFailure::input(input, e))
+    }
+}
+
+/// The inputs of one call, by name.
+pub struct Inputs {
+    values: Vec<NamedValue>,
+}
+
+impl Inputs {
+    pub fn new(values: RVec<NamedValue>) -> Self {
+        Self { values: values.into_vec() }
+    }
+
+    /// The raw value of `name`, if given.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.values.iter().find(|v| v.name.as_str() == name).map(|v| &v.value)
+    }
+
+    fn required(&self, name: &str) -> Result<&Value, NodeFailure> {
+        self.get(name).ok_or_else(|| NodeFailure::input(name, "required input is missing"))
+    }
+
+    fn mismatch(name: &str, want: &str, got: &Value) -> NodeFailure {
+        NodeFailure::input(name, format!("expected {want}, got {}", got.kind_name()))
+    }
+
+    pub fn int(&self, name: &str) -> Result<i64, NodeFailure> {
+        match self.required(name)? {
+            Value::Int(v) => Ok(*v),
+            other => Err(Self::mismatch(name, "INT", other)),
+        }
+    }
+
+    /// An INT that must fit in `usize` (sizes, counts).
+    pub fn usize(&self, name: &str) -> Result<usize, NodeFailure> {
+        let v = self.int(name)?;
+        usize::try_from(v).map_err(|_| NodeFailure::input(name, format!("{v} is negative")))
+    }
+
+    pub fn float(&self, name: &str) -> Result<f64, NodeFailure> {
+        match self.required(name)? {
+            Value::Float(v) => Ok(*v),
+            Value::Int(v) => Ok(*v as f64),
+            other => Err(Self::mismatch(name, "FLOAT", other)),
+        }
+    }
+
+    pub fn bool(&self, name: &str) -> Result<bool, NodeFailure> {
+        match self.required(name)? {
+            Value::Bool(v) => Ok(*v),
+            other => Err(Self::mismatch(name, "BOOLEAN", other)),
+        }
+    }
+
+    pub fn string(&self, name: &str) -> Result<&str, NodeFailure> {
+        match self.required(name)? {
+            Value::Str(v) => Ok(v.as_str()),
+            other => Err(Self::mismatch(name, "STRING", other)),
+        }
+    }
+
+    /// A plugin object of type `T` on input `name`, produced by this plugin.
+    pub fn object<T: PluginType>(&self, name: &str) -> Result<T, NodeFailure> {
+        match self.required(name)? {
+            Value::Handle(handle) => T::from_handle(handle).ok_or_else(|| {
+                NodeFailure::input(name, format!("expected {}, got {}", T::TYPE_TAG, handle.type_tag))
+            }),
+            Value::Tensor(tensor) => T::from_host_tensor(tensor).for_input(name),
+            other => Err(Self::mismatch(name, T::TYPE_TAG, other)),
+        }
+    }
+
+    /// Like [`Inputs::object`], for an optional input.
+    pub fn optional_object<T: PluginType>(&self, name: &str) -> Result<Option<T>, NodeFailure> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(_) => self.object(name).map(Some),
+        }
+    }
+}
+
+/// A plugin-owned value type that travels as a [`Handle`] tagged with its socket type.
+pub trait PluginType: PluginObject + Clone + Send + Sync + std::fmt::Debug + 'static {
+    const TYPE_TAG: &'static str;
+
+    fn into_value(self) -> Value {
+        let object = vdm_ffi::PluginObject_TO::from_ptr(
+            abi_stable::std_types::RArc::new(self),
+            abi_stable::sabi_trait::TD_CanDowncast,
+        );
+        Value::Handle(Handle { type_tag: Self::TYPE_TAG.into(), object })
+    }
+
+    fn from_handle(handle: &Handle) -> Option<Self> {
+        if handle.type_tag.as_str() != Self::TYPE_TAG {
+            return None;
+        }
+        handle.object.obj.downcast_as::<Self>().ok().cloned()
+    }
+
+    /// Accepts the same value sent as a host tensor (from the host or another plugin).
+    fn from_host_tensor(_tensor: &vdm_ffi::HostTensor) -> Result<Self, String> {
+        Err(format!("{} cannot be given as a plain tensor", Self::TYPE_TAG))
+    }
+}
+
+/// What a node returns: its output values and, for output nodes, the UI JSON.
+#[derive(Default)]
+pub struct Outputs {
+    pub values: Vec<Value>,
+    pub ui: Option<serde_json::Value>,
+}
+
+impl Outputs {
+    pub fn one(value: Value) -> Self {
+        Self { values: vec![value], ui: None }
+    }
+}
+
+/// The host side of a call: progress, cancellation and settings.
+pub struct Context<'a> {
+    host: HostContext_TO<'a, abi_stable::sabi_types::RRef<'a, ()>>,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(host: HostContext_TO<'a, abi_stable::sabi_types::RRef<'a, ()>>) -> Self {
+        Self { host }
+    }
+
+    pub fn progress(&self, step: u64, total: u64, text: &str) {
+        self.host.progress(step, total, RStr::from(text));
+    }
+
+    /// Returns `Err(cancelled)` once the user asked to stop.
+    pub fn check_cancelled(&self) -> Result<(), NodeFailure> {
+        if self.host.cancelled() {
+            Err(NodeFailure::cancelled())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn setting(&self, key: &str) -> Option<String> {
+        match self.host.setting(RStr::from(key)) {
+            RSome(v) => Some(v.into_string()),
+            RNone => None,
+        }
+    }
+
+    /// Where output nodes write: the host's `output_dir`, else the current folder.
+    pub fn output_dir(&self) -> PathBuf {
+        self.setting("output_dir").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// The device nodes compute on: the host's `device` setting (`cpu`, `cuda`, `cuda:N`),
+    /// else CUDA when this build has it and a GPU is present, else the CPU.
+    pub fn device(&self) -> Result<Device, NodeFailure> {
+        let wanted = self.setting("device").unwrap_or_else(|| "auto".to_owned());
+        parse_device(&wanted).map_err(NodeFailure::execution)
+    }
+}
+
+/// `auto`, `cpu`, `cuda` or `cuda:N` to a candle device.
+pub fn parse_device(name: &str) -> Result<Device, String> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        "cuda" => Device::new_cuda(0).map_err(|e| format!("CUDA device unavailable: {e}")),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(ordinal) => Device::new_cuda(ordinal)
+                .map_err(|e| format!("CUDA device {ordinal} unavailable: {e}")),
+            None => Err(format!("unknown device `{other}` (expected auto, cpu, cuda or cuda:N)")),
+        },
+    }
+}

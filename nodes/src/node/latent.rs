@@ -1,0 +1,94 @@
+//! Latent utilities: a VAE-free preview, and LATENT files as ComfyUI's SaveLatent/LoadLatent.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::video::{latent_file, preview};
+
+use super::{Context, DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs, PluginType};
+
+pub fn nodes() -> Vec<Box<dyn Node>> {
+    vec![Box::new(LatentPreview), Box::new(SaveLatent), Box::new(LoadLatent)]
+}
+
+struct LatentPreview;
+
+impl Node for LatentPreview {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("LatentPreview", "Latent Preview", "vdm/latent")
+            .description("Latents to RGB frames with SD 1.5's linear latent-to-RGB approximation: a look at latents without a VAE.")
+            .object("latent", "LATENT", "SD 1.x latents (4 channels).")
+            .optional()
+            .int("upscale", 8, 1, 8, "Nearest-neighbour upscale, 8 gives the pixel size the VAE would decode to.")
+            .output("IMAGE", "IMAGE")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let latent: Latent = inputs.object("latent")?;
+        let upscale = match inputs.get("upscale") {
+            Some(_) => inputs.usize("upscale")?,
+            None => 8,
+        };
+        let frames = preview::latent_to_rgb(&latent.samples, upscale).for_input("latent")?;
+        Ok(Outputs::one(Images { frames }.into_value()))
+    }
+}
+
+struct SaveLatent;
+
+impl Node for SaveLatent {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("SaveLatent", "Save Latent", "vdm/latent")
+            .description("Writes latents to a safetensors file in the output folder, as ComfyUI's SaveLatent does.")
+            .object("samples", "LATENT", "Latents to save.")
+            .string("filename_prefix", "latents/vdm", "File name prefix; may contain subfolders of the output folder.")
+            .output_node()
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let latent: Latent = inputs.object("samples")?;
+        let prefix = inputs.string("filename_prefix")?;
+        let out_dir = ctx.output_dir();
+        let path = latent_file::save_latent(&latent.samples, &out_dir, prefix).for_input("filename_prefix")?;
+        Ok(Outputs { values: vec![], ui: Some(json!({ "latents": [file_entry(&out_dir, &path)] })) })
+    }
+}
+
+struct LoadLatent;
+
+impl Node for LoadLatent {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("LoadLatent", "Load Latent", "vdm/latent")
+            .description("Reads latents from a safetensors file written by SaveLatent (vdm's or ComfyUI's).")
+            .string("latent", "", "Path of the .latent/.safetensors file, absolute or relative to the input folder.")
+            .output("LATENT", "LATENT")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let path = resolve_input_path(ctx, inputs.string("latent")?);
+        let device = ctx.device()?;
+        let samples = latent_file::load_latent(&path, &device).for_input("latent")?;
+        Ok(Outputs::one(Latent { samples }.into_value()))
+    }
+}
+
+/// A user-given path: absolute, or relative to the host's input folder when it has one.
+pub fn resolve_input_path(ctx: &Context, given: &str) -> PathBuf {
+    let path = PathBuf::from(given);
+    match ctx.setting("input_dir") {
+        Some(dir) if path.is_relative() && !path.exists() => Path::new(&dir).join(path),
+        _ => path,
+    }
+}
+
+/// ComfyUI's description of a written file: name, subfolder of the output folder, type.
+pub fn file_entry(out_dir: &Path, path: &Path) -> serde_json::Value {
+    let relative = path.strip_prefix(out_dir).unwrap_or(path);
+    let subfolder = relative.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let filename = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    json!({ "filename": filename, "subfolder": subfolder, "type": "output", "fullpath": path.to_string_lossy() })
+}

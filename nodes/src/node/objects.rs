@@ -1,0 +1,142 @@
+//! The objects that travel between nodes as handles, so tensors stay on their device.
+
+use abi_stable::std_types::RString;
+use candle_core::{DType, Device, Tensor};
+use vdm_ffi::{HostTensor, PluginObject};
+
+use super::PluginType;
+
+/// A `LATENT`: video latents (batch, channels, frames, height/8, width/8).
+#[derive(Debug, Clone)]
+pub struct Latent {
+    pub samples: Tensor,
+}
+
+/// An `IMAGE`: frames × height × width × 3, f32 in [0, 1], ComfyUI's layout.
+#[derive(Debug, Clone)]
+pub struct Images {
+    pub frames: Tensor,
+}
+
+fn describe_tensor(tag: &str, t: &Tensor) -> RString {
+    format!("{tag} {:?} {:?} {:?}", t.dims(), t.dtype(), t.device().location()).into()
+}
+
+impl PluginObject for Latent {
+    fn describe(&self) -> RString {
+        describe_tensor("LATENT", &self.samples)
+    }
+}
+
+impl PluginObject for Images {
+    fn describe(&self) -> RString {
+        describe_tensor("IMAGE", &self.frames)
+    }
+}
+
+impl PluginType for Latent {
+    const TYPE_TAG: &'static str = "LATENT";
+
+    /// ComfyUI's 4-D latents (batch·frames, C, h, w) are taken as one video of that many frames.
+    fn from_host_tensor(tensor: &HostTensor) -> Result<Self, String> {
+        let samples = host_to_tensor(tensor)?;
+        let samples = match samples.rank() {
+            5 => samples,
+            4 => samples.permute((1, 0, 2, 3)).and_then(|t| t.unsqueeze(0)).map_err(|e| e.to_string())?,
+            r => return Err(format!("a LATENT tensor has 4 or 5 dimensions, this one has {r}")),
+        };
+        Ok(Latent { samples })
+    }
+}
+
+impl PluginType for Images {
+    const TYPE_TAG: &'static str = "IMAGE";
+
+    fn from_host_tensor(tensor: &HostTensor) -> Result<Self, String> {
+        let frames = host_to_tensor(tensor)?;
+        match frames.dims() {
+            [_, _, _, 3] => Ok(Images { frames }),
+            dims => Err(format!("an IMAGE tensor is frames × height × width × 3, got {dims:?}")),
+        }
+    }
+}
+
+/// A host tensor to a CPU candle tensor (f16/bf16 are widened to f32).
+pub fn host_to_tensor(t: &HostTensor) -> Result<Tensor, String> {
+    if !t.is_consistent() {
+        return Err(format!(
+            "tensor data holds {} bytes, but shape {:?} of {:?} needs {}",
+            t.data.len(),
+            t.shape.as_slice(),
+            t.dtype,
+            t.elem_count() * t.dtype.size_in_bytes()
+        ));
+    }
+    let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+    let dtype = match t.dtype {
+        vdm_ffi::DType::U8 => DType::U8,
+        vdm_ffi::DType::U32 => DType::U32,
+        vdm_ffi::DType::I64 => DType::I64,
+        vdm_ffi::DType::F16 => DType::F16,
+        vdm_ffi::DType::BF16 => DType::BF16,
+        vdm_ffi::DType::F32 => DType::F32,
+        vdm_ffi::DType::F64 => DType::F64,
+    };
+    let tensor = Tensor::from_raw_buffer(t.data.as_slice(), dtype, &shape, &Device::Cpu)
+        .map_err(|e| e.to_string())?;
+    match dtype {
+        DType::F16 | DType::BF16 => tensor.to_dtype(DType::F32).map_err(|e| e.to_string()),
+        _ => Ok(tensor),
+    }
+}
+
+/// A candle tensor (any device) to a host tensor.
+pub fn tensor_to_host(t: &Tensor) -> candle_core::Result<HostTensor> {
+    let t = t.to_device(&Device::Cpu)?.contiguous()?;
+    let (dtype, data): (vdm_ffi::DType, Vec<u8>) = match t.dtype() {
+        DType::U8 => (vdm_ffi::DType::U8, t.flatten_all()?.to_vec1::<u8>()?),
+        DType::U32 => (vdm_ffi::DType::U32, bytes(&t.flatten_all()?.to_vec1::<u32>()?)),
+        DType::I64 => (vdm_ffi::DType::I64, bytes(&t.flatten_all()?.to_vec1::<i64>()?)),
+        DType::F64 => (vdm_ffi::DType::F64, bytes(&t.flatten_all()?.to_vec1::<f64>()?)),
+        _ => (vdm_ffi::DType::F32, bytes(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)),
+    };
+    Ok(HostTensor {
+        dtype,
+        shape: t.dims().iter().map(|&d| d as u64).collect(),
+        data: data.into(),
+    })
+}
+
+fn bytes<T: Copy + ToLeBytes>(values: &[T]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le()).collect()
+}
+
+trait ToLeBytes {
+    fn to_le(self) -> Vec<u8>;
+}
+
+macro_rules! le_bytes {
+    ($($t:ty),*) => {$(impl ToLeBytes for $t { fn to_le(self) -> Vec<u8> { self.to_le_bytes().to_vec() } })*};
+}
+le_bytes!(u32, i64, f32, f64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_tensor_round_trip() {
+        let t = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((2, 3, 4)).unwrap();
+        let host = tensor_to_host(&t).unwrap();
+        assert!(host.is_consistent());
+        let back = host_to_tensor(&host).unwrap();
+        assert_eq!(back.to_vec3::<f32>().unwrap(), t.to_vec3::<f32>().unwrap());
+    }
+
+    #[test]
+    fn inconsistent_host_tensor_is_refused() {
+        let mut host = tensor_to_host(&Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        host.data.pop();
+        assert!(host_to_tensor(&host).unwrap_err().contains("needs 16"));
+    }
+}

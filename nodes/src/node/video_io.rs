@@ -1,0 +1,81 @@
+//! `LoadVideo` and `SaveVideo`: frames in and out as ComfyUI IMAGE batches.
+
+use serde_json::json;
+
+use crate::video::io::{load_video, save_video, LoadOptions, VideoFormat};
+
+use super::latent::{file_entry, resolve_input_path};
+use super::{Context, DescriptorBuilder, ForInput, Images, Inputs, Node, NodeFailure, Outputs, PluginType};
+
+pub fn nodes() -> Vec<Box<dyn Node>> {
+    vec![Box::new(LoadVideo), Box::new(SaveVideo)]
+}
+
+struct LoadVideo;
+
+impl Node for LoadVideo {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("LoadVideo", "Load Video", "vdm/video")
+            .description("Loads frames from a folder of PNG/JPEG images, a GIF, or (with ffmpeg on PATH) an MP4/WebM/MOV/MKV file.")
+            .string("video", "", "Path of the video file or frame folder, absolute or relative to the input folder.")
+            .optional()
+            .int("frame_load_cap", 0, 0, 100_000, "Load at most this many frames (0: all).")
+            .int("skip_first_frames", 0, 0, 100_000, "Frames to skip at the start.")
+            .int("select_every_nth", 1, 1, 1000, "Keep one frame in n.")
+            .output("IMAGE", "IMAGE")
+            .output("INT", "frame_count")
+            .output("FLOAT", "fps")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let path = resolve_input_path(ctx, inputs.string("video")?);
+        let optional = |name: &str, default: usize| match inputs.get(name) {
+            Some(_) => inputs.usize(name),
+            None => Ok(default),
+        };
+        let options = LoadOptions {
+            frame_load_cap: optional("frame_load_cap", 0)?,
+            skip_first_frames: optional("skip_first_frames", 0)?,
+            select_every_nth: optional("select_every_nth", 1)?,
+        };
+        let (frames, fps) = load_video(&path, &options).for_input("video")?;
+        let count = frames.dim(0)? as i64;
+        Ok(Outputs {
+            values: vec![Images { frames }.into_value(), vdm_ffi::Value::Int(count), vdm_ffi::Value::Float(fps)],
+            ui: None,
+        })
+    }
+}
+
+struct SaveVideo;
+
+impl Node for SaveVideo {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("SaveVideo", "Save Video", "vdm/video")
+            .description("Writes frames as an animated GIF, an animated PNG, or (with ffmpeg on PATH) an H.264 MP4, atomically, into the output folder.")
+            .object("images", "IMAGE", "Frames to save.")
+            .string("filename_prefix", "vdm", "File name prefix; may contain subfolders of the output folder.")
+            .combo("format", &["gif", "png", "mp4"], "gif: animated GIF; png: animated PNG; mp4: H.264 (needs ffmpeg).")
+            .float("fps", 8.0, (0.1, 240.0, 0.1), "Frames per second.")
+            .optional()
+            .int("loop_count", 0, 0, 100, "Times to play (0: forever).")
+            .output_node()
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let images: Images = inputs.object("images")?;
+        let prefix = inputs.string("filename_prefix")?;
+        let format: VideoFormat = inputs.string("format")?.parse().for_input("format")?;
+        let fps = inputs.float("fps")?;
+        let loop_count = match inputs.get("loop_count") {
+            Some(_) => inputs.usize("loop_count")?,
+            None => 0,
+        };
+        let out_dir = ctx.output_dir();
+        let path = save_video(&images.frames, &out_dir, prefix, format, fps, loop_count)
+            .map_err(NodeFailure::execution)?;
+        Ok(Outputs { values: vec![], ui: Some(json!({ "videos": [file_entry(&out_dir, &path)] })) })
+    }
+}

@@ -1,0 +1,203 @@
+//! The real plugin through the ABI: descriptors, validation of workflows that use its nodes,
+//! and the noise workflow end to end.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde_json::json;
+use vdm::{validate, Executor, PluginSet, RunError, Workflow};
+
+fn plugins() -> PluginSet {
+    let set = PluginSet::load(&[], &[common::plugin_library("vdm-nodes")]);
+    assert!(set.refused.is_empty(), "{:?}", set.refused);
+    set
+}
+
+fn noise_node(extra: serde_json::Value) -> serde_json::Value {
+    let mut inputs = json!({"seed": 1, "frames": 4, "width": 64, "height": 64, "channels": 4, "mode": "mixed", "correlation": 0.5});
+    for (k, v) in extra.as_object().unwrap() {
+        inputs[k] = v.clone();
+    }
+    json!({"class_type": "VideoNoise", "inputs": inputs})
+}
+
+#[test]
+fn descriptors_round_trip_through_the_abi() {
+    let set = plugins();
+    let names: Vec<&str> = set.descriptors().map(|d| d.class_type.as_str()).collect();
+    for expected in ["VideoNoise", "LoadVideo", "SaveVideo", "LatentPreview", "SaveLatent", "LoadLatent"] {
+        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+    }
+    // What crossed the boundary equals what the plugin built.
+    for node in vdm_nodes::node::registry() {
+        let local = node.descriptor();
+        let (_, remote) = set.node(local.class_type.as_str()).unwrap();
+        assert_eq!(&local, remote);
+    }
+    let info = vdm::object_info::object_info(set.descriptors(), "vdm_nodes");
+    let noise = &info["VideoNoise"];
+    assert_eq!(noise["input"]["required"]["seed"][0], "INT");
+    assert_eq!(noise["input"]["required"]["mode"][0], json!(["mixed", "progressive", "independent"]));
+    assert_eq!(noise["input"]["required"]["correlation"][1]["max"], 1.0);
+    assert_eq!(noise["output"], json!(["LATENT"]));
+    assert_eq!(info["SaveVideo"]["output_node"], true);
+    assert_eq!(info["SaveVideo"]["input"]["required"]["images"], json!(["IMAGE", {"tooltip": "Frames to save."}]));
+}
+
+/// The (kind, input) of every issue of node `id`.
+fn issues(report: &vdm::ValidationReport, id: &str) -> Vec<(String, Option<String>)> {
+    report.issues(id).iter().map(|i| (i.kind.clone(), i.input_name().map(str::to_owned))).collect()
+}
+
+#[test]
+fn every_validation_error_is_reported_at_once_with_node_and_input() {
+    let set = plugins();
+    let wf = Workflow::from_json(json!({
+        "1": noise_node(json!({"correlation": 1.5, "frames": "many", "mode": "wavy", "colour": 3})),
+        "2": {"class_type": "NoSuchNode", "inputs": {}},
+        "3": {"class_type": "LatentPreview", "inputs": {"latent": ["9", 0]}},
+        "4": {"class_type": "LatentPreview", "inputs": {"latent": ["1", 5]}},
+        "5": {"class_type": "SaveVideo", "inputs": {"images": ["1", 0], "filename_prefix": "x", "format": "gif"}},
+        "6": {"class_type": "SaveVideo", "inputs": {"images": "not a link", "filename_prefix": "x", "format": "gif", "fps": -1}},
+        "7": noise_node(json!({"seed": -5, "width": 64.5}))
+    }))
+    .unwrap();
+    let report = validate(&wf, &set);
+    assert!(!report.is_ok());
+    let s = |k: &str, i: &str| (k.to_owned(), Some(i.to_owned()));
+    let node1 = issues(&report, "1");
+    for expected in [
+        s("value_bigger_than_max", "correlation"),
+        s("invalid_input_type", "frames"),
+        s("value_not_in_list", "mode"),
+        s("unknown_input", "colour"),
+    ] {
+        assert!(node1.contains(&expected), "{expected:?} not in {node1:?}");
+    }
+    assert_eq!(issues(&report, "2"), [("missing_node_type".to_owned(), None)]);
+    assert_eq!(issues(&report, "3"), [s("bad_linked_input", "latent")]);
+    assert_eq!(issues(&report, "4"), [s("bad_linked_input", "latent")]);
+    let node5 = issues(&report, "5");
+    assert!(node5.contains(&s("return_type_mismatch", "images")), "{node5:?}");
+    assert!(node5.contains(&s("required_input_missing", "fps")), "{node5:?}");
+    let node6 = issues(&report, "6");
+    assert!(node6.contains(&s("invalid_input_type", "images")) && node6.contains(&s("value_smaller_than_min", "fps")), "{node6:?}");
+    let node7 = issues(&report, "7");
+    assert!(node7.contains(&s("value_smaller_than_min", "seed")) && node7.contains(&s("invalid_input_type", "width")), "{node7:?}");
+    // The JSON has ComfyUI's shape.
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["error"]["type"], "prompt_outputs_failed_validation");
+    assert_eq!(json["node_errors"]["1"]["class_type"], "VideoNoise");
+    assert!(json["node_errors"]["5"]["errors"][0]["extra_info"]["input_name"].is_string());
+    // Nothing ran: running the same workflow refuses before executing.
+    let dir = tempfile::tempdir().unwrap();
+    let result = Executor::new(&set, &vdm::events::Silent).with_setting("output_dir", dir.path().to_string_lossy()).run(&wf);
+    assert!(matches!(result, Err(RunError::Invalid(_))));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn malformed_workflows_are_refused_before_validation() {
+    assert!(matches!(Workflow::parse("{\"1\": {"), Err(vdm::ParseError::Json { line: 1, .. })));
+    assert!(matches!(Workflow::parse("[1, 2]"), Err(vdm::ParseError::Shape(_))));
+    assert!(matches!(Workflow::parse("{\"1\": {\"inputs\": {}}}"), Err(vdm::ParseError::Shape(_))));
+}
+
+fn run(set: &PluginSet, wf: serde_json::Value, out: &Path) -> vdm::RunSummary {
+    let wf = Workflow::from_json(wf).unwrap();
+    Executor::new(set, &vdm::events::Silent)
+        .with_setting("output_dir", out.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&wf)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn noise_preview_workflow_writes_a_gif_of_the_right_size() {
+    let set = plugins();
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/noise-preview.json")).unwrap();
+    let mut wf = Workflow::parse(&text).unwrap();
+    // Smaller than the shipped example so the test stays fast; the graph is the same.
+    wf.set_literal("1", "frames", json!(6)).unwrap();
+    wf.set_literal("1", "width", json!(96)).unwrap();
+    wf.set_literal("1", "height", json!(64)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let summary = Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", dir.path().to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&wf)
+        .unwrap();
+    let path = summary.ui["3"]["videos"][0]["fullpath"].as_str().unwrap().to_owned();
+    assert!(path.ends_with(".gif"), "{path}");
+    let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap())).unwrap();
+    use image::AnimationDecoder;
+    let frames = decoder.into_frames().collect_frames().unwrap();
+    assert_eq!(frames.len(), 6);
+    assert_eq!(frames[0].buffer().dimensions(), (96, 64));
+    // Written atomically: no temporary files are left beside it.
+    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+/// Runs VideoNoise through the plugin and reads the latents back from a SaveLatent file.
+fn noise_through_plugin(set: &PluginSet, mode: &str, rho: f64, frames: usize) -> Tensor {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = json!({
+        "1": noise_node(json!({"seed": 7, "frames": frames, "width": 512, "height": 512, "mode": mode, "correlation": rho})),
+        "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "noise"}}
+    });
+    let summary = run(set, wf, dir.path());
+    let path = summary.ui["2"]["latents"][0]["fullpath"].as_str().unwrap().to_owned();
+    vdm_nodes::video::latent_file::load_latent(Path::new(&path), &Device::Cpu).unwrap()
+}
+
+/// Per-frame (mean, variance) and the frames × frames correlation matrix of (1, C, F, H, W).
+fn frame_statistics(noise: &Tensor) -> (Vec<(f64, f64)>, Vec<Vec<f64>>) {
+    let (_, _, f, _, _) = noise.dims5().unwrap();
+    let frames = noise.to_dtype(DType::F64).unwrap().squeeze(0).unwrap().transpose(0, 1).unwrap().flatten_from(1).unwrap();
+    let mean = frames.mean_keepdim(D::Minus1).unwrap();
+    let centred = frames.broadcast_sub(&mean).unwrap();
+    let var = centred.sqr().unwrap().mean(D::Minus1).unwrap().to_vec1::<f64>().unwrap();
+    let means = mean.squeeze(1).unwrap().to_vec1::<f64>().unwrap();
+    let n = centred.dim(1).unwrap() as f64;
+    let cov = (centred.matmul(&centred.t().unwrap()).unwrap() / n).unwrap().to_vec2::<f64>().unwrap();
+    let corr = (0..f).map(|i| (0..f).map(|j| cov[i][j] / (var[i] * var[j]).sqrt()).collect()).collect();
+    (means.into_iter().zip(var).collect(), corr)
+}
+
+#[test]
+fn correlated_noise_has_unit_frames_and_the_requested_correlation() {
+    let set = plugins();
+    // 4 × 64 × 64 = 16384 values per frame: the standard error of a correlation is ~0.008.
+    let tol = 0.04;
+    for (mode, rho) in [("mixed", 0.2), ("mixed", 0.7), ("progressive", 0.5), ("progressive", 0.9), ("independent", 0.5)] {
+        let noise = noise_through_plugin(&set, mode, rho, 6);
+        let (moments, corr) = frame_statistics(&noise);
+        for (f, (mean, var)) in moments.iter().enumerate() {
+            assert!(mean.abs() < tol, "{mode} ρ={rho}: frame {f} mean {mean}");
+            assert!((var - 1.0).abs() < tol, "{mode} ρ={rho}: frame {f} variance {var}");
+        }
+        for (f, row) in corr.iter().enumerate() {
+            for (g, &c) in row.iter().enumerate().filter(|(g, _)| *g != f) {
+                let expected = match mode {
+                    "mixed" => rho,
+                    "progressive" => rho.powi((f as i32 - g as i32).abs()),
+                    _ => 0.0,
+                };
+                assert!((c - expected).abs() < tol, "{mode} ρ={rho}: corr({f},{g}) = {c:.3}, expected {expected:.3}");
+            }
+        }
+    }
+}
+
+#[test]
+fn lengthening_a_clip_keeps_its_first_frames() {
+    let set = plugins();
+    let short = noise_through_plugin(&set, "progressive", 0.6, 4);
+    let long = noise_through_plugin(&set, "progressive", 0.6, 9);
+    let prefix = long.narrow(2, 0, 4).unwrap();
+    let diff = (short - prefix).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+}
