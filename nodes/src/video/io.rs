@@ -796,7 +796,10 @@ impl Ffmpeg {
         command
             .args(["-v", "error", "-nostdin", "-i"])
             .arg(path)
-            .args(["-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+            .args(["-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24"])
+            // Pins the output to the probed size, so a stream whose decoded size differs from
+            // what ffprobe reports is scaled instead of being cut into misaligned frames.
+            .args(["-s", &format!("{}x{}", stream.width, stream.height), "-"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -823,7 +826,11 @@ impl Ffmpeg {
             match options.choose(index) {
                 FrameChoice::Skip => {}
                 FrameChoice::Take => {
-                    stack.push_u8(path, stream.width, stream.height, &buffer, 3)?;
+                    if let Err(err) = stack.push_u8(path, stream.width, stream.height, &buffer, 3) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(err);
+                    }
                 }
                 FrameChoice::Done => {
                     stopped_early = true;
@@ -1371,6 +1378,15 @@ mod tests {
             Some(29970.0)
         );
         assert_eq!(parse_rate("0/0"), None);
+    }
+
+    #[test]
+    fn rotation_from_ffprobe_output() {
+        let side_data: serde_json::Value = serde_json::json!({"side_data_list": [{"side_data_type": "Display Matrix", "rotation": -90}]});
+        assert_eq!(quarter_turns(&side_data), 3);
+        let tag = serde_json::json!({"tags": {"rotate": "180"}});
+        assert_eq!(quarter_turns(&tag), 2);
+        assert_eq!(quarter_turns(&serde_json::json!({})), 0);
     }
 
     #[test]

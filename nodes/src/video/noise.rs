@@ -92,7 +92,7 @@ pub fn video_noise(
     rho: f64,
     device: &Device,
 ) -> Result<Tensor> {
-    let shape = FrameShape::new(batch, channels, height, width)?;
+    let shape = FrameShape::new(batch, channels, frames, height, width)?;
     check_rho(rho)?;
     let per_frame = correlated_frames(seed, shape.len(), frames, mode, rho);
     let order: Vec<usize> = (0..frames).collect();
@@ -116,7 +116,7 @@ pub fn free_noise(
     rho: f64,
     device: &Device,
 ) -> Result<Tensor> {
-    let shape = FrameShape::new(batch, channels, height, width)?;
+    let shape = FrameShape::new(batch, channels, frames, height, width)?;
     check_rho(rho)?;
     let sources = free_noise_schedule(seed, frames, context_length, context_stride)?;
     let drawn = frames.min(context_length);
@@ -172,7 +172,16 @@ struct FrameShape {
 }
 
 impl FrameShape {
-    fn new(batch: usize, channels: usize, height: usize, width: usize) -> Result<Self> {
+    fn new(
+        batch: usize,
+        channels: usize,
+        frames: usize,
+        height: usize,
+        width: usize,
+    ) -> Result<Self> {
+        if frames == 0 {
+            bail!("noise needs at least one frame")
+        }
         if batch == 0 || channels == 0 || height == 0 || width == 0 {
             bail!(
                 "noise shape must be non-empty, got batch {batch}, channels {channels}, height {height}, width {width}"
@@ -529,6 +538,12 @@ mod tests {
         for (f, &s) in sources.iter().enumerate() {
             assert_eq!(got[f], drawn[s], "frame {f} should copy drawn frame {s}");
         }
+    }
+
+    #[test]
+    fn rejects_empty_shapes() {
+        assert!(video_noise(0, 1, 4, 0, 4, 4, NoiseMode::Mixed, 0.2, &Device::Cpu).is_err());
+        assert!(video_noise(0, 1, 0, 2, 4, 4, NoiseMode::Mixed, 0.2, &Device::Cpu).is_err());
     }
 
     #[test]
