@@ -1,0 +1,17 @@
+//! Video methods and the data that flows in and out of a video workflow.
+//!
+//! - [`noise`]: initial noise for video latents (independent, temporally correlated, FreeNoise).
+//! - [`io`]: frames in ComfyUI's IMAGE layout, loaded from and saved to GIF, APNG, frame folders
+//!   and (through `ffmpeg`) MP4/WebM/MOV/MKV; the output naming shared by every saving node.
+//! - [`preview`]: cheap latent-to-RGB previews without the VAE.
+//! - [`latent_file`]: ComfyUI-compatible `.latent` files.
+
+pub mod io;
+pub mod latent_file;
+pub mod noise;
+pub mod preview;
+
+pub use io::{load_video, save_video, LoadOptions, MediaError, VideoFormat};
+pub use latent_file::{load_latent, save_latent};
+pub use noise::{free_noise, free_noise_schedule, video_noise, NoiseMode};
+pub use preview::{latent_to_rgb, UpscaleFilter};
