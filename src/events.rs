@@ -8,13 +8,35 @@ use serde_json::{json, Value as Json};
 /// One event of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    ExecutionStart { nodes: usize },
+    ExecutionStart {
+        nodes: usize,
+    },
     /// Nodes whose outputs came from the cache.
-    Cached { nodes: Vec<String> },
-    Executing { node: String, class_type: String, title: Option<String> },
-    Progress { node: String, value: u64, max: u64, text: String },
-    Executed { node: String, output: Json },
-    ExecutionError { node: String, class_type: String, kind: String, input: Option<String>, message: String },
+    Cached {
+        nodes: Vec<String>,
+    },
+    Executing {
+        node: String,
+        class_type: String,
+        title: Option<String>,
+    },
+    Progress {
+        node: String,
+        value: u64,
+        max: u64,
+        text: String,
+    },
+    Executed {
+        node: String,
+        output: Json,
+    },
+    ExecutionError {
+        node: String,
+        class_type: String,
+        kind: String,
+        input: Option<String>,
+        message: String,
+    },
     ExecutionSuccess,
 }
 
@@ -22,16 +44,37 @@ impl Event {
     /// The event as ComfyUI's websocket sends it: `{"type": ..., "data": {...}}`.
     pub fn to_json(&self) -> Json {
         match self {
-            Event::ExecutionStart { nodes } => json!({"type": "execution_start", "data": {"nodes": nodes}}),
-            Event::Cached { nodes } => json!({"type": "execution_cached", "data": {"nodes": nodes}}),
-            Event::Executing { node, class_type, title } => {
+            Event::ExecutionStart { nodes } => {
+                json!({"type": "execution_start", "data": {"nodes": nodes}})
+            }
+            Event::Cached { nodes } => {
+                json!({"type": "execution_cached", "data": {"nodes": nodes}})
+            }
+            Event::Executing {
+                node,
+                class_type,
+                title,
+            } => {
                 json!({"type": "executing", "data": {"node": node, "class_type": class_type, "display_node": node, "title": title}})
             }
-            Event::Progress { node, value, max, text } => {
+            Event::Progress {
+                node,
+                value,
+                max,
+                text,
+            } => {
                 json!({"type": "progress", "data": {"node": node, "value": value, "max": max, "text": text}})
             }
-            Event::Executed { node, output } => json!({"type": "executed", "data": {"node": node, "output": output}}),
-            Event::ExecutionError { node, class_type, kind, input, message } => json!({"type": "execution_error", "data": {
+            Event::Executed { node, output } => {
+                json!({"type": "executed", "data": {"node": node, "output": output}})
+            }
+            Event::ExecutionError {
+                node,
+                class_type,
+                kind,
+                input,
+                message,
+            } => json!({"type": "execution_error", "data": {
                 "node_id": node, "node_type": class_type, "exception_type": kind, "input_name": input, "exception_message": message}}),
             Event::ExecutionSuccess => json!({"type": "execution_success", "data": {}}),
         }
@@ -87,7 +130,10 @@ struct Bars {
 
 impl ProgressBars {
     pub fn new() -> Self {
-        Self { bars: MultiProgress::new(), state: Mutex::new(Bars::default()) }
+        Self {
+            bars: MultiProgress::new(),
+            state: Mutex::new(Bars::default()),
+        }
     }
 }
 
@@ -103,7 +149,11 @@ impl EventSink for ProgressBars {
         match event {
             Event::ExecutionStart { nodes } => {
                 let bar = self.bars.add(ProgressBar::new(nodes as u64));
-                bar.set_style(ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}").expect("static template").progress_chars("=> "));
+                bar.set_style(
+                    ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+                        .expect("static template")
+                        .progress_chars("=> "),
+                );
                 bar.set_prefix("nodes");
                 state.nodes = Some(bar);
             }
@@ -112,7 +162,11 @@ impl EventSink for ProgressBars {
                     bar.inc(nodes.len() as u64);
                 }
             }
-            Event::Executing { node, class_type, title } => {
+            Event::Executing {
+                node,
+                class_type,
+                title,
+            } => {
                 if let Some(steps) = state.steps.take() {
                     steps.finish_and_clear();
                 }
@@ -120,10 +174,18 @@ impl EventSink for ProgressBars {
                     bar.set_message(format!("{node} {}", title.unwrap_or(class_type)));
                 }
             }
-            Event::Progress { value, max, text, .. } => {
+            Event::Progress {
+                value, max, text, ..
+            } => {
                 if state.steps.is_none() {
                     let bar = self.bars.add(ProgressBar::new(max));
-                    bar.set_style(ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({eta})").expect("static template").progress_chars("=> "));
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({eta})",
+                        )
+                        .expect("static template")
+                        .progress_chars("=> "),
+                    );
                     bar.set_prefix("steps");
                     state.steps = Some(bar);
                 }

@@ -50,7 +50,12 @@ pub struct Executor<'a> {
 
 impl<'a> Executor<'a> {
     pub fn new(plugins: &'a PluginSet, sink: &'a dyn EventSink) -> Self {
-        Self { plugins, settings: BTreeMap::new(), sink, cancel: Arc::new(AtomicBool::new(false)) }
+        Self {
+            plugins,
+            settings: BTreeMap::new(),
+            sink,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// A setting nodes can read (`output_dir`, `models_dir`, `input_dir`, `device`).
@@ -84,12 +89,23 @@ impl<'a> Executor<'a> {
             // Output nodes always run: writing the file is the point of running them.
             if !descriptor.output_node && outputs.contains_key(&signature) {
                 summary.cached.push(id.clone());
-                self.sink.emit(Event::Cached { nodes: vec![id.clone()] });
+                self.sink.emit(Event::Cached {
+                    nodes: vec![id.clone()],
+                });
                 continue;
             }
-            self.sink.emit(Event::Executing { node: id.clone(), class_type: node.class_type.clone(), title: node.title.clone() });
+            self.sink.emit(Event::Executing {
+                node: id.clone(),
+                class_type: node.class_type.clone(),
+                title: node.title.clone(),
+            });
             let inputs = resolve_inputs(descriptor, &node.inputs, &signatures, &outputs);
-            let host = NodeHost { node: id, sink: self.sink, cancel: &self.cancel, settings: &self.settings };
+            let host = NodeHost {
+                node: id,
+                sink: self.sink,
+                cancel: &self.cancel,
+                settings: &self.settings,
+            };
             let request = ExecuteRequest {
                 class_type: RStr::from(node.class_type.as_str()),
                 node_id: RStr::from(id.as_str()),
@@ -116,19 +132,28 @@ impl<'a> Executor<'a> {
                     node_id: id.as_str().into(),
                     class_type: node.class_type.as_str().into(),
                     input: RNone,
-                    message: format!("returned {} values for {} declared outputs", output.values.len(), descriptor.outputs.len()).into(),
+                    message: format!(
+                        "returned {} values for {} declared outputs",
+                        output.values.len(),
+                        descriptor.outputs.len()
+                    )
+                    .into(),
                 };
                 return Err(RunError::Node(error));
             }
             let ui: Json = if output.ui_json.is_empty() {
                 Json::Null
             } else {
-                serde_json::from_str(&output.ui_json).unwrap_or_else(|_| Json::String(output.ui_json.to_string()))
+                serde_json::from_str(&output.ui_json)
+                    .unwrap_or_else(|_| Json::String(output.ui_json.to_string()))
             };
             if !ui.is_null() {
                 summary.ui.insert(id.clone(), ui.clone());
             }
-            self.sink.emit(Event::Executed { node: id.clone(), output: ui });
+            self.sink.emit(Event::Executed {
+                node: id.clone(),
+                output: ui,
+            });
             outputs.insert(signature, output.values.into_vec());
             summary.executed.push(id.clone());
         }
@@ -140,8 +165,10 @@ impl<'a> Executor<'a> {
 /// The nodes the outputs depend on, each after its dependencies (Kahn's algorithm; ties by id
 /// so runs are reproducible). Assumes a validated, acyclic workflow.
 pub fn execution_order(workflow: &Workflow, outputs: &[String]) -> Vec<String> {
-    let needed: std::collections::BTreeSet<String> =
-        outputs.iter().flat_map(|o| validate::dependencies(workflow, o)).collect();
+    let needed: std::collections::BTreeSet<String> = outputs
+        .iter()
+        .flat_map(|o| validate::dependencies(workflow, o))
+        .collect();
     let sources = |id: &str| -> Vec<String> {
         let mut s: Vec<String> = workflow.nodes[id]
             .inputs
@@ -155,9 +182,16 @@ pub fn execution_order(workflow: &Workflow, outputs: &[String]) -> Vec<String> {
         s.dedup();
         s
     };
-    let mut pending: BTreeMap<String, usize> = needed.iter().map(|id| (id.clone(), sources(id).len())).collect();
+    let mut pending: BTreeMap<String, usize> = needed
+        .iter()
+        .map(|id| (id.clone(), sources(id).len()))
+        .collect();
     let mut order = Vec::with_capacity(needed.len());
-    while let Some(ready) = pending.iter().find(|(_, &n)| n == 0).map(|(id, _)| id.clone()) {
+    while let Some(ready) = pending
+        .iter()
+        .find(|(_, &n)| n == 0)
+        .map(|(id, _)| id.clone())
+    {
         pending.remove(&ready);
         for (id, count) in pending.iter_mut() {
             if sources(id).contains(&ready) {
@@ -171,7 +205,11 @@ pub fn execution_order(workflow: &Workflow, outputs: &[String]) -> Vec<String> {
 
 /// A node's input signature: its class and literal inputs, and the signatures of what its
 /// links point to. Equal signatures mean equal outputs, for deterministic nodes.
-fn signature(class_type: &str, inputs: &BTreeMap<String, Input>, known: &HashMap<&str, u64>) -> u64 {
+fn signature(
+    class_type: &str,
+    inputs: &BTreeMap<String, Input>,
+    known: &HashMap<&str, u64>,
+) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     class_type.hash(&mut hasher);
     for (name, input) in inputs {
@@ -198,10 +236,15 @@ fn resolve_inputs(
     specs
         .filter_map(|spec| {
             let value = match inputs.get(spec.name.as_str())? {
-                Input::Link { node, output } => outputs[&signatures[node.as_str()]][*output].clone(),
+                Input::Link { node, output } => {
+                    outputs[&signatures[node.as_str()]][*output].clone()
+                }
                 Input::Literal(json) => literal_value(&spec.kind, json),
             };
-            Some(NamedValue { name: spec.name.clone(), value })
+            Some(NamedValue {
+                name: spec.name.clone(),
+                value,
+            })
         })
         .collect()
 }
@@ -212,7 +255,11 @@ fn literal_value(kind: &InputKind, json: &Json) -> Value {
         InputKind::Int { .. } => Value::Int(as_integer(json).unwrap_or_default()),
         InputKind::Float { .. } => Value::Float(json.as_f64().unwrap_or_default()),
         InputKind::Boolean { .. } => Value::Bool(json.as_bool().unwrap_or_default()),
-        _ => Value::Str(json.as_str().map(RString::from).unwrap_or_else(|| json.to_string().into())),
+        _ => Value::Str(
+            json.as_str()
+                .map(RString::from)
+                .unwrap_or_else(|| json.to_string().into()),
+        ),
     }
 }
 
@@ -226,7 +273,12 @@ struct NodeHost<'a> {
 
 impl HostContext for NodeHost<'_> {
     fn progress(&self, step: u64, total: u64, text: RStr<'_>) {
-        self.sink.emit(Event::Progress { node: self.node.to_owned(), value: step, max: total, text: text.to_string() });
+        self.sink.emit(Event::Progress {
+            node: self.node.to_owned(),
+            value: step,
+            max: total,
+            text: text.to_string(),
+        });
     }
 
     fn cancelled(&self) -> bool {

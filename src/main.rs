@@ -14,7 +14,11 @@ const EXIT_INVALID: u8 = 2;
 const EXIT_FAILED: u8 = 1;
 
 #[derive(Parser)]
-#[command(name = "vdm", version, about = "Run video-diffusion node workflows (ComfyUI API format)")]
+#[command(
+    name = "vdm",
+    version,
+    about = "Run video-diffusion node workflows (ComfyUI API format)"
+)]
 struct Cli {
     /// Folder of plugins to load (repeatable); also VDM_PLUGIN_PATH and the binary's folder.
     #[arg(long = "plugins", global = true, value_name = "DIR")]
@@ -88,7 +92,10 @@ fn main() -> ExitCode {
             };
             let report = validate(&workflow, &plugins);
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("serialisable"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serialisable")
+                );
             } else if report.is_ok() {
                 println!("valid: {} nodes", workflow.nodes.len());
             } else {
@@ -100,7 +107,15 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_INVALID)
             }
         }
-        Command::Run { workflow, out, models, input, device, json_events, quiet } => {
+        Command::Run {
+            workflow,
+            out,
+            models,
+            input,
+            device,
+            json_events,
+            quiet,
+        } => {
             let workflow = match read_workflow(&workflow, json_events) {
                 Ok(w) => w,
                 Err(code) => return code,
@@ -126,7 +141,12 @@ fn main() -> ExitCode {
                 Ok(summary) => {
                     if !json_events {
                         for (node, ui) in &summary.ui {
-                            for file in ui.as_object().into_iter().flat_map(|o| o.values()).flat_map(|v| v.as_array().cloned().unwrap_or_default()) {
+                            for file in ui
+                                .as_object()
+                                .into_iter()
+                                .flat_map(|o| o.values())
+                                .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+                            {
                                 if let Some(path) = file.get("fullpath").and_then(|p| p.as_str()) {
                                     println!("node {node}: wrote {path}");
                                 }
@@ -156,16 +176,27 @@ fn main() -> ExitCode {
 fn read_workflow(args: &WorkflowArgs, json_output: bool) -> Result<Workflow, ExitCode> {
     let fail = |kind: &str, message: String| {
         if json_output {
-            println!("{}", json!({"error": {"type": kind, "message": message, "details": "", "extra_info": {}}, "node_errors": {}}));
+            println!(
+                "{}",
+                json!({"error": {"type": kind, "message": message, "details": "", "extra_info": {}}, "node_errors": {}})
+            );
         } else {
             eprintln!("error: {message}");
         }
         ExitCode::from(EXIT_INVALID)
     };
-    let text = std::fs::read_to_string(&args.workflow)
-        .map_err(|e| fail("invalid_prompt", format!("cannot read {}: {e}", args.workflow.display())))?;
-    let mut workflow = Workflow::parse(&text)
-        .map_err(|e| fail("invalid_prompt", format!("{}: {e}", args.workflow.display())))?;
+    let text = std::fs::read_to_string(&args.workflow).map_err(|e| {
+        fail(
+            "invalid_prompt",
+            format!("cannot read {}: {e}", args.workflow.display()),
+        )
+    })?;
+    let mut workflow = Workflow::parse(&text).map_err(|e| {
+        fail(
+            "invalid_prompt",
+            format!("{}: {e}", args.workflow.display()),
+        )
+    })?;
     for assignment in &args.set {
         apply_set(&mut workflow, assignment).map_err(|e| fail("invalid_prompt", e))?;
     }
@@ -174,10 +205,12 @@ fn read_workflow(args: &WorkflowArgs, json_output: bool) -> Result<Workflow, Exi
 
 /// `ID.INPUT=VALUE`: the value is parsed as JSON when it is JSON, else taken as a string.
 fn apply_set(workflow: &mut Workflow, assignment: &str) -> Result<(), String> {
-    let (target, value) =
-        assignment.split_once('=').ok_or_else(|| format!("--set {assignment}: expected ID.INPUT=VALUE"))?;
-    let (id, input) =
-        target.split_once('.').ok_or_else(|| format!("--set {assignment}: expected ID.INPUT=VALUE"))?;
+    let (target, value) = assignment
+        .split_once('=')
+        .ok_or_else(|| format!("--set {assignment}: expected ID.INPUT=VALUE"))?;
+    let (id, input) = target
+        .split_once('.')
+        .ok_or_else(|| format!("--set {assignment}: expected ID.INPUT=VALUE"))?;
     let value = serde_json::from_str(value).unwrap_or_else(|_| json!(value));
     workflow.set_literal(id, input, value)
 }
@@ -185,14 +218,27 @@ fn apply_set(workflow: &mut Workflow, assignment: &str) -> Result<(), String> {
 fn list_nodes(plugins: &PluginSet, json: bool) -> ExitCode {
     if json {
         let info = vdm::object_info::object_info(plugins.descriptors(), "vdm_nodes");
-        println!("{}", serde_json::to_string_pretty(&info).expect("serialisable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&info).expect("serialisable")
+        );
     } else {
         for plugin in &plugins.plugins {
-            println!("{} ({}; features: {})", plugin.name, plugin.path.display(), plugin.features.join(", "));
+            println!(
+                "{} ({}; features: {})",
+                plugin.name,
+                plugin.path.display(),
+                plugin.features.join(", ")
+            );
         }
         for d in plugins.descriptors() {
             let output = if d.output_node { " [output]" } else { "" };
-            println!("  {:<24} {:<12} {}{output}", d.class_type.as_str(), d.category.as_str(), d.display_name.as_str());
+            println!(
+                "  {:<24} {:<12} {}{output}",
+                d.class_type.as_str(),
+                d.category.as_str(),
+                d.display_name.as_str()
+            );
         }
         if plugins.plugins.is_empty() {
             eprintln!("no plugins found: build the workspace (cargo build --release) or pass --plugins DIR");

@@ -5,15 +5,23 @@ use serde_json::{json, Map, Value as Json};
 use vdm_ffi::{InputKind, InputSpec, NodeDescriptor};
 
 /// `{class_type: info, ...}` for every descriptor.
-pub fn object_info<'a>(descriptors: impl IntoIterator<Item = &'a NodeDescriptor>, module: &str) -> Json {
-    let map: Map<String, Json> =
-        descriptors.into_iter().map(|d| (d.class_type.to_string(), node_info(d, module))).collect();
+pub fn object_info<'a>(
+    descriptors: impl IntoIterator<Item = &'a NodeDescriptor>,
+    module: &str,
+) -> Json {
+    let map: Map<String, Json> = descriptors
+        .into_iter()
+        .map(|d| (d.class_type.to_string(), node_info(d, module)))
+        .collect();
     Json::Object(map)
 }
 
 pub fn node_info(d: &NodeDescriptor, module: &str) -> Json {
     let inputs = |specs: &[InputSpec]| -> Map<String, Json> {
-        specs.iter().map(|s| (s.name.to_string(), input_info(s))).collect()
+        specs
+            .iter()
+            .map(|s| (s.name.to_string(), input_info(s)))
+            .collect()
     };
     let names = |specs: &[InputSpec]| specs.iter().map(|s| s.name.to_string()).collect::<Vec<_>>();
     json!({
@@ -33,10 +41,22 @@ pub fn node_info(d: &NodeDescriptor, module: &str) -> Json {
 
 fn input_info(spec: &InputSpec) -> Json {
     let mut options = match &spec.kind {
-        InputKind::Int { default, min, max, step } => json!({"default": default, "min": min, "max": max, "step": step}),
-        InputKind::Float { default, min, max, step } => json!({"default": default, "min": min, "max": max, "step": step}),
+        InputKind::Int {
+            default,
+            min,
+            max,
+            step,
+        } => json!({"default": default, "min": min, "max": max, "step": step}),
+        InputKind::Float {
+            default,
+            min,
+            max,
+            step,
+        } => json!({"default": default, "min": min, "max": max, "step": step}),
         InputKind::Boolean { default } => json!({"default": default}),
-        InputKind::String { default, multiline } => json!({"default": default.as_str(), "multiline": multiline}),
+        InputKind::String { default, multiline } => {
+            json!({"default": default.as_str(), "multiline": multiline})
+        }
         InputKind::Combo { default, .. } => json!({"default": default.as_str()}),
         InputKind::Object { .. } => json!({}),
     };
@@ -44,7 +64,9 @@ fn input_info(spec: &InputSpec) -> Json {
         options["tooltip"] = json!(spec.tooltip.as_str());
     }
     let type_field = match &spec.kind {
-        InputKind::Combo { options, .. } => json!(options.iter().map(|o| o.as_str()).collect::<Vec<_>>()),
+        InputKind::Combo { options, .. } => {
+            json!(options.iter().map(|o| o.as_str()).collect::<Vec<_>>())
+        }
         kind => json!(kind.type_name()),
     };
     json!([type_field, options])

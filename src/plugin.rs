@@ -30,7 +30,12 @@ pub enum PluginError {
     #[error("{path}: not a vdm plugin: {reason}")]
     NotAPlugin { path: PathBuf, reason: String },
     #[error("{path}: plugin `{name}` speaks vdm interface version {found}; this host supports version {supported}")]
-    InterfaceVersion { path: PathBuf, name: String, found: u32, supported: u32 },
+    InterfaceVersion {
+        path: PathBuf,
+        name: String,
+        found: u32,
+        supported: u32,
+    },
     #[error("{path}: built against an incompatible vdm-ffi: {reason}")]
     Incompatible { path: PathBuf, reason: String },
 }
@@ -50,7 +55,10 @@ impl PluginSet {
     pub fn load(dirs: &[PathBuf], files: &[PathBuf]) -> Self {
         let mut set = PluginSet::default();
         let mut seen = std::collections::HashSet::new();
-        let candidates = dirs.iter().flat_map(|d| libraries_in(d)).chain(files.iter().cloned());
+        let candidates = dirs
+            .iter()
+            .flat_map(|d| libraries_in(d))
+            .chain(files.iter().cloned());
         for path in candidates {
             let key = path.canonicalize().unwrap_or_else(|_| path.clone());
             if seen.insert(key) {
@@ -66,7 +74,9 @@ impl PluginSet {
     pub fn add(&mut self, plugin: Plugin) {
         let at = self.plugins.len();
         for (i, node) in plugin.nodes.iter().enumerate() {
-            self.index.entry(node.class_type.to_string()).or_insert((at, i));
+            self.index
+                .entry(node.class_type.to_string())
+                .or_insert((at, i));
         }
         self.plugins.push(plugin);
     }
@@ -91,7 +101,10 @@ pub fn default_dirs(explicit: &[PathBuf]) -> Vec<PathBuf> {
     if let Some(paths) = std::env::var_os(PLUGIN_PATH_VAR) {
         dirs.extend(std::env::split_paths(&paths).filter(|p| !p.as_os_str().is_empty()));
     }
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         dirs.push(exe_dir.join("plugins"));
         dirs.push(exe_dir);
     }
@@ -101,11 +114,16 @@ pub fn default_dirs(explicit: &[PathBuf]) -> Vec<PathBuf> {
 /// Shared libraries in `dir` whose name says they are vdm plugins (`*vdm*` with the platform's
 /// library suffix), so unrelated libraries next to the binary are not opened.
 fn libraries_in(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut found: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             name.contains("vdm") && name.ends_with(std::env::consts::DLL_SUFFIX) && p.is_file()
         })
         .collect();
@@ -116,7 +134,9 @@ fn libraries_in(dir: &Path) -> Vec<PathBuf> {
 /// Loads one plugin library and performs the handshake.
 pub fn load_plugin(path: &Path) -> Result<Plugin, PluginError> {
     let header = lib_header_from_path(path).map_err(|e| classify(path, e))?;
-    let module = header.init_root_module::<PluginModRef>().map_err(|e| classify(path, e))?;
+    let module = header
+        .init_root_module::<PluginModRef>()
+        .map_err(|e| classify(path, e))?;
     let name = module.plugin_name()().into_string();
     let found = module.interface_version()();
     if found != INTERFACE_VERSION {
@@ -127,9 +147,18 @@ pub fn load_plugin(path: &Path) -> Result<Plugin, PluginError> {
             supported: INTERFACE_VERSION,
         });
     }
-    let features = module.features()().into_iter().map(|f| f.into_string()).collect();
+    let features = module.features()()
+        .into_iter()
+        .map(|f| f.into_string())
+        .collect();
     let nodes = module.nodes()().into_vec();
-    Ok(Plugin { name, path: path.to_owned(), features, module, nodes })
+    Ok(Plugin {
+        name,
+        path: path.to_owned(),
+        features,
+        module,
+        nodes,
+    })
 }
 
 /// abi_stable's errors, summarised: a layout mismatch lists every differing field over
@@ -155,6 +184,10 @@ fn classify(path: &Path, error: LibraryError) -> PluginError {
 }
 
 fn first_line(text: &str) -> String {
-    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
     line.chars().take(300).collect()
 }

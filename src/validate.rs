@@ -31,7 +31,12 @@ impl NodeIssue {
             Some(name) => json!({ "input_name": name }),
             None => json!({}),
         };
-        NodeIssue { kind: kind.to_owned(), message: message.to_owned(), details, extra_info }
+        NodeIssue {
+            kind: kind.to_owned(),
+            message: message.to_owned(),
+            details,
+            extra_info,
+        }
     }
 
     /// The input this problem is about, if any.
@@ -61,13 +66,20 @@ impl ValidationReport {
 
     /// The issues of node `id`.
     pub fn issues(&self, id: &str) -> &[NodeIssue] {
-        self.node_errors.get(id).map(|n| n.errors.as_slice()).unwrap_or(&[])
+        self.node_errors
+            .get(id)
+            .map(|n| n.errors.as_slice())
+            .unwrap_or(&[])
     }
 
     fn push(&mut self, id: &str, class_type: &str, issue: NodeIssue) {
         self.node_errors
             .entry(id.to_owned())
-            .or_insert_with(|| NodeErrors { errors: Vec::new(), dependent_outputs: Vec::new(), class_type: class_type.to_owned() })
+            .or_insert_with(|| NodeErrors {
+                errors: Vec::new(),
+                dependent_outputs: Vec::new(),
+                class_type: class_type.to_owned(),
+            })
             .errors
             .push(issue);
     }
@@ -80,8 +92,14 @@ impl ValidationReport {
         }
         for (id, node) in &self.node_errors {
             for issue in &node.errors {
-                let input = issue.input_name().map(|i| format!(", input `{i}`")).unwrap_or_default();
-                out.push_str(&format!("node {id} ({}){input}: {}: {}\n", node.class_type, issue.message, issue.details));
+                let input = issue
+                    .input_name()
+                    .map(|i| format!(", input `{i}`"))
+                    .unwrap_or_default();
+                out.push_str(&format!(
+                    "node {id} ({}){input}: {}: {}\n",
+                    node.class_type, issue.message, issue.details
+                ));
             }
         }
         out
@@ -96,7 +114,12 @@ pub fn validate(workflow: &Workflow, plugins: &PluginSet) -> ValidationReport {
             report.push(
                 id,
                 &node.class_type,
-                NodeIssue::new("missing_node_type", "Unknown node type", format!("no loaded plugin provides `{}`", node.class_type), None),
+                NodeIssue::new(
+                    "missing_node_type",
+                    "Unknown node type",
+                    format!("no loaded plugin provides `{}`", node.class_type),
+                    None,
+                ),
             );
             continue;
         };
@@ -106,7 +129,16 @@ pub fn validate(workflow: &Workflow, plugins: &PluginSet) -> ValidationReport {
     }
     for id in nodes_in_cycles(workflow) {
         let class_type = &workflow.nodes[&id].class_type;
-        report.push(&id, class_type, NodeIssue::new("dependency_cycle", "Dependency cycle", "this node depends on its own output".into(), None));
+        report.push(
+            &id,
+            class_type,
+            NodeIssue::new(
+                "dependency_cycle",
+                "Dependency cycle",
+                "this node depends on its own output".into(),
+                None,
+            ),
+        );
     }
     let outputs = output_nodes(workflow, plugins);
     if outputs.is_empty() {
@@ -124,7 +156,12 @@ pub fn validate(workflow: &Workflow, plugins: &PluginSet) -> ValidationReport {
                 }
             }
         }
-        report.error = Some(NodeIssue::new("prompt_outputs_failed_validation", "Prompt outputs failed validation", String::new(), None));
+        report.error = Some(NodeIssue::new(
+            "prompt_outputs_failed_validation",
+            "Prompt outputs failed validation",
+            String::new(),
+            None,
+        ));
     }
     report
 }
@@ -134,7 +171,11 @@ pub fn output_nodes(workflow: &Workflow, plugins: &PluginSet) -> Vec<String> {
     workflow
         .nodes
         .iter()
-        .filter(|(_, n)| plugins.node(&n.class_type).is_some_and(|(_, d)| d.output_node))
+        .filter(|(_, n)| {
+            plugins
+                .node(&n.class_type)
+                .is_some_and(|(_, d)| d.output_node)
+        })
         .map(|(id, _)| id.clone())
         .collect()
 }
@@ -144,7 +185,9 @@ pub fn dependencies(workflow: &Workflow, root: &str) -> BTreeSet<String> {
     let mut seen = BTreeSet::new();
     let mut stack = vec![root.to_owned()];
     while let Some(id) = stack.pop() {
-        let Some(node) = workflow.nodes.get(&id) else { continue };
+        let Some(node) = workflow.nodes.get(&id) else {
+            continue;
+        };
         if !seen.insert(id) {
             continue;
         }
@@ -164,7 +207,11 @@ fn validate_node(
     inputs: &BTreeMap<String, Input>,
 ) -> Vec<NodeIssue> {
     let mut issues = Vec::new();
-    let specs = descriptor.required.iter().map(|s| (s, true)).chain(descriptor.optional.iter().map(|s| (s, false)));
+    let specs = descriptor
+        .required
+        .iter()
+        .map(|s| (s, true))
+        .chain(descriptor.optional.iter().map(|s| (s, false)));
     for (spec, required) in specs {
         match inputs.get(spec.name.as_str()) {
             None if required => issues.push(NodeIssue::new(
@@ -174,18 +221,33 @@ fn validate_node(
                 Some(&spec.name),
             )),
             None => {}
-            Some(Input::Link { node, output }) => issues.extend(check_link(workflow, plugins, spec, node, *output)),
+            Some(Input::Link { node, output }) => {
+                issues.extend(check_link(workflow, plugins, spec, node, *output))
+            }
             Some(Input::Literal(value)) => issues.extend(check_literal(spec, value).err()),
         }
     }
     for name in inputs.keys() {
-        let known = descriptor.required.iter().chain(descriptor.optional.iter()).any(|s| s.name.as_str() == name);
+        let known = descriptor
+            .required
+            .iter()
+            .chain(descriptor.optional.iter())
+            .any(|s| s.name.as_str() == name);
         if !known {
-            let names: Vec<&str> = descriptor.required.iter().chain(descriptor.optional.iter()).map(|s| s.name.as_str()).collect();
+            let names: Vec<&str> = descriptor
+                .required
+                .iter()
+                .chain(descriptor.optional.iter())
+                .map(|s| s.name.as_str())
+                .collect();
             issues.push(NodeIssue::new(
                 "unknown_input",
                 "Unknown input",
-                format!("`{name}` is not an input of {} (inputs: {})", descriptor.class_type, names.join(", ")),
+                format!(
+                    "`{name}` is not an input of {} (inputs: {})",
+                    descriptor.class_type,
+                    names.join(", ")
+                ),
                 Some(name),
             ));
         }
@@ -193,10 +255,26 @@ fn validate_node(
     issues
 }
 
-fn check_link(workflow: &Workflow, plugins: &PluginSet, spec: &InputSpec, source: &str, output: usize) -> Option<NodeIssue> {
-    let bad = |details: String| Some(NodeIssue::new("bad_linked_input", "Bad linked input", details, Some(&spec.name)));
+fn check_link(
+    workflow: &Workflow,
+    plugins: &PluginSet,
+    spec: &InputSpec,
+    source: &str,
+    output: usize,
+) -> Option<NodeIssue> {
+    let bad = |details: String| {
+        Some(NodeIssue::new(
+            "bad_linked_input",
+            "Bad linked input",
+            details,
+            Some(&spec.name),
+        ))
+    };
     let Some(source_node) = workflow.nodes.get(source) else {
-        return bad(format!("{}: links to node `{source}`, which is not in the workflow", spec.name));
+        return bad(format!(
+            "{}: links to node `{source}`, which is not in the workflow",
+            spec.name
+        ));
     };
     // An unknown source class is reported on the source node itself.
     let (_, source_descriptor) = plugins.node(&source_node.class_type)?;
@@ -233,7 +311,11 @@ fn types_match(received: &str, kind: &InputKind) -> bool {
     if received == "*" || wanted == "*" {
         return true;
     }
-    let split = |s: &str| s.split(',').map(|t| t.trim().to_owned()).collect::<BTreeSet<_>>();
+    let split = |s: &str| {
+        s.split(',')
+            .map(|t| t.trim().to_owned())
+            .collect::<BTreeSet<_>>()
+    };
     let (r, w) = (split(received), split(wanted));
     if r.intersection(&w).next().is_some() {
         return true;
@@ -246,13 +328,28 @@ fn types_match(received: &str, kind: &InputKind) -> bool {
 pub fn check_literal(spec: &InputSpec, value: &Json) -> Result<(), NodeIssue> {
     let name = spec.name.as_str();
     let wrong_type = |want: &str| {
-        Err(NodeIssue::new("invalid_input_type", "Invalid input type", format!("{name}: expected {want}, got {value}"), Some(name)))
+        Err(NodeIssue::new(
+            "invalid_input_type",
+            "Invalid input type",
+            format!("{name}: expected {want}, got {value}"),
+            Some(name),
+        ))
     };
     let range = |v: f64, min: f64, max: f64| -> Result<(), NodeIssue> {
         if v < min {
-            Err(NodeIssue::new("value_smaller_than_min", "Value smaller than min", format!("{name}: {v} < {min}"), Some(name)))
+            Err(NodeIssue::new(
+                "value_smaller_than_min",
+                "Value smaller than min",
+                format!("{name}: {v} < {min}"),
+                Some(name),
+            ))
         } else if v > max {
-            Err(NodeIssue::new("value_bigger_than_max", "Value bigger than max", format!("{name}: {v} > {max}"), Some(name)))
+            Err(NodeIssue::new(
+                "value_bigger_than_max",
+                "Value bigger than max",
+                format!("{name}: {v} > {max}"),
+                Some(name),
+            ))
         } else {
             Ok(())
         }
@@ -296,7 +393,12 @@ pub fn check_literal(spec: &InputSpec, value: &Json) -> Result<(), NodeIssue> {
 /// An integer literal: a JSON integer, or a float with no fractional part (ComfyUI's UI
 /// writes some INT widgets as `8.0`).
 pub fn as_integer(value: &Json) -> Option<i64> {
-    value.as_i64().or_else(|| value.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64))
+    value.as_i64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    })
 }
 
 /// Nodes that lie on a cycle of links (sorted).

@@ -31,7 +31,11 @@ pub enum Input {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ParseError {
     #[error("malformed JSON at line {line}, column {column}: {message}")]
-    Json { line: usize, column: usize, message: String },
+    Json {
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{0}")]
     Shape(String),
 }
@@ -48,15 +52,21 @@ impl Workflow {
 
     pub fn from_json(json: Json) -> Result<Self, ParseError> {
         let Json::Object(mut top) = json else {
-            return Err(ParseError::Shape("a workflow is a JSON object of nodes keyed by id".into()));
+            return Err(ParseError::Shape(
+                "a workflow is a JSON object of nodes keyed by id".into(),
+            ));
         };
         // ComfyUI's /prompt body wraps the graph as {"prompt": {...}, "client_id": ...}.
         if let Some(Json::Object(prompt)) = top.remove("prompt") {
             top = prompt;
         }
-        if top.values().any(|v| v.get("class_type").is_none()) && top.contains_key("nodes") && top.contains_key("links") {
+        if top.values().any(|v| v.get("class_type").is_none())
+            && top.contains_key("nodes")
+            && top.contains_key("links")
+        {
             return Err(ParseError::Shape(
-                "this is a ComfyUI UI workflow (nodes/links); export it with \"Save (API Format)\"".into(),
+                "this is a ComfyUI UI workflow (nodes/links); export it with \"Save (API Format)\""
+                    .into(),
             ));
         }
         let mut nodes = BTreeMap::new();
@@ -71,7 +81,10 @@ impl Workflow {
 
     /// Replaces the literal `input` of node `id` (`--set ID.INPUT=VALUE`).
     pub fn set_literal(&mut self, id: &str, input: &str, value: Json) -> Result<(), String> {
-        let node = self.nodes.get_mut(id).ok_or_else(|| format!("--set: there is no node `{id}`"))?;
+        let node = self
+            .nodes
+            .get_mut(id)
+            .ok_or_else(|| format!("--set: there is no node `{id}`"))?;
         node.inputs.insert(input.to_owned(), Input::Literal(value));
         Ok(())
     }
@@ -79,7 +92,9 @@ impl Workflow {
 
 fn parse_node(id: &str, node: Json) -> Result<WorkflowNode, ParseError> {
     let shape = |what: &str| ParseError::Shape(format!("node {id}: {what}"));
-    let Json::Object(mut node) = node else { return Err(shape("must be an object")) };
+    let Json::Object(mut node) = node else {
+        return Err(shape("must be an object"));
+    };
     let class_type = match node.remove("class_type") {
         Some(Json::String(s)) => s,
         Some(_) => return Err(shape("`class_type` must be a string")),
@@ -87,11 +102,22 @@ fn parse_node(id: &str, node: Json) -> Result<WorkflowNode, ParseError> {
     };
     let inputs = match node.remove("inputs") {
         None => BTreeMap::new(),
-        Some(Json::Object(inputs)) => inputs.into_iter().map(|(name, v)| (name, parse_input(v))).collect(),
+        Some(Json::Object(inputs)) => inputs
+            .into_iter()
+            .map(|(name, v)| (name, parse_input(v)))
+            .collect(),
         Some(_) => return Err(shape("`inputs` must be an object")),
     };
-    let title = node.get("_meta").and_then(|m| m.get("title")).and_then(Json::as_str).map(str::to_owned);
-    Ok(WorkflowNode { class_type, inputs, title })
+    let title = node
+        .get("_meta")
+        .and_then(|m| m.get("title"))
+        .and_then(Json::as_str)
+        .map(str::to_owned);
+    Ok(WorkflowNode {
+        class_type,
+        inputs,
+        title,
+    })
 }
 
 /// `["id", index]` (id as string or number) is a link; anything else is a literal.
@@ -104,7 +130,10 @@ fn parse_input(value: Json) -> Input {
                 _ => None,
             };
             if let (Some(node), Some(output)) = (node, index.as_u64()) {
-                return Input::Link { node, output: output as usize };
+                return Input::Link {
+                    node,
+                    output: output as usize,
+                };
             }
         }
     }
@@ -131,8 +160,20 @@ mod tests {
         let a = &wf.nodes["1"];
         assert_eq!(a.title.as_deref(), Some("t"));
         assert_eq!(a.inputs["x"], Input::Literal(serde_json::json!(3)));
-        assert_eq!(a.inputs["y"], Input::Link { node: "2".into(), output: 0 });
-        assert_eq!(a.inputs["z"], Input::Link { node: "1".into(), output: 2 });
+        assert_eq!(
+            a.inputs["y"],
+            Input::Link {
+                node: "2".into(),
+                output: 0
+            }
+        );
+        assert_eq!(
+            a.inputs["z"],
+            Input::Link {
+                node: "1".into(),
+                output: 2
+            }
+        );
     }
 
     #[test]

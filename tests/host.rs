@@ -24,26 +24,48 @@ fn workflow(json: serde_json::Value) -> Workflow {
 fn plugin_of_another_interface_version_is_refused_and_others_still_load() {
     let set = PluginSet::load(
         &[],
-        &[common::plugin_library("vdm-test-plugin-future"), common::plugin_library("vdm-test-plugin")],
+        &[
+            common::plugin_library("vdm-test-plugin-future"),
+            common::plugin_library("vdm-test-plugin"),
+        ],
     );
     assert_eq!(set.plugins.len(), 1, "the current plugin still loads");
     assert_eq!(set.refused.len(), 1);
-    let PluginError::InterfaceVersion { found, supported, .. } = &set.refused[0] else {
-        panic!("expected an interface-version refusal, got {:?}", set.refused[0]);
+    let PluginError::InterfaceVersion {
+        found, supported, ..
+    } = &set.refused[0]
+    else {
+        panic!(
+            "expected an interface-version refusal, got {:?}",
+            set.refused[0]
+        );
     };
-    assert_eq!((*found, *supported), (vdm_ffi::INTERFACE_VERSION + 1, vdm_ffi::INTERFACE_VERSION));
+    assert_eq!(
+        (*found, *supported),
+        (vdm_ffi::INTERFACE_VERSION + 1, vdm_ffi::INTERFACE_VERSION)
+    );
     let message = set.refused[0].to_string();
-    assert!(message.contains(&format!("version {}", vdm_ffi::INTERFACE_VERSION + 1)) && message.contains(&format!("version {}", vdm_ffi::INTERFACE_VERSION)), "{message}");
+    assert!(
+        message.contains(&format!("version {}", vdm_ffi::INTERFACE_VERSION + 1))
+            && message.contains(&format!("version {}", vdm_ffi::INTERFACE_VERSION)),
+        "{message}"
+    );
 }
 
 #[test]
 fn a_file_that_is_not_a_plugin_is_refused_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = dir.path().join(format!("libvdm_fake{}", std::env::consts::DLL_SUFFIX));
+    let fake = dir
+        .path()
+        .join(format!("libvdm_fake{}", std::env::consts::DLL_SUFFIX));
     std::fs::write(&fake, b"not a library").unwrap();
     let set = PluginSet::load(&[dir.path().to_path_buf()], &[]);
     assert!(set.plugins.is_empty());
-    assert!(matches!(set.refused.as_slice(), [PluginError::NotAPlugin { .. }]), "{:?}", set.refused);
+    assert!(
+        matches!(set.refused.as_slice(), [PluginError::NotAPlugin { .. }]),
+        "{:?}",
+        set.refused
+    );
 }
 
 #[test]
@@ -58,10 +80,17 @@ fn runs_only_what_outputs_need_in_dependency_order() {
         "5": {"class_type": "TestConst", "inputs": {"value": 99}}
     }));
     let summary = Executor::new(&set, &recorder).run(&wf).unwrap();
-    assert_eq!(summary.executed, ["1", "2", "3", "4"], "node 5 feeds no output");
+    assert_eq!(
+        summary.executed,
+        ["1", "2", "3", "4"],
+        "node 5 feeds no output"
+    );
     assert_eq!(summary.ui["4"], json!({"value": 5}));
     let events = recorder.0.lock().unwrap();
-    assert!(matches!(events.first(), Some(Event::ExecutionStart { nodes: 4 })));
+    assert!(matches!(
+        events.first(),
+        Some(Event::ExecutionStart { nodes: 4 })
+    ));
     assert!(matches!(events.last(), Some(Event::ExecutionSuccess)));
 }
 
@@ -79,11 +108,22 @@ fn identical_computations_run_once() {
         "8": {"class_type": "TestSink", "inputs": {"value": ["7", 0]}}
     }));
     let before = {
-        let probe = workflow(json!({"1": {"class_type": "TestRuns", "inputs": {}}, "2": {"class_type": "TestSink", "inputs": {"value": ["1", 0]}}}));
-        Executor::new(&set, &vdm::events::Silent).run(&probe).unwrap().ui["2"]["value"].as_i64().unwrap()
+        let probe = workflow(
+            json!({"1": {"class_type": "TestRuns", "inputs": {}}, "2": {"class_type": "TestSink", "inputs": {"value": ["1", 0]}}}),
+        );
+        Executor::new(&set, &vdm::events::Silent)
+            .run(&probe)
+            .unwrap()
+            .ui["2"]["value"]
+            .as_i64()
+            .unwrap()
     };
     let summary = Executor::new(&set, &vdm::events::Silent).run(&wf).unwrap();
-    assert_eq!(summary.cached, ["2", "4"], "node 2 equals node 1, node 4 equals node 3");
+    assert_eq!(
+        summary.cached,
+        ["2", "4"],
+        "node 2 equals node 1, node 4 equals node 3"
+    );
     // 5 = (7 + 7) + (7 + 7) = 28, plus the counter's runs: one more than before.
     assert_eq!(summary.ui["8"]["value"].as_i64().unwrap(), 28 + before + 1);
 }
@@ -97,15 +137,21 @@ fn a_panicking_node_becomes_an_error_naming_it() {
         "2": {"class_type": "TestPanic", "inputs": {"value": ["1", 0]}},
         "3": {"class_type": "TestSink", "inputs": {"value": ["2", 0]}}
     }));
-    let Err(RunError::Node(error)) = Executor::new(&set, &recorder).run(&wf) else { panic!("expected a node error") };
+    let Err(RunError::Node(error)) = Executor::new(&set, &recorder).run(&wf) else {
+        panic!("expected a node error")
+    };
     assert_eq!(error.node_id.as_str(), "2");
     assert_eq!(error.class_type.as_str(), "TestPanic");
     assert_eq!(error.kind, vdm_ffi::ErrorKind::Panic);
     let events = recorder.0.lock().unwrap();
-    assert!(events.iter().any(|e| matches!(e, Event::ExecutionError { node, .. } if node == "2")));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::ExecutionError { node, .. } if node == "2")));
     // The host is still usable after the panic.
     drop(events);
-    let ok = workflow(json!({"1": {"class_type": "TestConst", "inputs": {"value": 1}}, "2": {"class_type": "TestSink", "inputs": {"value": ["1", 0]}}}));
+    let ok = workflow(
+        json!({"1": {"class_type": "TestConst", "inputs": {"value": 1}}, "2": {"class_type": "TestSink", "inputs": {"value": ["1", 0]}}}),
+    );
     assert!(Executor::new(&set, &vdm::events::Silent).run(&ok).is_ok());
 }
 
@@ -116,9 +162,19 @@ fn a_failing_node_names_the_input() {
         "1": {"class_type": "TestFailOnNegative", "inputs": {"value": -4}},
         "2": {"class_type": "TestSink", "inputs": {"value": ["1", 0]}}
     }));
-    let Err(RunError::Node(error)) = Executor::new(&set, &vdm::events::Silent).run(&wf) else { panic!() };
-    assert_eq!(error.input.as_ref().map(|s| s.as_str()).into_option(), Some("value"));
-    assert!(error.to_string().contains("node 1 (TestFailOnNegative), input `value`: -4 is negative"), "{error}");
+    let Err(RunError::Node(error)) = Executor::new(&set, &vdm::events::Silent).run(&wf) else {
+        panic!()
+    };
+    assert_eq!(
+        error.input.as_ref().map(|s| s.as_str()).into_option(),
+        Some("value")
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("node 1 (TestFailOnNegative), input `value`: -4 is negative"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -136,7 +192,9 @@ fn progress_is_reported_and_cancel_stops_the_node() {
         .unwrap()
         .iter()
         .filter_map(|e| match e {
-            Event::Progress { node, value, max, .. } if node == "1" => Some((*value, *max)),
+            Event::Progress {
+                node, value, max, ..
+            } if node == "1" => Some((*value, *max)),
             _ => None,
         })
         .collect();
@@ -144,14 +202,24 @@ fn progress_is_reported_and_cancel_stops_the_node() {
 
     let executor = Executor::new(&set, &vdm::events::Silent);
     executor.cancel_flag().store(true, Ordering::SeqCst);
-    let Err(RunError::Node(error)) = executor.run(&wf) else { panic!("expected cancellation") };
+    let Err(RunError::Node(error)) = executor.run(&wf) else {
+        panic!("expected cancellation")
+    };
     assert_eq!(error.kind, vdm_ffi::ErrorKind::Cancelled);
 }
 
 #[test]
 fn json_events_look_like_comfyui_messages() {
-    let event = Event::Progress { node: "3".into(), value: 2, max: 20, text: "step".into() };
-    assert_eq!(event.to_json(), json!({"type": "progress", "data": {"node": "3", "value": 2, "max": 20, "text": "step"}}));
+    let event = Event::Progress {
+        node: "3".into(),
+        value: 2,
+        max: 20,
+        text: "step".into(),
+    };
+    assert_eq!(
+        event.to_json(),
+        json!({"type": "progress", "data": {"node": "3", "value": 2, "max": 20, "text": "step"}})
+    );
 }
 
 #[test]
@@ -164,7 +232,13 @@ fn cycles_are_reported_on_every_node_of_the_cycle() {
     }));
     let report = validate(&wf, &set);
     for id in ["1", "2"] {
-        assert!(report.issues(id).iter().any(|i| i.kind == "dependency_cycle"), "{id}: {report:?}");
+        assert!(
+            report
+                .issues(id)
+                .iter()
+                .any(|i| i.kind == "dependency_cycle"),
+            "{id}: {report:?}"
+        );
     }
     assert!(report.issues("3").is_empty());
     assert_eq!(report.node_errors["1"].dependent_outputs, ["3"]);

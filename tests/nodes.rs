@@ -27,8 +27,18 @@ fn noise_node(extra: serde_json::Value) -> serde_json::Value {
 fn descriptors_round_trip_through_the_abi() {
     let set = plugins();
     let names: Vec<&str> = set.descriptors().map(|d| d.class_type.as_str()).collect();
-    for expected in ["VideoNoise", "LoadVideo", "SaveVideo", "LatentPreview", "SaveLatent", "LoadLatent"] {
-        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+    for expected in [
+        "VideoNoise",
+        "LoadVideo",
+        "SaveVideo",
+        "LatentPreview",
+        "SaveLatent",
+        "LoadLatent",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
     }
     // What crossed the boundary equals what the plugin built.
     for node in vdm_nodes::node::registry() {
@@ -39,16 +49,26 @@ fn descriptors_round_trip_through_the_abi() {
     let info = vdm::object_info::object_info(set.descriptors(), "vdm_nodes");
     let noise = &info["VideoNoise"];
     assert_eq!(noise["input"]["required"]["seed"][0], "INT");
-    assert_eq!(noise["input"]["required"]["mode"][0], json!(["mixed", "progressive", "independent"]));
+    assert_eq!(
+        noise["input"]["required"]["mode"][0],
+        json!(["mixed", "progressive", "independent"])
+    );
     assert_eq!(noise["input"]["required"]["correlation"][1]["max"], 1.0);
     assert_eq!(noise["output"], json!(["LATENT"]));
     assert_eq!(info["SaveVideo"]["output_node"], true);
-    assert_eq!(info["SaveVideo"]["input"]["required"]["images"], json!(["IMAGE", {"tooltip": "Frames to save."}]));
+    assert_eq!(
+        info["SaveVideo"]["input"]["required"]["images"],
+        json!(["IMAGE", {"tooltip": "Frames to save."}])
+    );
 }
 
 /// The (kind, input) of every issue of node `id`.
 fn issues(report: &vdm::ValidationReport, id: &str) -> Vec<(String, Option<String>)> {
-    report.issues(id).iter().map(|i| (i.kind.clone(), i.input_name().map(str::to_owned))).collect()
+    report
+        .issues(id)
+        .iter()
+        .map(|i| (i.kind.clone(), i.input_name().map(str::to_owned)))
+        .collect()
 }
 
 #[test]
@@ -76,16 +96,33 @@ fn every_validation_error_is_reported_at_once_with_node_and_input() {
     ] {
         assert!(node1.contains(&expected), "{expected:?} not in {node1:?}");
     }
-    assert_eq!(issues(&report, "2"), [("missing_node_type".to_owned(), None)]);
+    assert_eq!(
+        issues(&report, "2"),
+        [("missing_node_type".to_owned(), None)]
+    );
     assert_eq!(issues(&report, "3"), [s("bad_linked_input", "latent")]);
     assert_eq!(issues(&report, "4"), [s("bad_linked_input", "latent")]);
     let node5 = issues(&report, "5");
-    assert!(node5.contains(&s("return_type_mismatch", "images")), "{node5:?}");
-    assert!(node5.contains(&s("required_input_missing", "fps")), "{node5:?}");
+    assert!(
+        node5.contains(&s("return_type_mismatch", "images")),
+        "{node5:?}"
+    );
+    assert!(
+        node5.contains(&s("required_input_missing", "fps")),
+        "{node5:?}"
+    );
     let node6 = issues(&report, "6");
-    assert!(node6.contains(&s("invalid_input_type", "images")) && node6.contains(&s("value_smaller_than_min", "fps")), "{node6:?}");
+    assert!(
+        node6.contains(&s("invalid_input_type", "images"))
+            && node6.contains(&s("value_smaller_than_min", "fps")),
+        "{node6:?}"
+    );
     let node7 = issues(&report, "7");
-    assert!(node7.contains(&s("value_smaller_than_min", "seed")) && node7.contains(&s("invalid_input_type", "width")), "{node7:?}");
+    assert!(
+        node7.contains(&s("value_smaller_than_min", "seed"))
+            && node7.contains(&s("invalid_input_type", "width")),
+        "{node7:?}"
+    );
     // The JSON has ComfyUI's shape.
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["error"]["type"], "prompt_outputs_failed_validation");
@@ -93,16 +130,27 @@ fn every_validation_error_is_reported_at_once_with_node_and_input() {
     assert!(json["node_errors"]["5"]["errors"][0]["extra_info"]["input_name"].is_string());
     // Nothing ran: running the same workflow refuses before executing.
     let dir = tempfile::tempdir().unwrap();
-    let result = Executor::new(&set, &vdm::events::Silent).with_setting("output_dir", dir.path().to_string_lossy()).run(&wf);
+    let result = Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", dir.path().to_string_lossy())
+        .run(&wf);
     assert!(matches!(result, Err(RunError::Invalid(_))));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
 #[test]
 fn malformed_workflows_are_refused_before_validation() {
-    assert!(matches!(Workflow::parse("{\"1\": {"), Err(vdm::ParseError::Json { line: 1, .. })));
-    assert!(matches!(Workflow::parse("[1, 2]"), Err(vdm::ParseError::Shape(_))));
-    assert!(matches!(Workflow::parse("{\"1\": {\"inputs\": {}}}"), Err(vdm::ParseError::Shape(_))));
+    assert!(matches!(
+        Workflow::parse("{\"1\": {"),
+        Err(vdm::ParseError::Json { line: 1, .. })
+    ));
+    assert!(matches!(
+        Workflow::parse("[1, 2]"),
+        Err(vdm::ParseError::Shape(_))
+    ));
+    assert!(matches!(
+        Workflow::parse("{\"1\": {\"inputs\": {}}}"),
+        Err(vdm::ParseError::Shape(_))
+    ));
 }
 
 fn run(set: &PluginSet, wf: serde_json::Value, out: &Path) -> vdm::RunSummary {
@@ -117,7 +165,10 @@ fn run(set: &PluginSet, wf: serde_json::Value, out: &Path) -> vdm::RunSummary {
 #[test]
 fn noise_preview_workflow_writes_a_gif_of_the_right_size() {
     let set = plugins();
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/noise-preview.json")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/noise-preview.json"),
+    )
+    .unwrap();
     let mut wf = Workflow::parse(&text).unwrap();
     // Smaller than the shipped example so the test stays fast; the graph is the same.
     wf.set_literal("1", "frames", json!(6)).unwrap();
@@ -129,15 +180,24 @@ fn noise_preview_workflow_writes_a_gif_of_the_right_size() {
         .with_setting("device", "cpu")
         .run(&wf)
         .unwrap();
-    let path = summary.ui["3"]["videos"][0]["fullpath"].as_str().unwrap().to_owned();
+    let path = summary.ui["3"]["videos"][0]["fullpath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(path.ends_with(".gif"), "{path}");
-    let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap())).unwrap();
+    let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+        std::fs::File::open(&path).unwrap(),
+    ))
+    .unwrap();
     use image::AnimationDecoder;
     let frames = decoder.into_frames().collect_frames().unwrap();
     assert_eq!(frames.len(), 6);
     assert_eq!(frames[0].buffer().dimensions(), (96, 64));
     // Written atomically: no temporary files are left beside it.
-    let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
 
@@ -149,21 +209,47 @@ fn noise_through_plugin(set: &PluginSet, mode: &str, rho: f64, frames: usize) ->
         "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "noise"}}
     });
     let summary = run(set, wf, dir.path());
-    let path = summary.ui["2"]["latents"][0]["fullpath"].as_str().unwrap().to_owned();
+    let path = summary.ui["2"]["latents"][0]["fullpath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     vdm_nodes::video::latent_file::load_latent(Path::new(&path), &Device::Cpu).unwrap()
 }
 
 /// Per-frame (mean, variance) and the frames × frames correlation matrix of (1, C, F, H, W).
 fn frame_statistics(noise: &Tensor) -> (Vec<(f64, f64)>, Vec<Vec<f64>>) {
     let (_, _, f, _, _) = noise.dims5().unwrap();
-    let frames = noise.to_dtype(DType::F64).unwrap().squeeze(0).unwrap().transpose(0, 1).unwrap().flatten_from(1).unwrap();
+    let frames = noise
+        .to_dtype(DType::F64)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap()
+        .flatten_from(1)
+        .unwrap();
     let mean = frames.mean_keepdim(D::Minus1).unwrap();
     let centred = frames.broadcast_sub(&mean).unwrap();
-    let var = centred.sqr().unwrap().mean(D::Minus1).unwrap().to_vec1::<f64>().unwrap();
+    let var = centred
+        .sqr()
+        .unwrap()
+        .mean(D::Minus1)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let means = mean.squeeze(1).unwrap().to_vec1::<f64>().unwrap();
     let n = centred.dim(1).unwrap() as f64;
-    let cov = (centred.matmul(&centred.t().unwrap()).unwrap() / n).unwrap().to_vec2::<f64>().unwrap();
-    let corr = (0..f).map(|i| (0..f).map(|j| cov[i][j] / (var[i] * var[j]).sqrt()).collect()).collect();
+    let cov = (centred.matmul(&centred.t().unwrap()).unwrap() / n)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    let corr = (0..f)
+        .map(|i| {
+            (0..f)
+                .map(|j| cov[i][j] / (var[i] * var[j]).sqrt())
+                .collect()
+        })
+        .collect();
     (means.into_iter().zip(var).collect(), corr)
 }
 
@@ -172,12 +258,21 @@ fn correlated_noise_has_unit_frames_and_the_requested_correlation() {
     let set = plugins();
     // 4 × 64 × 64 = 16384 values per frame: the standard error of a correlation is ~0.008.
     let tol = 0.04;
-    for (mode, rho) in [("mixed", 0.2), ("mixed", 0.7), ("progressive", 0.5), ("progressive", 0.9), ("independent", 0.5)] {
+    for (mode, rho) in [
+        ("mixed", 0.2),
+        ("mixed", 0.7),
+        ("progressive", 0.5),
+        ("progressive", 0.9),
+        ("independent", 0.5),
+    ] {
         let noise = noise_through_plugin(&set, mode, rho, 6);
         let (moments, corr) = frame_statistics(&noise);
         for (f, (mean, var)) in moments.iter().enumerate() {
             assert!(mean.abs() < tol, "{mode} ρ={rho}: frame {f} mean {mean}");
-            assert!((var - 1.0).abs() < tol, "{mode} ρ={rho}: frame {f} variance {var}");
+            assert!(
+                (var - 1.0).abs() < tol,
+                "{mode} ρ={rho}: frame {f} variance {var}"
+            );
         }
         for (f, row) in corr.iter().enumerate() {
             for (g, &c) in row.iter().enumerate().filter(|(g, _)| *g != f) {
@@ -186,7 +281,10 @@ fn correlated_noise_has_unit_frames_and_the_requested_correlation() {
                     "progressive" => rho.powi((f as i32 - g as i32).abs()),
                     _ => 0.0,
                 };
-                assert!((c - expected).abs() < tol, "{mode} ρ={rho}: corr({f},{g}) = {c:.3}, expected {expected:.3}");
+                assert!(
+                    (c - expected).abs() < tol,
+                    "{mode} ρ={rho}: corr({f},{g}) = {c:.3}, expected {expected:.3}"
+                );
             }
         }
     }
@@ -198,6 +296,13 @@ fn lengthening_a_clip_keeps_its_first_frames() {
     let short = noise_through_plugin(&set, "progressive", 0.6, 4);
     let long = noise_through_plugin(&set, "progressive", 0.6, 9);
     let prefix = long.narrow(2, 0, 4).unwrap();
-    let diff = (short - prefix).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (short - prefix)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(diff, 0.0);
 }

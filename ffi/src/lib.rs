@@ -29,7 +29,8 @@ pub const INTERFACE_VERSION: u32 = 1;
 
 /// Features of the interface this crate implements, exchanged in the handshake so a host can
 /// tell what an older or newer plugin supports without failing to load it.
-pub const INTERFACE_FEATURES: &[&str] = &["progress", "cancel", "handles", "host-tensors", "ui-output"];
+pub const INTERFACE_FEATURES: &[&str] =
+    &["progress", "cancel", "handles", "host-tensors", "ui-output"];
 
 /// What a plugin exports.
 #[repr(C)]
@@ -86,15 +87,35 @@ pub struct InputSpec {
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq)]
 pub enum InputKind {
-    Int { default: i64, min: i64, max: i64, step: i64 },
-    Float { default: f64, min: f64, max: f64, step: f64 },
-    Boolean { default: bool },
-    String { default: RString, multiline: bool },
+    Int {
+        default: i64,
+        min: i64,
+        max: i64,
+        step: i64,
+    },
+    Float {
+        default: f64,
+        min: f64,
+        max: f64,
+        step: f64,
+    },
+    Boolean {
+        default: bool,
+    },
+    String {
+        default: RString,
+        multiline: bool,
+    },
     /// One of a fixed list of strings; the default is the first unless given.
-    Combo { options: RVec<RString>, default: RString },
+    Combo {
+        options: RVec<RString>,
+        default: RString,
+    },
     /// A value produced by another node: `MODEL`, `CLIP`, `VAE`, `CONDITIONING`, `LATENT`,
     /// `IMAGE`, `MOTION`, ...
-    Object { type_name: RString },
+    Object {
+        type_name: RString,
+    },
 }
 
 impl InputKind {

@@ -8,13 +8,22 @@ use abi_stable::{
     prefix_type::PrefixTypeTrait,
     std_types::{RErr, ROk, RResult, RString, RVec},
 };
-use vdm_ffi::{ErrorKind, ExecuteRequest, NodeDescriptor, NodeError, NodeOutput, PluginMod, PluginModRef};
+use vdm_ffi::{
+    ErrorKind, ExecuteRequest, NodeDescriptor, NodeError, NodeOutput, PluginMod, PluginModRef,
+};
 
 use crate::node::{self, Context, Inputs, NodeFailure};
 
 #[export_root_module]
 pub fn plugin_root_module() -> PluginModRef {
-    PluginMod { interface_version, features, plugin_name, nodes, execute }.leak_into_prefix()
+    PluginMod {
+        interface_version,
+        features,
+        plugin_name,
+        nodes,
+        execute,
+    }
+    .leak_into_prefix()
 }
 
 extern "C" fn interface_version() -> u32 {
@@ -22,7 +31,10 @@ extern "C" fn interface_version() -> u32 {
 }
 
 extern "C" fn features() -> RVec<RString> {
-    let mut features: Vec<RString> = vdm_ffi::INTERFACE_FEATURES.iter().map(|f| RString::from(*f)).collect();
+    let mut features: Vec<RString> = vdm_ffi::INTERFACE_FEATURES
+        .iter()
+        .map(|f| RString::from(*f))
+        .collect();
     if cfg!(feature = "cuda") {
         features.push("cuda".into());
     }
@@ -46,20 +58,32 @@ extern "C" fn execute(request: ExecuteRequest<'_>) -> RResult<NodeOutput, NodeEr
     let failure = match result {
         Ok(Ok(output)) => return ROk(output),
         Ok(Err(failure)) => failure,
-        Err(payload) => NodeFailure { kind: ErrorKind::Panic, input: None, message: panic_message(&*payload) },
+        Err(payload) => NodeFailure {
+            kind: ErrorKind::Panic,
+            input: None,
+            message: panic_message(&*payload),
+        },
     };
     RErr(failure.into_error(&node_id, &class_type))
 }
 
 fn run(request: ExecuteRequest<'_>) -> Result<NodeOutput, NodeFailure> {
-    let ExecuteRequest { class_type, inputs, host, .. } = request;
+    let ExecuteRequest {
+        class_type,
+        inputs,
+        host,
+        ..
+    } = request;
     let node = node::find(class_type.as_str())
         .ok_or_else(|| NodeFailure::execution(format!("this plugin has no node `{class_type}`")))?;
     let inputs = Inputs::new(inputs);
     let ctx = Context::new(host);
     let outputs = node.execute(&inputs, &ctx)?;
     let ui_json = outputs.ui.map(|ui| ui.to_string()).unwrap_or_default();
-    Ok(NodeOutput { values: outputs.values.into(), ui_json: ui_json.into() })
+    Ok(NodeOutput {
+        values: outputs.values.into(),
+        ui_json: ui_json.into(),
+    })
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

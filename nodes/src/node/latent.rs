@@ -4,12 +4,20 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
+use crate::video::preview::UpscaleFilter;
 use crate::video::{latent_file, preview};
 
-use super::{Context, DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs, PluginType};
+use super::{
+    Context, DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs,
+    PluginType,
+};
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
-    vec![Box::new(LatentPreview), Box::new(SaveLatent), Box::new(LoadLatent)]
+    vec![
+        Box::new(LatentPreview),
+        Box::new(SaveLatent),
+        Box::new(LoadLatent),
+    ]
 }
 
 struct LatentPreview;
@@ -31,7 +39,8 @@ impl Node for LatentPreview {
             Some(_) => inputs.usize("upscale")?,
             None => 8,
         };
-        let frames = preview::latent_to_rgb(&latent.samples, upscale).for_input("latent")?;
+        let frames = preview::latent_to_rgb(&latent.samples, upscale, UpscaleFilter::Nearest)
+            .for_input("latent")?;
         Ok(Outputs::one(Images { frames }.into_value()))
     }
 }
@@ -52,8 +61,12 @@ impl Node for SaveLatent {
         let latent: Latent = inputs.object("samples")?;
         let prefix = inputs.string("filename_prefix")?;
         let out_dir = ctx.output_dir();
-        let path = latent_file::save_latent(&latent.samples, &out_dir, prefix).for_input("filename_prefix")?;
-        Ok(Outputs { values: vec![], ui: Some(json!({ "latents": [file_entry(&out_dir, &path)] })) })
+        let path = latent_file::save_latent(&latent.samples, &out_dir, prefix, None)
+            .for_input("filename_prefix")?;
+        Ok(Outputs {
+            values: vec![],
+            ui: Some(json!({ "latents": [file_entry(&out_dir, &path)] })),
+        })
     }
 }
 
@@ -62,8 +75,14 @@ struct LoadLatent;
 impl Node for LoadLatent {
     fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
         DescriptorBuilder::new("LoadLatent", "Load Latent", "vdm/latent")
-            .description("Reads latents from a safetensors file written by SaveLatent (vdm's or ComfyUI's).")
-            .string("latent", "", "Path of the .latent/.safetensors file, absolute or relative to the input folder.")
+            .description(
+                "Reads latents from a safetensors file written by SaveLatent (vdm's or ComfyUI's).",
+            )
+            .string(
+                "latent",
+                "",
+                "Path of the .latent/.safetensors file, absolute or relative to the input folder.",
+            )
             .output("LATENT", "LATENT")
             .build()
     }
@@ -88,7 +107,13 @@ pub fn resolve_input_path(ctx: &Context, given: &str) -> PathBuf {
 /// ComfyUI's description of a written file: name, subfolder of the output folder, type.
 pub fn file_entry(out_dir: &Path, path: &Path) -> serde_json::Value {
     let relative = path.strip_prefix(out_dir).unwrap_or(path);
-    let subfolder = relative.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-    let filename = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let subfolder = relative
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let filename = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
     json!({ "filename": filename, "subfolder": subfolder, "type": "output", "fullpath": path.to_string_lossy() })
 }

@@ -16,8 +16,7 @@ use std::sync::OnceLock;
 use abi_stable::std_types::{RNone, RSome, RStr, RString, RVec};
 use candle_core::Device;
 use vdm_ffi::{
-    ErrorKind, Handle, HostContext_TO, NamedValue, NodeDescriptor, NodeError, PluginObject,
-    Value,
+    ErrorKind, Handle, HostContext_TO, NamedValue, NodeDescriptor, NodeError, PluginObject, Value,
 };
 
 pub use objects::{Images, Latent};
@@ -60,16 +59,28 @@ pub struct NodeFailure {
 impl NodeFailure {
     /// The value given for `input` is unusable.
     pub fn input(input: &str, message: impl std::fmt::Display) -> Self {
-        Self { kind: ErrorKind::InvalidInput, input: Some(input.to_owned()), message: message.to_string() }
+        Self {
+            kind: ErrorKind::InvalidInput,
+            input: Some(input.to_owned()),
+            message: message.to_string(),
+        }
     }
 
     /// The node failed while running.
     pub fn execution(message: impl std::fmt::Display) -> Self {
-        Self { kind: ErrorKind::Execution, input: None, message: message.to_string() }
+        Self {
+            kind: ErrorKind::Execution,
+            input: None,
+            message: message.to_string(),
+        }
     }
 
     pub fn cancelled() -> Self {
-        Self { kind: ErrorKind::Cancelled, input: None, message: "cancelled".to_owned() }
+        Self {
+            kind: ErrorKind::Cancelled,
+            input: None,
+            message: "cancelled".to_owned(),
+        }
     }
 
     pub fn into_error(self, node_id: &str, class_type: &str) -> NodeError {
@@ -107,16 +118,22 @@ pub struct Inputs {
 
 impl Inputs {
     pub fn new(values: RVec<NamedValue>) -> Self {
-        Self { values: values.into_vec() }
+        Self {
+            values: values.into_vec(),
+        }
     }
 
     /// The raw value of `name`, if given.
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.values.iter().find(|v| v.name.as_str() == name).map(|v| &v.value)
+        self.values
+            .iter()
+            .find(|v| v.name.as_str() == name)
+            .map(|v| &v.value)
     }
 
     fn required(&self, name: &str) -> Result<&Value, NodeFailure> {
-        self.get(name).ok_or_else(|| NodeFailure::input(name, "required input is missing"))
+        self.get(name)
+            .ok_or_else(|| NodeFailure::input(name, "required input is missing"))
     }
 
     fn mismatch(name: &str, want: &str, got: &Value) -> NodeFailure {
@@ -162,7 +179,10 @@ impl Inputs {
     pub fn object<T: PluginType>(&self, name: &str) -> Result<T, NodeFailure> {
         match self.required(name)? {
             Value::Handle(handle) => T::from_handle(handle).ok_or_else(|| {
-                NodeFailure::input(name, format!("expected {}, got {}", T::TYPE_TAG, handle.type_tag))
+                NodeFailure::input(
+                    name,
+                    format!("expected {}, got {}", T::TYPE_TAG, handle.type_tag),
+                )
             }),
             Value::Tensor(tensor) => T::from_host_tensor(tensor).for_input(name),
             other => Err(Self::mismatch(name, T::TYPE_TAG, other)),
@@ -187,7 +207,10 @@ pub trait PluginType: PluginObject + Clone + Send + Sync + std::fmt::Debug + 'st
             abi_stable::std_types::RArc::new(self),
             abi_stable::sabi_trait::TD_CanDowncast,
         );
-        Value::Handle(Handle { type_tag: Self::TYPE_TAG.into(), object })
+        Value::Handle(Handle {
+            type_tag: Self::TYPE_TAG.into(),
+            object,
+        })
     }
 
     fn from_handle(handle: &Handle) -> Option<Self> {
@@ -199,7 +222,10 @@ pub trait PluginType: PluginObject + Clone + Send + Sync + std::fmt::Debug + 'st
 
     /// Accepts the same value sent as a host tensor (from the host or another plugin).
     fn from_host_tensor(_tensor: &vdm_ffi::HostTensor) -> Result<Self, String> {
-        Err(format!("{} cannot be given as a plain tensor", Self::TYPE_TAG))
+        Err(format!(
+            "{} cannot be given as a plain tensor",
+            Self::TYPE_TAG
+        ))
     }
 }
 
@@ -212,7 +238,10 @@ pub struct Outputs {
 
 impl Outputs {
     pub fn one(value: Value) -> Self {
-        Self { values: vec![value], ui: None }
+        Self {
+            values: vec![value],
+            ui: None,
+        }
     }
 }
 
@@ -248,7 +277,9 @@ impl<'a> Context<'a> {
 
     /// Where output nodes write: the host's `output_dir`, else the current folder.
     pub fn output_dir(&self) -> PathBuf {
-        self.setting("output_dir").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+        self.setting("output_dir")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."))
     }
 
     /// The device nodes compute on: the host's `device` setting (`cpu`, `cuda`, `cuda:N`),
@@ -265,10 +296,15 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
         "cpu" => Ok(Device::Cpu),
         "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
         "cuda" => Device::new_cuda(0).map_err(|e| format!("CUDA device unavailable: {e}")),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(ordinal) => Device::new_cuda(ordinal)
                 .map_err(|e| format!("CUDA device {ordinal} unavailable: {e}")),
-            None => Err(format!("unknown device `{other}` (expected auto, cpu, cuda or cuda:N)")),
+            None => Err(format!(
+                "unknown device `{other}` (expected auto, cpu, cuda or cuda:N)"
+            )),
         },
     }
 }

@@ -2,7 +2,9 @@
 
 use crate::video::noise::{video_noise, NoiseMode};
 
-use super::{Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs, PluginType};
+use super::{
+    Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
+};
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
     vec![Box::new(VideoNoise)]
@@ -47,8 +49,10 @@ impl Node for VideoNoise {
             None => 1,
         };
         let device = ctx.device()?;
-        let samples = video_noise(seed, batch, channels, frames, height, width, mode, rho, &device)
-            .for_input("correlation")?;
+        let samples = video_noise(
+            seed, batch, channels, frames, height, width, mode, rho, &device,
+        )
+        .for_input("correlation")?;
         Ok(Outputs::one(Latent { samples }.into_value()))
     }
 }

@@ -19,7 +19,13 @@ pub struct Images {
 }
 
 fn describe_tensor(tag: &str, t: &Tensor) -> RString {
-    format!("{tag} {:?} {:?} {:?}", t.dims(), t.dtype(), t.device().location()).into()
+    format!(
+        "{tag} {:?} {:?} {:?}",
+        t.dims(),
+        t.dtype(),
+        t.device().location()
+    )
+    .into()
 }
 
 impl PluginObject for Latent {
@@ -42,8 +48,15 @@ impl PluginType for Latent {
         let samples = host_to_tensor(tensor)?;
         let samples = match samples.rank() {
             5 => samples,
-            4 => samples.permute((1, 0, 2, 3)).and_then(|t| t.unsqueeze(0)).map_err(|e| e.to_string())?,
-            r => return Err(format!("a LATENT tensor has 4 or 5 dimensions, this one has {r}")),
+            4 => samples
+                .permute((1, 0, 2, 3))
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(|e| e.to_string())?,
+            r => {
+                return Err(format!(
+                    "a LATENT tensor has 4 or 5 dimensions, this one has {r}"
+                ))
+            }
         };
         Ok(Latent { samples })
     }
@@ -56,7 +69,9 @@ impl PluginType for Images {
         let frames = host_to_tensor(tensor)?;
         match frames.dims() {
             [_, _, _, 3] => Ok(Images { frames }),
-            dims => Err(format!("an IMAGE tensor is frames × height × width × 3, got {dims:?}")),
+            dims => Err(format!(
+                "an IMAGE tensor is frames × height × width × 3, got {dims:?}"
+            )),
         }
     }
 }
@@ -95,10 +110,22 @@ pub fn tensor_to_host(t: &Tensor) -> candle_core::Result<HostTensor> {
     let t = t.to_device(&Device::Cpu)?.contiguous()?;
     let (dtype, data): (vdm_ffi::DType, Vec<u8>) = match t.dtype() {
         DType::U8 => (vdm_ffi::DType::U8, t.flatten_all()?.to_vec1::<u8>()?),
-        DType::U32 => (vdm_ffi::DType::U32, bytes(&t.flatten_all()?.to_vec1::<u32>()?)),
-        DType::I64 => (vdm_ffi::DType::I64, bytes(&t.flatten_all()?.to_vec1::<i64>()?)),
-        DType::F64 => (vdm_ffi::DType::F64, bytes(&t.flatten_all()?.to_vec1::<f64>()?)),
-        _ => (vdm_ffi::DType::F32, bytes(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)),
+        DType::U32 => (
+            vdm_ffi::DType::U32,
+            bytes(&t.flatten_all()?.to_vec1::<u32>()?),
+        ),
+        DType::I64 => (
+            vdm_ffi::DType::I64,
+            bytes(&t.flatten_all()?.to_vec1::<i64>()?),
+        ),
+        DType::F64 => (
+            vdm_ffi::DType::F64,
+            bytes(&t.flatten_all()?.to_vec1::<f64>()?),
+        ),
+        _ => (
+            vdm_ffi::DType::F32,
+            bytes(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        ),
     };
     Ok(HostTensor {
         dtype,
@@ -126,7 +153,10 @@ mod tests {
 
     #[test]
     fn host_tensor_round_trip() {
-        let t = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((2, 3, 4)).unwrap();
+        let t = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap();
         let host = tensor_to_host(&t).unwrap();
         assert!(host.is_consistent());
         let back = host_to_tensor(&host).unwrap();
@@ -135,7 +165,8 @@ mod tests {
 
     #[test]
     fn inconsistent_host_tensor_is_refused() {
-        let mut host = tensor_to_host(&Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let mut host =
+            tensor_to_host(&Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()).unwrap();
         host.data.pop();
         assert!(host_to_tensor(&host).unwrap_err().contains("needs 16"));
     }

@@ -43,7 +43,11 @@ impl DescriptorBuilder {
     }
 
     fn input(mut self, name: &str, kind: InputKind, tooltip: &str) -> Self {
-        let spec = InputSpec { name: name.into(), kind, tooltip: tooltip.into() };
+        let spec = InputSpec {
+            name: name.into(),
+            kind,
+            tooltip: tooltip.into(),
+        };
         if self.optional {
             self.descriptor.optional.push(spec);
         } else {
@@ -53,16 +57,55 @@ impl DescriptorBuilder {
     }
 
     pub fn int(self, name: &str, default: i64, min: i64, max: i64, tooltip: &str) -> Self {
-        self.input(name, InputKind::Int { default, min, max, step: 1 }, tooltip)
+        self.input(
+            name,
+            InputKind::Int {
+                default,
+                min,
+                max,
+                step: 1,
+            },
+            tooltip,
+        )
     }
 
     /// An INT edited in steps of `step` (image sizes move in multiples of 8).
-    pub fn int_step(self, name: &str, default: i64, (min, max, step): (i64, i64, i64), tooltip: &str) -> Self {
-        self.input(name, InputKind::Int { default, min, max, step }, tooltip)
+    pub fn int_step(
+        self,
+        name: &str,
+        default: i64,
+        (min, max, step): (i64, i64, i64),
+        tooltip: &str,
+    ) -> Self {
+        self.input(
+            name,
+            InputKind::Int {
+                default,
+                min,
+                max,
+                step,
+            },
+            tooltip,
+        )
     }
 
-    pub fn float(self, name: &str, default: f64, (min, max, step): (f64, f64, f64), tooltip: &str) -> Self {
-        self.input(name, InputKind::Float { default, min, max, step }, tooltip)
+    pub fn float(
+        self,
+        name: &str,
+        default: f64,
+        (min, max, step): (f64, f64, f64),
+        tooltip: &str,
+    ) -> Self {
+        self.input(
+            name,
+            InputKind::Float {
+                default,
+                min,
+                max,
+                step,
+            },
+            tooltip,
+        )
     }
 
     pub fn boolean(self, name: &str, default: bool, tooltip: &str) -> Self {
@@ -70,11 +113,25 @@ impl DescriptorBuilder {
     }
 
     pub fn string(self, name: &str, default: &str, tooltip: &str) -> Self {
-        self.input(name, InputKind::String { default: default.into(), multiline: false }, tooltip)
+        self.input(
+            name,
+            InputKind::String {
+                default: default.into(),
+                multiline: false,
+            },
+            tooltip,
+        )
     }
 
     pub fn text(self, name: &str, default: &str, tooltip: &str) -> Self {
-        self.input(name, InputKind::String { default: default.into(), multiline: true }, tooltip)
+        self.input(
+            name,
+            InputKind::String {
+                default: default.into(),
+                multiline: true,
+            },
+            tooltip,
+        )
     }
 
     /// A choice among `options`; the first is the default.
@@ -86,11 +143,20 @@ impl DescriptorBuilder {
 
     /// A value produced by another node, of socket type `type_name`.
     pub fn object(self, name: &str, type_name: &str, tooltip: &str) -> Self {
-        self.input(name, InputKind::Object { type_name: type_name.into() }, tooltip)
+        self.input(
+            name,
+            InputKind::Object {
+                type_name: type_name.into(),
+            },
+            tooltip,
+        )
     }
 
     pub fn output(mut self, type_name: &str, name: &str) -> Self {
-        self.descriptor.outputs.push(OutputSpec { type_name: type_name.into(), name: name.into() });
+        self.descriptor.outputs.push(OutputSpec {
+            type_name: type_name.into(),
+            name: name.into(),
+        });
         self
     }
 

@@ -5,7 +5,9 @@ use serde_json::json;
 use crate::video::io::{load_video, save_video, LoadOptions, VideoFormat};
 
 use super::latent::{file_entry, resolve_input_path};
-use super::{Context, DescriptorBuilder, ForInput, Images, Inputs, Node, NodeFailure, Outputs, PluginType};
+use super::{
+    Context, DescriptorBuilder, ForInput, Images, Inputs, Node, NodeFailure, Outputs, PluginType,
+};
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
     vec![Box::new(LoadVideo), Box::new(SaveVideo)]
@@ -42,7 +44,11 @@ impl Node for LoadVideo {
         let (frames, fps) = load_video(&path, &options).for_input("video")?;
         let count = frames.dim(0)? as i64;
         Ok(Outputs {
-            values: vec![Images { frames }.into_value(), vdm_ffi::Value::Int(count), vdm_ffi::Value::Float(fps)],
+            values: vec![
+                Images { frames }.into_value(),
+                vdm_ffi::Value::Int(count),
+                vdm_ffi::Value::Float(fps),
+            ],
             ui: None,
         })
     }
@@ -70,12 +76,15 @@ impl Node for SaveVideo {
         let format: VideoFormat = inputs.string("format")?.parse().for_input("format")?;
         let fps = inputs.float("fps")?;
         let loop_count = match inputs.get("loop_count") {
-            Some(_) => inputs.usize("loop_count")?,
+            Some(_) => inputs.usize("loop_count")? as u32,
             None => 0,
         };
         let out_dir = ctx.output_dir();
         let path = save_video(&images.frames, &out_dir, prefix, format, fps, loop_count)
             .map_err(NodeFailure::execution)?;
-        Ok(Outputs { values: vec![], ui: Some(json!({ "videos": [file_entry(&out_dir, &path)] })) })
+        Ok(Outputs {
+            values: vec![],
+            ui: Some(json!({ "videos": [file_entry(&out_dir, &path)] })),
+        })
     }
 }

@@ -1,12 +1,25 @@
 //! Exports the current layout but announces a later interface version, as a plugin built
 //! for a newer host would: the host must refuse it by the handshake, not crash.
 
-use abi_stable::{export_root_module, prefix_type::PrefixTypeTrait, std_types::{RErr, RResult, RString, RVec}};
-use vdm_ffi::{ErrorKind, ExecuteRequest, NodeDescriptor, NodeError, NodeOutput, PluginMod, PluginModRef};
+use abi_stable::{
+    export_root_module,
+    prefix_type::PrefixTypeTrait,
+    std_types::{RErr, RResult, RString, RVec},
+};
+use vdm_ffi::{
+    ErrorKind, ExecuteRequest, NodeDescriptor, NodeError, NodeOutput, PluginMod, PluginModRef,
+};
 
 #[export_root_module]
 pub fn root() -> PluginModRef {
-    PluginMod { interface_version, features, plugin_name, nodes, execute }.leak_into_prefix()
+    PluginMod {
+        interface_version,
+        features,
+        plugin_name,
+        nodes,
+        execute,
+    }
+    .leak_into_prefix()
 }
 
 extern "C" fn interface_version() -> u32 {

@@ -11,8 +11,8 @@ use abi_stable::{
     std_types::{RErr, ROk, RResult, RString, RVec},
 };
 use vdm_ffi::{
-    ErrorKind, ExecuteRequest, InputKind, InputSpec, NodeDescriptor, NodeError, NodeOutput, OutputSpec,
-    PluginMod, PluginModRef, Value,
+    ErrorKind, ExecuteRequest, InputKind, InputSpec, NodeDescriptor, NodeError, NodeOutput,
+    OutputSpec, PluginMod, PluginModRef, Value,
 };
 
 /// How many times `TestCounter` ran, so tests can see what the cache saved.
@@ -20,7 +20,14 @@ static COUNTER_RUNS: AtomicUsize = AtomicUsize::new(0);
 
 #[export_root_module]
 pub fn root() -> PluginModRef {
-    PluginMod { interface_version, features, plugin_name, nodes, execute }.leak_into_prefix()
+    PluginMod {
+        interface_version,
+        features,
+        plugin_name,
+        nodes,
+        execute,
+    }
+    .leak_into_prefix()
 }
 
 extern "C" fn interface_version() -> u32 {
@@ -28,7 +35,10 @@ extern "C" fn interface_version() -> u32 {
 }
 
 extern "C" fn features() -> RVec<RString> {
-    vdm_ffi::INTERFACE_FEATURES.iter().map(|f| RString::from(*f)).collect()
+    vdm_ffi::INTERFACE_FEATURES
+        .iter()
+        .map(|f| RString::from(*f))
+        .collect()
 }
 
 extern "C" fn plugin_name() -> RString {
@@ -36,14 +46,31 @@ extern "C" fn plugin_name() -> RString {
 }
 
 fn input(name: &str, kind: InputKind) -> InputSpec {
-    InputSpec { name: name.into(), kind, tooltip: RString::new() }
+    InputSpec {
+        name: name.into(),
+        kind,
+        tooltip: RString::new(),
+    }
 }
 
 fn int(name: &str) -> InputSpec {
-    input(name, InputKind::Int { default: 0, min: -1000, max: 1000, step: 1 })
+    input(
+        name,
+        InputKind::Int {
+            default: 0,
+            min: -1000,
+            max: 1000,
+            step: 1,
+        },
+    )
 }
 
-fn node(class: &str, required: Vec<InputSpec>, outputs: &[&str], output_node: bool) -> NodeDescriptor {
+fn node(
+    class: &str,
+    required: Vec<InputSpec>,
+    outputs: &[&str],
+    output_node: bool,
+) -> NodeDescriptor {
     NodeDescriptor {
         class_type: class.into(),
         display_name: class.into(),
@@ -51,7 +78,13 @@ fn node(class: &str, required: Vec<InputSpec>, outputs: &[&str], output_node: bo
         description: RString::new(),
         required: required.into(),
         optional: RVec::new(),
-        outputs: outputs.iter().map(|t| OutputSpec { type_name: (*t).into(), name: (*t).into() }).collect(),
+        outputs: outputs
+            .iter()
+            .map(|t| OutputSpec {
+                type_name: (*t).into(),
+                name: (*t).into(),
+            })
+            .collect(),
         output_node,
     }
 }
@@ -84,7 +117,15 @@ extern "C" fn execute(request: ExecuteRequest<'_>) -> RResult<NodeOutput, NodeEr
     match result {
         Ok(Ok(values)) => ROk(NodeOutput {
             values: values.into(),
-            ui_json: if class_type == "TestSink" { format!("{{\"value\": {:?}}}", int_of(&request, "value")).into() } else { RString::new() },
+            ui_json: if class_type == "TestSink" {
+                format!(
+                    "{{\"value\": {}}}",
+                    int_of(&request, "value").unwrap_or_default()
+                )
+                .into()
+            } else {
+                RString::new()
+            },
         }),
         Ok(Err((kind, input, message))) => RErr(error(kind, input, message)),
         Err(_) => RErr(error(ErrorKind::Panic, None, "panicked".into())),
@@ -92,16 +133,22 @@ extern "C" fn execute(request: ExecuteRequest<'_>) -> RResult<NodeOutput, NodeEr
 }
 
 fn int_of(request: &ExecuteRequest<'_>, name: &str) -> Option<i64> {
-    request.inputs.iter().find(|v| v.name.as_str() == name).and_then(|v| match v.value {
-        Value::Int(i) => Some(i),
-        _ => None,
-    })
+    request
+        .inputs
+        .iter()
+        .find(|v| v.name.as_str() == name)
+        .and_then(|v| match v.value {
+            Value::Int(i) => Some(i),
+            _ => None,
+        })
 }
 
 type Failure = (ErrorKind, Option<&'static str>, String);
 
 fn run(request: &ExecuteRequest<'_>) -> Result<Vec<Value>, Failure> {
-    let get = |name: &'static str| int_of(request, name).ok_or((ErrorKind::InvalidInput, Some(name), "missing".to_owned()));
+    let get = |name: &'static str| {
+        int_of(request, name).ok_or((ErrorKind::InvalidInput, Some(name), "missing".to_owned()))
+    };
     match request.class_type.as_str() {
         "TestConst" => Ok(vec![Value::Int(get("value")?)]),
         "TestCounter" => {
@@ -113,7 +160,11 @@ fn run(request: &ExecuteRequest<'_>) -> Result<Vec<Value>, Failure> {
         "TestSink" => Ok(vec![]),
         "TestPanic" => panic!("test node panicked on purpose with value {}", get("value")?),
         "TestFailOnNegative" => match get("value")? {
-            v if v < 0 => Err((ErrorKind::InvalidInput, Some("value"), format!("{v} is negative"))),
+            v if v < 0 => Err((
+                ErrorKind::InvalidInput,
+                Some("value"),
+                format!("{v} is negative"),
+            )),
             v => Ok(vec![Value::Int(v)]),
         },
         "TestCountdown" => {
