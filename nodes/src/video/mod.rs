@@ -6,6 +6,7 @@
 //! - [`preview`]: cheap latent-to-RGB previews without the VAE.
 //! - [`latent_file`]: ComfyUI-compatible `.latent` files.
 
+pub mod freeinit;
 pub mod io;
 pub mod latent_file;
 pub mod noise;

@@ -1,0 +1,287 @@
+//! FreeInit (Wu et al.; METHODS.md §5): after a sampling pass, re-diffuse the result to the
+//! last training timestep with the original noise, keep its low spatio-temporal frequencies,
+//! take the high frequencies from fresh noise, and sample again. Matches diffusers'
+//! `FreeInitMixin` (`enable_free_init`), plus the original repository's box filter.
+
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Result, Tensor};
+use rustfft::{num_complex::Complex64, FftDirection, FftPlanner};
+
+/// The low-pass filter's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterKind {
+    Butterworth,
+    Gaussian,
+    Ideal,
+    Box,
+}
+
+impl FilterKind {
+    pub const NAMES: [&'static str; 4] = ["butterworth", "gaussian", "ideal", "box"];
+}
+
+impl FromStr for FilterKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "butterworth" => Ok(Self::Butterworth),
+            "gaussian" => Ok(Self::Gaussian),
+            "ideal" => Ok(Self::Ideal),
+            "box" => Ok(Self::Box),
+            other => Err(format!(
+                "unknown FreeInit filter `{other}` (expected one of {})",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+/// FreeInit's settings, with diffusers' defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FreeInitConfig {
+    /// Sampling passes in all (1 = FreeInit off).
+    pub iterations: usize,
+    pub filter: FilterKind,
+    /// Butterworth order.
+    pub order: u32,
+    /// d_s, the spatial stop frequency (normalised, 0..1).
+    pub spatial_stop_frequency: f64,
+    /// d_t, the temporal stop frequency (normalised, 0..1).
+    pub temporal_stop_frequency: f64,
+    /// Coarse-to-fine: pass i runs `steps·(i+1)/iterations` steps (diffusers' `use_fast_sampling`).
+    pub fast_sampling: bool,
+}
+
+impl Default for FreeInitConfig {
+    fn default() -> Self {
+        Self {
+            iterations: 3,
+            filter: FilterKind::Butterworth,
+            order: 4,
+            spatial_stop_frequency: 0.25,
+            temporal_stop_frequency: 0.25,
+            fast_sampling: false,
+        }
+    }
+}
+
+impl FreeInitConfig {
+    /// Inference steps of pass `iteration` (0-based) for a schedule of `steps`.
+    pub fn steps_for_iteration(&self, steps: usize, iteration: usize) -> usize {
+        if self.fast_sampling {
+            ((steps as f64 / self.iterations as f64 * (iteration + 1) as f64) as usize).max(1)
+        } else {
+            steps
+        }
+    }
+}
+
+/// The low-pass mask over (frames, height, width) in centred (fftshift-ed) frequency order,
+/// as diffusers' `_get_freeinit_freq_filter` builds it; shape (frames, height, width).
+pub fn low_pass_filter(
+    cfg: &FreeInitConfig,
+    frames: usize,
+    height: usize,
+    width: usize,
+) -> Vec<f64> {
+    let (ds, dt) = (cfg.spatial_stop_frequency, cfg.temporal_stop_frequency);
+    let mut mask = vec![0.0; frames * height * width];
+    if ds == 0.0 || dt == 0.0 {
+        return mask;
+    }
+    if cfg.filter == FilterKind::Box {
+        // The original FreeInit repository's box: a centred block of half-widths
+        // round(H/2·d_s) and round(F/2·d_t).
+        let ts = ((height / 2) as f64 * ds).round() as isize;
+        let tt = ((frames / 2) as f64 * dt).round() as isize;
+        let (cf, ch, cw) = (
+            (frames / 2) as isize,
+            (height / 2) as isize,
+            (width / 2) as isize,
+        );
+        for f in (cf - tt).max(0)..(cf + tt).min(frames as isize) {
+            for h in (ch - ts).max(0)..(ch + ts).min(height as isize) {
+                for w in (cw - ts).max(0)..(cw + ts).min(width as isize) {
+                    mask[(f as usize * height + h as usize) * width + w as usize] = 1.0;
+                }
+            }
+        }
+        return mask;
+    }
+    for f in 0..frames {
+        for h in 0..height {
+            for w in 0..width {
+                let d2 = ((ds / dt) * (2.0 * f as f64 / frames as f64 - 1.0)).powi(2)
+                    + (2.0 * h as f64 / height as f64 - 1.0).powi(2)
+                    + (2.0 * w as f64 / width as f64 - 1.0).powi(2);
+                mask[(f * height + h) * width + w] = match cfg.filter {
+                    FilterKind::Butterworth => {
+                        1.0 / (1.0 + (d2 / (ds * ds)).powi(cfg.order as i32))
+                    }
+                    FilterKind::Gaussian => (-d2 / (2.0 * ds * ds)).exp(),
+                    FilterKind::Ideal => f64::from(d2 <= ds * 2.0),
+                    FilterKind::Box => unreachable!("handled above"),
+                };
+            }
+        }
+    }
+    mask
+}
+
+/// The mask as a tensor (1, 1, F, H, W) for inspection and tests.
+pub fn low_pass_filter_tensor(
+    cfg: &FreeInitConfig,
+    frames: usize,
+    height: usize,
+    width: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = low_pass_filter(cfg, frames, height, width)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    Tensor::from_vec(mask, (1, 1, frames, height, width), device)
+}
+
+/// Low frequencies of `z_t`, high frequencies of `z_rand`: both (B, C, F, H, W); the 3-D FFT
+/// runs over (F, H, W) in f64 on the CPU (latents are small; candle has no FFT).
+pub fn mix_frequencies(z_t: &Tensor, z_rand: &Tensor, cfg: &FreeInitConfig) -> Result<Tensor> {
+    let (b, c, f, h, w) = z_t.dims5()?;
+    if z_rand.dims() != z_t.dims() {
+        candle_core::bail!(
+            "FreeInit: noise shape {:?} differs from latent shape {:?}",
+            z_rand.dims(),
+            z_t.dims()
+        );
+    }
+    let centred = low_pass_filter(cfg, f, h, w);
+    // Multiplying fftshift(X) by the centred mask equals multiplying X by the mask rolled back.
+    let shift = |i: usize, n: usize| (i + n / 2) % n;
+    let mut mask = vec![0.0; f * h * w];
+    for i in 0..f {
+        for j in 0..h {
+            for k in 0..w {
+                mask[(i * h + j) * w + k] =
+                    centred[(shift(i, f) * h + shift(j, h)) * w + shift(k, w)];
+            }
+        }
+    }
+    let to_vec = |t: &Tensor| -> Result<Vec<f64>> {
+        t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+    };
+    let (x, noise) = (to_vec(z_t)?, to_vec(z_rand)?);
+    let volume = f * h * w;
+    let mut planner = FftPlanner::new();
+    let mut out = Vec::with_capacity(x.len());
+    for slab in 0..b * c {
+        let range = slab * volume..(slab + 1) * volume;
+        let mut xf: Vec<Complex64> = x[range.clone()]
+            .iter()
+            .map(|&v| Complex64::new(v, 0.0))
+            .collect();
+        let mut nf: Vec<Complex64> = noise[range]
+            .iter()
+            .map(|&v| Complex64::new(v, 0.0))
+            .collect();
+        fft3(&mut planner, &mut xf, (f, h, w), FftDirection::Forward);
+        fft3(&mut planner, &mut nf, (f, h, w), FftDirection::Forward);
+        for ((xv, nv), m) in xf.iter_mut().zip(&nf).zip(&mask) {
+            *xv = *xv * *m + *nv * (1.0 - m);
+        }
+        fft3(&mut planner, &mut xf, (f, h, w), FftDirection::Inverse);
+        let scale = 1.0 / volume as f64;
+        out.extend(xf.iter().map(|v| v.re * scale));
+    }
+    Tensor::from_vec(out, (b, c, f, h, w), &Device::Cpu)?
+        .to_dtype(z_t.dtype())?
+        .to_device(z_t.device())
+}
+
+/// In-place unnormalised 3-D FFT of a row-major (d0, d1, d2) volume.
+fn fft3(
+    planner: &mut FftPlanner<f64>,
+    data: &mut [Complex64],
+    (d0, d1, d2): (usize, usize, usize),
+    direction: FftDirection,
+) {
+    let mut line = Vec::new();
+    let mut along = |len: usize, stride: usize, starts: &mut dyn Iterator<Item = usize>| {
+        let fft = planner.plan_fft(len, direction);
+        for start in starts {
+            line.clear();
+            line.extend((0..len).map(|i| data[start + i * stride]));
+            fft.process(&mut line);
+            for (i, v) in line.iter().enumerate() {
+                data[start + i * stride] = *v;
+            }
+        }
+    };
+    along(d2, 1, &mut (0..d0 * d1).map(|r| r * d2));
+    along(
+        d1,
+        d2,
+        &mut (0..d0).flat_map(|a| (0..d2).map(move |c| a * d1 * d2 + c)),
+    );
+    along(d0, d1 * d2, &mut (0..d1 * d2));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(filter: FilterKind) -> FreeInitConfig {
+        FreeInitConfig {
+            filter,
+            ..FreeInitConfig::default()
+        }
+    }
+
+    #[test]
+    fn an_all_pass_mask_keeps_the_latents_and_an_all_stop_mask_takes_the_noise() -> Result<()> {
+        let dev = Device::Cpu;
+        let z = Tensor::randn(0f32, 1.0, (1, 2, 4, 6, 5), &dev)?;
+        let n = Tensor::randn(0f32, 1.0, (1, 2, 4, 6, 5), &dev)?;
+        // Zero stop frequency: the mask is empty, everything comes from the noise.
+        let stop = FreeInitConfig {
+            spatial_stop_frequency: 0.0,
+            ..cfg(FilterKind::Gaussian)
+        };
+        let mixed = mix_frequencies(&z, &n, &stop)?;
+        let err = (mixed - &n)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "{err}");
+        // A box covering every frequency keeps the latents.
+        let pass = FreeInitConfig {
+            spatial_stop_frequency: 2.0,
+            temporal_stop_frequency: 2.0,
+            ..cfg(FilterKind::Box)
+        };
+        let mixed = mix_frequencies(&z, &n, &pass)?;
+        let err = (mixed - &z)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn filters_are_one_at_the_centre_and_fall_off() {
+        for kind in [
+            FilterKind::Butterworth,
+            FilterKind::Gaussian,
+            FilterKind::Ideal,
+            FilterKind::Box,
+        ] {
+            let mask = low_pass_filter(&cfg(kind), 8, 16, 12);
+            let centre = mask[(4 * 16 + 8) * 12 + 6];
+            let corner = mask[0];
+            assert!((centre - 1.0).abs() < 1e-12, "{kind:?} centre {centre}");
+            assert!(corner < 0.05, "{kind:?} corner {corner}");
+        }
+    }
+
+    #[test]
+    fn parses_filter_names() {
+        assert_eq!("gaussian".parse::<FilterKind>(), Ok(FilterKind::Gaussian));
+        assert!("sharp".parse::<FilterKind>().is_err());
+    }
+}
