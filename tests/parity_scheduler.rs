@@ -43,7 +43,11 @@ fn variants(case: &Path) -> Vec<Variant> {
         "{}: README variants and *_config.json files disagree",
         case.display()
     );
-    assert!(!on_disk.is_empty(), "{}: no scheduler variants", case.display());
+    assert!(
+        !on_disk.is_empty(),
+        "{}: no scheduler variants",
+        case.display()
+    );
     listed
         .iter()
         .map(|(name, info)| Variant {
@@ -65,7 +69,12 @@ fn tensor<'a>(variant: &'a Variant, key: &str) -> &'a Tensor {
 }
 
 fn f64_vec(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn from_f64(values: &[f64]) -> Tensor {
@@ -77,7 +86,12 @@ fn step_indices(variant: &Variant) -> Vec<usize> {
     let mut indices: Vec<usize> = variant
         .tensors
         .keys()
-        .filter_map(|k| k.strip_prefix("step")?.strip_suffix(".prev_sample")?.parse().ok())
+        .filter_map(|k| {
+            k.strip_prefix("step")?
+                .strip_suffix(".prev_sample")?
+                .parse()
+                .ok()
+        })
         .collect();
     indices.sort();
     assert!(!indices.is_empty(), "{}: no step tensors", variant.name);
@@ -137,7 +151,11 @@ fn parity_scheduler_tables_and_steps() {
                 what("timesteps")
             );
             println!("{}: {steps} timesteps identical", what("timesteps"));
-            let alphas: Vec<f64> = scheduler.alphas_cumprod().iter().map(|&a| f64::from(a)).collect();
+            let alphas: Vec<f64> = scheduler
+                .alphas_cumprod()
+                .iter()
+                .map(|&a| f64::from(a))
+                .collect();
             let reference_alphas = f64_vec(tensor(&variant, "alphas_cumprod"));
             common::assert_close(
                 &what("alphas_cumprod"),
@@ -145,8 +163,16 @@ fn parity_scheduler_tables_and_steps() {
                 &from_f64(&reference_alphas),
                 TOLERANCE,
             );
-            let exact = alphas.iter().zip(&reference_alphas).filter(|(a, b)| a == b).count();
-            println!("{}: {exact}/{} bit-identical", what("alphas_cumprod"), alphas.len());
+            let exact = alphas
+                .iter()
+                .zip(&reference_alphas)
+                .filter(|(a, b)| a == b)
+                .count();
+            println!(
+                "{}: {exact}/{} bit-identical",
+                what("alphas_cumprod"),
+                alphas.len()
+            );
             common::assert_close(
                 &what("init_noise_sigma"),
                 &from_f64(&[scheduler.init_noise_sigma()]),
@@ -190,8 +216,8 @@ fn parity_scheduler_trajectory() {
 
             let mut scheduler = build(&case, &variant);
             scheduler.set_timesteps(steps).unwrap();
-            let mut x = (tensor(&variant, "traj.initial_noise") * scheduler.init_noise_sigma())
-                .unwrap();
+            let mut x =
+                (tensor(&variant, "traj.initial_noise") * scheduler.init_noise_sigma()).unwrap();
             let (mut inputs, mut samples) = (Vec::new(), Vec::new());
             for (i, t) in scheduler.timesteps().to_vec().into_iter().enumerate() {
                 inputs.push(scheduler.scale_model_input(&x, t).unwrap());
@@ -274,7 +300,12 @@ fn scheduler_add_noise_matches_noise_level() {
                     (original + (noise * sigma).unwrap()).unwrap()
                 }
             };
-            common::assert_close(&format!("{}/add_noise", variant.name), &noisy, &expected, 1e-6);
+            common::assert_close(
+                &format!("{}/add_noise", variant.name),
+                &noisy,
+                &expected,
+                1e-6,
+            );
             // FreeInit diffuses to the last training timestep whatever the spacing.
             let last = (scheduler.alphas_cumprod().len() - 1) as f64;
             scheduler.add_noise(original, noise, last).unwrap();
@@ -287,8 +318,14 @@ fn scheduler_rejects_bad_settings() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("scheduler_config.json");
     std::fs::write(&path, r#"{"use_karras_sigmas": true}"#).unwrap();
-    let error = SchedulerKind::EulerDiscrete.load(&path).unwrap_err().to_string();
-    assert!(error.contains("use_karras_sigmas") && error.contains("scheduler_config.json"), "{error}");
+    let error = SchedulerKind::EulerDiscrete
+        .load(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("use_karras_sigmas") && error.contains("scheduler_config.json"),
+        "{error}"
+    );
     std::fs::write(&path, r#"{"beta_schedule": "cubic"}"#).unwrap();
     let error = SchedulerKind::Ddim.load(&path).unwrap_err().to_string();
     assert!(error.contains("scheduler_config.json"), "{error}");
@@ -301,7 +338,13 @@ fn scheduler_rejects_bad_settings() {
     assert!(ddim.step(&x, 10.5, &x).is_err());
     assert!(ddim.step(&x, 1000.0, &x).is_err());
     let mut euler = EulerDiscreteScheduler::new(Default::default()).unwrap();
-    assert!(euler.step(&x, 999.0, &x).is_err(), "step before set_timesteps");
+    assert!(
+        euler.step(&x, 999.0, &x).is_err(),
+        "step before set_timesteps"
+    );
     euler.set_timesteps(10).unwrap();
-    assert!(euler.scale_model_input(&x, 123.0).is_err(), "timestep not in the schedule");
+    assert!(
+        euler.scale_model_input(&x, 123.0).is_err(),
+        "timestep not in the schedule"
+    );
 }

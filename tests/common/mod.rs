@@ -25,14 +25,20 @@ pub fn cases(case: &str) -> Vec<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let readme = p.join("README.json");
-            let Ok(text) = std::fs::read_to_string(&readme) else { return false };
+            let Ok(text) = std::fs::read_to_string(&readme) else {
+                return false;
+            };
             let json: serde_json::Value = serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("{}: not valid JSON: {e}", readme.display()));
             json["case"].as_str() == Some(case)
         })
         .collect();
     found.sort();
-    assert!(!found.is_empty(), "no fixture case `{case}` under {}", root.display());
+    assert!(
+        !found.is_empty(),
+        "no fixture case `{case}` under {}",
+        root.display()
+    );
     found
 }
 
@@ -45,11 +51,29 @@ pub fn load_tensors(path: &std::path::Path) -> std::collections::HashMap<String,
 /// ‖out − ref‖ / ‖ref‖ and max |out − ref|, in f64.
 pub fn errors(out: &Tensor, reference: &Tensor) -> (f64, f64) {
     assert_eq!(out.dims(), reference.dims(), "shape mismatch");
-    let out = out.to_dtype(DType::F64).unwrap().to_device(&Device::Cpu).unwrap();
+    let out = out
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
     let reference = reference.to_dtype(DType::F64).unwrap();
     let diff = (&out - &reference).unwrap();
-    let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
-    let max = diff.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .sqrt()
+    };
+    let max = diff
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     (norm(&diff) / norm(&reference).max(1e-30), max)
 }
 
@@ -57,5 +81,8 @@ pub fn errors(out: &Tensor, reference: &Tensor) -> (f64, f64) {
 pub fn assert_close(what: &str, out: &Tensor, reference: &Tensor, tol: f64) {
     let (rel, max) = errors(out, reference);
     println!("{what}: relative error {rel:.3e}, max abs error {max:.3e}");
-    assert!(rel <= tol, "{what}: relative error {rel:.3e} > {tol:.0e} (max abs {max:.3e})");
+    assert!(
+        rel <= tol,
+        "{what}: relative error {rel:.3e} > {tol:.0e} (max abs {max:.3e})"
+    );
 }

@@ -92,7 +92,9 @@ impl ClipTextConfig {
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
         let config: Self = serde_json::from_str(&text)
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-        config.validate().map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+        config
+            .validate()
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
         Ok(config)
     }
 
@@ -392,9 +394,7 @@ fn argmax_first(row: &[i64]) -> usize {
 /// (tokens, tokens): 0 on and below the diagonal, −∞ above it.
 fn causal_mask(tokens: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let values: Vec<f32> = (0..tokens)
-        .flat_map(|row| {
-            (0..tokens).map(move |col| if col > row { f32::NEG_INFINITY } else { 0.0 })
-        })
+        .flat_map(|row| (0..tokens).map(move |col| if col > row { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(values, (tokens, tokens), device)?.to_dtype(dtype)
 }

@@ -24,7 +24,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// CLIP's pre-tokenisation pattern (`CLIPTokenizer.pat`).
-const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// The context length of every CLIP text encoder used by Stable Diffusion.
 pub const CLIP_MAX_LENGTH: usize = 77;
@@ -178,11 +179,13 @@ impl ClipTokenizer {
         merges_path: &Path,
         special: SpecialTokens,
     ) -> Result<Self, TokenizerError> {
-        let vocab: HashMap<String, u32> = serde_json::from_value(read_json(vocab_path, "vocabulary")?)
-            .map_err(|source| TokenizerError::Json {
-                path: vocab_path.to_owned(),
-                what: "vocabulary (token → id)",
-                source,
+        let vocab: HashMap<String, u32> =
+            serde_json::from_value(read_json(vocab_path, "vocabulary")?).map_err(|source| {
+                TokenizerError::Json {
+                    path: vocab_path.to_owned(),
+                    what: "vocabulary (token → id)",
+                    source,
+                }
             })?;
         let id_of = |token: &str| {
             vocab
@@ -215,9 +218,12 @@ impl ClipTokenizer {
 
         let normalizer = NormalizerSequence::new(vec![
             NFC.into(),
-            Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-                .map_err(|e| build_error(e.to_string()))?
-                .into(),
+            Replace::new(
+                tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+                " ",
+            )
+            .map_err(|e| build_error(e.to_string()))?
+            .into(),
             Lowercase.into(),
         ]);
         let split = Split::new(
@@ -226,8 +232,10 @@ impl ClipTokenizer {
             true,
         )
         .map_err(|e| build_error(e.to_string()))?;
-        let pre_tokenizer =
-            PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]);
+        let pre_tokenizer = PreTokenizerSequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ]);
 
         let mut tokenizer = Tokenizer::new(bpe);
         tokenizer
@@ -276,13 +284,13 @@ impl ClipTokenizer {
 
     /// The ids of `text` alone: no BOS/EOS, no truncation, no padding.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let encoding =
-            self.tokenizer
-                .encode(text, false)
-                .map_err(|e| TokenizerError::Encode {
-                    text: text.to_owned(),
-                    message: e.to_string(),
-                })?;
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode {
+                text: text.to_owned(),
+                message: e.to_string(),
+            })?;
         Ok(encoding.get_ids().to_vec())
     }
 

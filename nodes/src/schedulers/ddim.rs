@@ -195,7 +195,8 @@ impl Scheduler for DdimScheduler {
 
     /// √ᾱ_t·x₀ + √(1−ᾱ_t)·ε at an integer training timestep.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let alpha_prod = self.alphas_cumprod[train_index(timestep, self.config.num_train_timesteps)?];
+        let alpha_prod =
+            self.alphas_cumprod[train_index(timestep, self.config.num_train_timesteps)?];
         scale(original, alpha_prod.sqrt())? + scale(noise, (1.0 - alpha_prod).sqrt())?
     }
 

@@ -99,8 +99,14 @@ impl EulerDiscreteScheduler {
             (config.use_karras_sigmas, "use_karras_sigmas"),
             (config.use_exponential_sigmas, "use_exponential_sigmas"),
             (config.use_beta_sigmas, "use_beta_sigmas"),
-            (config.interpolation_type != "linear", "interpolation_type other than linear"),
-            (config.timestep_type != "discrete", "timestep_type other than discrete"),
+            (
+                config.interpolation_type != "linear",
+                "interpolation_type other than linear",
+            ),
+            (
+                config.timestep_type != "discrete",
+                "timestep_type other than discrete",
+            ),
         ];
         if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
             candle_core::bail!("EulerDiscreteScheduler: {what} is not supported");

@@ -142,8 +142,11 @@ impl NoiseScheduleConfig<'_> {
                 .map(|b| b * b)
                 .collect(),
                 BetaSchedule::SquaredcosCapV2 => {
-                    let alpha_bar =
-                        |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                    let alpha_bar = |t: f64| {
+                        ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                            .cos()
+                            .powi(2)
+                    };
                     (0..n)
                         .map(|i| {
                             let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -282,7 +285,10 @@ pub(crate) fn integer_timesteps(
     })
 }
 
-pub(crate) fn check_step_count(num_train_timesteps: usize, num_inference_steps: usize) -> Result<()> {
+pub(crate) fn check_step_count(
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+) -> Result<()> {
     if num_inference_steps == 0 || num_inference_steps > num_train_timesteps {
         candle_core::bail!(
             "num_inference_steps must be between 1 and num_train_timesteps ({num_train_timesteps}), got {num_inference_steps}"
