@@ -196,7 +196,9 @@ fn cumprod_f32(values: impl Iterator<Item = f32>) -> Vec<f32> {
 }
 
 /// `torch.linspace(start, end, steps, dtype=float32)` on the CPU: float32 arithmetic, the first
-/// half counted up from `start` and the second half down from `end`.
+/// half counted up from `start` and the second half down from `end`, each value one fused
+/// multiply-add (as torch's compiled kernel evaluates it; this reproduces SD's ᾱ table bit for
+/// bit).
 fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps == 1 {
         return vec![start];
@@ -206,9 +208,9 @@ fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     (0..steps)
         .map(|i| {
             if i < halfway {
-                start + step * i as f32
+                step.mul_add(i as f32, start)
             } else {
-                end - step * (steps - i - 1) as f32
+                (-step).mul_add((steps - i - 1) as f32, end)
             }
         })
         .collect()
