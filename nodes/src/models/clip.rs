@@ -298,6 +298,21 @@ impl ClipTextTransformer {
         })
     }
 
+    /// Loads the tower from a safetensors file (transformers keys, with or without the
+    /// `text_model.` prefix), converting the weights to `dtype`. Errors name the file.
+    pub fn from_safetensors(
+        weights: impl AsRef<Path>,
+        cfg: &ClipTextConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let path = weights.as_ref();
+        let with_path =
+            |e: candle_core::Error| candle_core::Error::Msg(format!("{}: {e}", path.display()));
+        let tensors = candle_core::safetensors::load(path, device).map_err(with_path)?;
+        Self::new(VarBuilder::from_tensors(tensors, dtype, device), cfg).map_err(with_path)
+    }
+
     pub fn num_hidden_layers(&self) -> usize {
         self.layers.len()
     }
