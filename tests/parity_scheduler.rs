@@ -337,12 +337,25 @@ fn scheduler_rejects_bad_settings() {
     let x = Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap();
     assert!(ddim.step(&x, 10.5, &x).is_err());
     assert!(ddim.step(&x, 1000.0, &x).is_err());
+    let mut fresh_ddim = DdimScheduler::new(Default::default()).unwrap();
+    assert!(
+        fresh_ddim.step(&x, 999.0, &x).is_err(),
+        "DDIM step before set_timesteps"
+    );
     let mut euler = EulerDiscreteScheduler::new(Default::default()).unwrap();
     assert!(
-        euler.step(&x, 999.0, &x).is_err(),
-        "step before set_timesteps"
+        euler.init_noise_sigma() > 1.0,
+        "Euler starts on the full training schedule"
     );
     euler.set_timesteps(10).unwrap();
+    for _ in 0..10 {
+        let t = euler.timesteps()[0];
+        let _ = euler.step(&x, t, &x);
+    }
+    assert!(
+        euler.step(&x, 0.0, &x).is_err(),
+        "step past the end of the schedule"
+    );
     assert!(
         euler.scale_model_input(&x, 123.0).is_err(),
         "timestep not in the schedule"

@@ -98,11 +98,17 @@ impl DdimScheduler {
         } else {
             alphas_cumprod[0]
         };
+        // Until set_timesteps, the schedule lists every training timestep (as in diffusers),
+        // but stepping needs the inference step count and is refused.
+        let timesteps = (0..config.num_train_timesteps)
+            .rev()
+            .map(|t| t as f64)
+            .collect();
         Ok(Self {
             config,
             alphas_cumprod,
             final_alpha_cumprod,
-            timesteps: Vec::new(),
+            timesteps,
             num_inference_steps: 0,
         })
     }

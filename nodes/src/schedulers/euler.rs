@@ -88,12 +88,13 @@ pub struct EulerDiscreteScheduler {
     timesteps: Vec<f64>,
     /// The σ of every scheduled timestep plus the final σ (one more than `timesteps`).
     sigmas: Vec<f32>,
-    /// The position in the schedule; found from the timestep on the first call of a run.
+    /// The position in the schedule; found from the timestep on the first step of a run.
     step_index: Option<usize>,
 }
 
 impl EulerDiscreteScheduler {
-    /// Builds the training schedule; call [`Scheduler::set_timesteps`] before sampling.
+    /// Builds the training schedule; call [`Scheduler::set_timesteps`] before sampling (until
+    /// then the schedule is all training timesteps).
     pub fn new(config: EulerDiscreteSchedulerConfig) -> Result<Self> {
         let unsupported = [
             (config.use_karras_sigmas, "use_karras_sigmas"),
@@ -126,16 +127,22 @@ impl EulerDiscreteScheduler {
                 *last = 2f32.powi(-24);
             }
         }
-        let train_sigmas = alphas_cumprod
+        let train_sigmas: Vec<f32> = alphas_cumprod
             .iter()
             .map(|&a| ((1.0 - a) / a).sqrt())
             .collect();
+        // Until set_timesteps, the schedule is every training timestep, as in diffusers.
+        let timesteps = (0..config.num_train_timesteps)
+            .rev()
+            .map(|t| t as f64)
+            .collect();
+        let sigmas = train_sigmas.iter().rev().copied().chain([0.0]).collect();
         Ok(Self {
             config,
             alphas_cumprod,
             train_sigmas,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
+            timesteps,
+            sigmas,
             step_index: None,
         })
     }
@@ -164,9 +171,6 @@ impl EulerDiscreteScheduler {
     }
 
     fn current_index(&self, timestep: f64) -> Result<usize> {
-        if self.sigmas.is_empty() {
-            candle_core::bail!("EulerDiscreteScheduler: used before set_timesteps");
-        }
         match self.step_index {
             Some(index) if index < self.timesteps.len() => Ok(index),
             Some(index) => candle_core::bail!(
