@@ -1,0 +1,265 @@
+//! Sliding context windows: clips longer than a motion module's positional table are denoised
+//! window by window and the overlapping predictions blended, as AnimateDiff-Evolved's
+//! context options do (its `static standard` and looped `uniform` schedules, flat and
+//! pyramid fusion).
+
+use std::str::FromStr;
+
+use candle_core::{Result, Tensor};
+
+use super::NoisePredictor;
+
+/// How windows are placed over the frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextSchedule {
+    /// Fixed windows stepping by `length − overlap`, the last aligned to the end.
+    Static,
+    /// animatediff-cli's uniform schedule: windows at strides 1, 2, 4, ... whose offset moves
+    /// with the step, wrapping around the clip when `closed_loop`.
+    Uniform,
+}
+
+/// How overlapping predictions are weighted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextFuse {
+    Flat,
+    /// Weights rise linearly to the window's middle and fall again, so window edges count less.
+    Pyramid,
+}
+
+impl FromStr for ContextSchedule {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "static" => Ok(Self::Static),
+            "uniform" => Ok(Self::Uniform),
+            other => Err(format!("unknown context schedule `{other}` (expected static or uniform)")),
+        }
+    }
+}
+
+impl FromStr for ContextFuse {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "flat" => Ok(Self::Flat),
+            "pyramid" => Ok(Self::Pyramid),
+            other => Err(format!("unknown context fuse method `{other}` (expected flat or pyramid)")),
+        }
+    }
+}
+
+/// Context window settings (AnimateDiff-Evolved's names and defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ContextOptions {
+    pub length: usize,
+    pub overlap: usize,
+    /// Largest stride level of the uniform schedule (1 = contiguous windows only).
+    pub stride: usize,
+    pub closed_loop: bool,
+    pub schedule: ContextSchedule,
+    pub fuse: ContextFuse,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        Self { length: 16, overlap: 4, stride: 1, closed_loop: false, schedule: ContextSchedule::Static, fuse: ContextFuse::Pyramid }
+    }
+}
+
+impl ContextOptions {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.length == 0 {
+            return Err("context length must be at least 1".into());
+        }
+        if self.overlap >= self.length {
+            return Err(format!("context overlap {} must be smaller than the context length {}", self.overlap, self.length));
+        }
+        if self.stride == 0 {
+            return Err("context stride must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The windows (lists of frame indices) for sampling step `step` of a clip of `frames`.
+    pub fn windows(&self, frames: usize, step: usize) -> Vec<Vec<usize>> {
+        if frames <= self.length {
+            return vec![(0..frames).collect()];
+        }
+        match self.schedule {
+            ContextSchedule::Static => self.static_windows(frames),
+            ContextSchedule::Uniform => self.uniform_windows(frames, step),
+        }
+    }
+
+    fn static_windows(&self, frames: usize) -> Vec<Vec<usize>> {
+        let delta = self.length - self.overlap;
+        let mut windows = Vec::new();
+        let mut start = 0;
+        loop {
+            if start + self.length >= frames {
+                let start = frames - self.length;
+                windows.push((start..frames).collect());
+                break;
+            }
+            windows.push((start..start + self.length).collect());
+            start += delta;
+        }
+        if self.closed_loop {
+            // Windows across the seam join the last frames to the first ones.
+            let mut seam = frames - self.length + delta;
+            while seam < frames {
+                windows.push((seam..seam + self.length).map(|i| i % frames).collect());
+                seam += delta;
+            }
+        }
+        windows
+    }
+
+    fn uniform_windows(&self, frames: usize, step: usize) -> Vec<Vec<usize>> {
+        let levels = {
+            let needed = (frames as f64 / self.length as f64).log2().ceil() as usize + 1;
+            self.stride.min(needed).max(1)
+        };
+        let halving = ordered_halving(step as u64);
+        let pad = (frames as f64 * halving).round() as usize;
+        let mut windows = Vec::new();
+        for level in 0..levels {
+            let stride = 1usize << level;
+            let start = (halving * stride as f64) as usize + pad;
+            let end = frames + pad;
+            let end = if self.closed_loop { end } else { end.saturating_sub(self.overlap) };
+            let step_by = (self.length * stride).saturating_sub(self.overlap).max(1);
+            let mut j = start;
+            while j < end {
+                windows.push((0..self.length).map(|k| (j + k * stride) % frames).collect());
+                j += step_by;
+            }
+        }
+        windows
+    }
+
+    /// Per-position weights inside one window.
+    pub fn weights(&self, len: usize) -> Vec<f64> {
+        match self.fuse {
+            ContextFuse::Flat => vec![1.0; len],
+            ContextFuse::Pyramid => (0..len).map(|i| (i + 1).min(len - i) as f64).collect(),
+        }
+    }
+}
+
+/// Reverses the bits of `value` as a 64-bit fraction: 0, 1/2, 1/4, 3/4, 1/8, ... a sequence
+/// that spreads window offsets evenly over the steps.
+fn ordered_halving(value: u64) -> f64 {
+    value.reverse_bits() as f64 / 2f64.powi(64)
+}
+
+/// A predictor that runs `inner` over context windows and blends the results.
+pub struct ContextWindows<'a> {
+    pub inner: &'a dyn NoisePredictor,
+    pub options: ContextOptions,
+}
+
+impl NoisePredictor for ContextWindows<'_> {
+    fn predict(&self, latents: &Tensor, timestep: f64, context: &Tensor, step: Option<usize>) -> Result<Tensor> {
+        let (_, _, frames, _, _) = latents.dims5()?;
+        let windows = self.options.windows(frames, step.unwrap_or(0));
+        if windows.len() == 1 && windows[0].len() == frames {
+            return self.inner.predict(latents, timestep, context, step);
+        }
+        let device = latents.device();
+        let mut sum = latents.zeros_like()?;
+        let mut weight_sum = vec![0.0f64; frames];
+        for window in &windows {
+            let index = Tensor::from_vec(window.iter().map(|&i| i as u32).collect::<Vec<_>>(), window.len(), device)?;
+            let part = latents.index_select(&index, 2)?;
+            let eps = self.inner.predict(&part, timestep, context, step)?;
+            let weights = self.options.weights(window.len());
+            let w = Tensor::from_vec(weights.iter().map(|&v| v as f32).collect::<Vec<_>>(), (1, 1, window.len(), 1, 1), device)?
+                .to_dtype(eps.dtype())?;
+            sum = sum.index_add(&index, &eps.broadcast_mul(&w)?, 2)?;
+            for (&f, &v) in window.iter().zip(&weights) {
+                weight_sum[f] += v;
+            }
+        }
+        let norm: Vec<f32> = weight_sum.iter().map(|&v| if v > 0.0 { (1.0 / v) as f32 } else { 0.0 }).collect();
+        let norm = Tensor::from_vec(norm, (1, 1, frames, 1, 1), device)?.to_dtype(sum.dtype())?;
+        sum.broadcast_mul(&norm)
+    }
+
+    fn max_frames(&self) -> Option<usize> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn options(schedule: ContextSchedule, closed_loop: bool) -> ContextOptions {
+        ContextOptions { length: 8, overlap: 2, stride: 3, closed_loop, schedule, fuse: ContextFuse::Pyramid }
+    }
+
+    #[test]
+    fn windows_cover_every_frame_and_have_the_context_length() {
+        for schedule in [ContextSchedule::Static, ContextSchedule::Uniform] {
+            for closed_loop in [false, true] {
+                for frames in [8, 9, 20, 48] {
+                    for step in 0..5 {
+                        let opts = options(schedule, closed_loop);
+                        let windows = opts.windows(frames, step);
+                        let mut covered = vec![false; frames];
+                        for w in &windows {
+                            assert_eq!(w.len(), frames.min(8), "{schedule:?} {frames}");
+                            w.iter().for_each(|&i| covered[i] = true);
+                        }
+                        assert!(covered.iter().all(|&c| c), "{schedule:?} loop={closed_loop} frames={frames} step={step}: {windows:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn static_windows_overlap_by_the_overlap() {
+        let windows = options(ContextSchedule::Static, false).windows(20, 0);
+        assert_eq!(windows[0], (0..8).collect::<Vec<_>>());
+        assert_eq!(windows[1], (6..14).collect::<Vec<_>>());
+        assert_eq!(windows.last().unwrap(), &(12..20).collect::<Vec<_>>());
+    }
+
+    /// A predictor acting on each frame alone: windows must then not change the result.
+    struct PerFrame;
+    impl NoisePredictor for PerFrame {
+        fn predict(&self, latents: &Tensor, t: f64, _: &Tensor, _: Option<usize>) -> Result<Tensor> {
+            (latents.sin()? * t)? + 0.5
+        }
+        fn max_frames(&self) -> Option<usize> {
+            Some(8)
+        }
+    }
+
+    #[test]
+    fn blending_a_per_frame_predictor_changes_nothing() -> Result<()> {
+        let latents = Tensor::randn(0f32, 1.0, (2, 4, 21, 3, 5), &Device::Cpu)?;
+        let context = Tensor::zeros((2, 1, 1), candle_core::DType::F32, &Device::Cpu)?;
+        let full = PerFrame.predict(&latents, 0.7, &context, None)?;
+        for schedule in [ContextSchedule::Static, ContextSchedule::Uniform] {
+            for fuse in [ContextFuse::Flat, ContextFuse::Pyramid] {
+                let opts = ContextOptions { fuse, ..options(schedule, true) };
+                let windowed = ContextWindows { inner: &PerFrame, options: opts }.predict(&latents, 0.7, &context, Some(3))?;
+                let err = (windowed - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < 1e-5, "{schedule:?} {fuse:?}: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn pyramid_weights_peak_in_the_middle() {
+        let opts = ContextOptions::default();
+        assert_eq!(opts.weights(6), [1.0, 2.0, 3.0, 3.0, 2.0, 1.0]);
+        assert_eq!(opts.weights(5), [1.0, 2.0, 3.0, 2.0, 1.0]);
+    }
+}
