@@ -95,11 +95,7 @@ impl AttentionHook {
         kind: Option<AttentionKind>,
         processor: Arc<dyn AttentionProcessor>,
     ) -> Self {
-        self.bindings.push(ProcessorBinding {
-            prefix: prefix.into(),
-            kind,
-            processor,
-        });
+        self.bindings.push(ProcessorBinding { prefix: prefix.into(), kind, processor });
         self
     }
 
@@ -126,12 +122,7 @@ impl AttentionHook {
         v: &Tensor,
     ) -> Result<Tensor> {
         let head_dim = q.dim(D::Minus1)?;
-        let call = AttentionCall {
-            layer,
-            kind,
-            step: self.step,
-            scale: 1.0 / (head_dim as f64).sqrt(),
-        };
+        let call = AttentionCall { layer, kind, step: self.step, scale: 1.0 / (head_dim as f64).sqrt() };
         let binding = self.bindings.iter().rev().find(|b| {
             layer.starts_with(b.prefix.as_str()) && b.kind.map_or(true, |want| want == kind)
         });
@@ -145,7 +136,7 @@ impl AttentionHook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::{Device, DType};
 
     /// A processor that only forwards to the default keeps results bit-for-bit.
     struct PassThrough;
@@ -161,16 +152,11 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev)?;
-        let plain =
-            AttentionHook::new().attend("a.attn1", AttentionKind::SpatialSelf, &q, &k, &v)?;
+        let plain = AttentionHook::new().attend("a.attn1", AttentionKind::SpatialSelf, &q, &k, &v)?;
         let hooked = AttentionHook::new()
             .with_processor("", None, Arc::new(PassThrough))
             .attend("a.attn1", AttentionKind::SpatialSelf, &q, &k, &v)?;
-        let diff = (plain - hooked)?
-            .abs()?
-            .max_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
+        let diff = (plain - hooked)?.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
         Ok(())
     }
