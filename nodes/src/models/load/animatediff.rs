@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::diffusers::DiffusersComponent;
+use super::diffusers::{open_folder_weights, DiffusersComponent};
 use super::error::{LoadError, LoadResult};
 use super::formats::open_weights;
 use super::ldm::{describe_keys, distinct_indices, split_index};
@@ -162,10 +162,14 @@ impl MotionAdapterWeights {
     /// original AnimateDiff `.ckpt` / `.safetensors` motion module.
     pub fn open(path: impl AsRef<Path>) -> LoadResult<Self> {
         let path = path.as_ref();
-        if path.is_dir() {
+        if path.is_dir() && path.join("config.json").is_file() {
             let component = DiffusersComponent::open(path)?;
             let config: MotionAdapterConfig = component.parse_config()?;
             return Self::from_weights(path, component.weights, Some(config));
+        }
+        if path.is_dir() {
+            let (_, weights) = open_folder_weights(path)?;
+            return Self::from_weights(path, weights, None);
         }
         Self::from_weights(path, open_weights(path)?, None)
     }

@@ -45,21 +45,7 @@ impl DiffusersComponent {
         let dir = existing(dir.as_ref())?;
         let config_path = dir.join("config.json");
         let config = read_json(&config_path)?;
-        let weight_file = first_existing(dir, &WEIGHT_FILE_NAMES).ok_or_else(|| {
-            LoadError::UnrecognisedFormat {
-                path: dir.to_path_buf(),
-                expected: format!(
-                    "a weight file named one of {}",
-                    WEIGHT_FILE_NAMES.join(", ")
-                ),
-                found: list_folder(dir),
-            }
-        })?;
-        let weights = if weight_file.to_string_lossy().ends_with(".index.json") {
-            open_safetensors_index(&weight_file)?
-        } else {
-            open_weights(&weight_file)?
-        };
+        let (weight_file, weights) = open_folder_weights(dir)?;
         let weights = if is_clip_text_config(&config) {
             normalize_clip_keys(weights)?
         } else if config["_class_name"] == "AutoencoderKL" {
@@ -90,6 +76,25 @@ impl DiffusersComponent {
             .as_str()
             .or_else(|| self.config["architectures"][0].as_str())
     }
+}
+
+/// The weights of a model folder, from the most preferred of [`WEIGHT_FILE_NAMES`] present.
+pub(crate) fn open_folder_weights(dir: &Path) -> LoadResult<(PathBuf, WeightMap)> {
+    let weight_file =
+        first_existing(dir, &WEIGHT_FILE_NAMES).ok_or_else(|| LoadError::UnrecognisedFormat {
+            path: dir.to_path_buf(),
+            expected: format!(
+                "a weight file named one of {}",
+                WEIGHT_FILE_NAMES.join(", ")
+            ),
+            found: list_folder(dir),
+        })?;
+    let weights = if weight_file.to_string_lossy().ends_with(".index.json") {
+        open_safetensors_index(&weight_file)?
+    } else {
+        open_weights(&weight_file)?
+    };
+    Ok((weight_file, weights))
 }
 
 fn is_clip_text_config(config: &serde_json::Value) -> bool {

@@ -184,9 +184,16 @@ pub fn open_safetensors_index(index_path: impl AsRef<Path>) -> LoadResult<Weight
 /// dict, so the flat reading is tried first and `state_dict` second.
 pub fn open_torch_checkpoint(path: impl AsRef<Path>) -> LoadResult<WeightMap> {
     let path = existing(path.as_ref())?;
-    let corrupt = |e: candle_core::Error| LoadError::CorruptCheckpoint {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
+    let corrupt = |e: candle_core::Error| {
+        let mut reason = e.to_string();
+        // The zip index sits at the end of the file: a cut download loses it first.
+        if reason.contains("EOCD") {
+            reason.push_str(" (the end of the archive is missing: truncated file?)");
+        }
+        LoadError::CorruptCheckpoint {
+            path: path.to_path_buf(),
+            reason,
+        }
     };
     let mut file = candle_core::pickle::PthTensors::new(path, None).map_err(corrupt)?;
     if file.tensor_infos().is_empty() {
