@@ -521,6 +521,9 @@ impl DiagonalGaussian {
 }
 
 /// diffusers' `AutoencoderKL`.
+///
+/// Build it in f32 (`WeightMap::var_builder(DType::F32, …)`) even from half-precision files:
+/// SD 1.x VAEs overflow in f16, which is why diffusers sets `force_upcast` for them.
 #[derive(Clone)]
 pub struct AutoencoderKL {
     encoder: Encoder,

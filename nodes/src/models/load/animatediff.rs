@@ -348,7 +348,7 @@ fn with_position_tables(mut weights: WeightMap, max_seq_length: usize) -> LoadRe
             sinusoidal_table(max_seq_length, channels).map_err(|source| LoadError::Tensor {
                 origin: weights.origin().to_string(),
                 key: key.clone(),
-                source,
+                source: Box::new(source),
             })?;
         weights.insert(key, table);
     }

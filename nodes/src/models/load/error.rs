@@ -72,7 +72,7 @@ pub enum LoadError {
         origin: String,
         key: String,
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
 }
 

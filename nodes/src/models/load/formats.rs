@@ -145,8 +145,9 @@ fn check_safetensors_header(path: &Path) -> LoadResult<()> {
             .ok_or_else(|| corrupt(format!("tensor `{name}` has no data_offsets")))?;
         data_end = data_end.max(end);
     }
-    if 8 + header_len + data_end > found_len {
-        return Err(truncated(8 + header_len + data_end));
+    let needed = (8 + header_len).saturating_add(data_end);
+    if needed > found_len {
+        return Err(truncated(needed));
     }
     Ok(())
 }

@@ -167,7 +167,7 @@ impl WeightMap {
         let wrap = |source| LoadError::Tensor {
             origin: entry.store.origin(),
             key: entry.stored_key.clone(),
-            source,
+            source: Box::new(source),
         };
         let tensor = entry.store.read(&entry.stored_key).map_err(wrap)?;
         match &entry.view_shape {
@@ -183,7 +183,7 @@ impl WeightMap {
         convert().map_err(|source| LoadError::Tensor {
             origin: self.origin.clone(),
             key: key.to_string(),
-            source,
+            source: Box::new(source),
         })
     }
 
