@@ -371,3 +371,70 @@ pub fn sinusoidal_table(length: usize, channels: usize) -> candle_core::Result<T
     }
     Tensor::from_vec(values, (1, length, channels), &Device::Cpu)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_motion_keys() {
+        let tt = "up_blocks.3.motion_modules.2.temporal_transformer";
+        let d = "up_blocks.3.motion_modules.2";
+        let cases = [
+            (
+                format!("{tt}.norm.weight"),
+                Some(format!("{d}.norm.weight")),
+            ),
+            (
+                format!("{tt}.proj_out.bias"),
+                Some(format!("{d}.proj_out.bias")),
+            ),
+            (
+                format!("{tt}.transformer_blocks.0.attention_blocks.1.to_out.0.weight"),
+                Some(format!("{d}.transformer_blocks.0.attn2.to_out.0.weight")),
+            ),
+            (
+                format!("{tt}.transformer_blocks.0.attention_blocks.0.pos_encoder.pe"),
+                Some(format!("{d}.transformer_blocks.0.pos_embed.pe")),
+            ),
+            (
+                format!("{tt}.transformer_blocks.0.attention_blocks.1.pos_encoder.pe"),
+                None,
+            ),
+            (
+                format!("{tt}.transformer_blocks.0.norms.1.bias"),
+                Some(format!("{d}.transformer_blocks.0.norm2.bias")),
+            ),
+            (
+                format!("{tt}.transformer_blocks.0.ff_norm.weight"),
+                Some(format!("{d}.transformer_blocks.0.norm3.weight")),
+            ),
+            (
+                format!("{tt}.transformer_blocks.0.ff.net.0.proj.weight"),
+                Some(format!("{d}.transformer_blocks.0.ff.net.0.proj.weight")),
+            ),
+        ];
+        for (original, diffusers) in cases {
+            assert_eq!(
+                animatediff_key_to_diffusers(&original),
+                diffusers,
+                "{original}"
+            );
+        }
+    }
+
+    #[test]
+    fn config_reads_per_block_lists() {
+        let config: MotionAdapterConfig = serde_json::from_str(
+            r#"{"block_out_channels": [320, 640], "motion_layers_per_block": [2, 2],
+                "motion_num_attention_heads": 8}"#,
+        )
+        .unwrap();
+        assert_eq!(config.motion_layers_per_block, 2);
+        assert_eq!(config.motion_max_seq_length, 32);
+        assert!(serde_json::from_str::<MotionAdapterConfig>(
+            r#"{"motion_layers_per_block": [1, 2]}"#
+        )
+        .is_err());
+    }
+}

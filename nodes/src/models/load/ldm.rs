@@ -476,3 +476,131 @@ pub fn open_vae(path: impl AsRef<Path>, levels: Option<usize>) -> LoadResult<Wei
         found: describe_keys(&weights),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stable Diffusion 1.5 keys whose diffusers names are known from the released diffusers
+    /// conversion of `v1-5-pruned-emaonly`.
+    #[test]
+    fn sd15_unet_keys() {
+        let cases = [
+            ("time_embed.2.weight", "time_embedding.linear_2.weight"),
+            ("input_blocks.0.0.bias", "conv_in.bias"),
+            (
+                "input_blocks.1.0.in_layers.0.weight",
+                "down_blocks.0.resnets.0.norm1.weight",
+            ),
+            (
+                "input_blocks.1.1.proj_in.weight",
+                "down_blocks.0.attentions.0.proj_in.weight",
+            ),
+            (
+                "input_blocks.3.0.op.weight",
+                "down_blocks.0.downsamplers.0.conv.weight",
+            ),
+            (
+                "input_blocks.4.0.skip_connection.bias",
+                "down_blocks.1.resnets.0.conv_shortcut.bias",
+            ),
+            (
+                "input_blocks.11.0.emb_layers.1.weight",
+                "down_blocks.3.resnets.1.time_emb_proj.weight",
+            ),
+            (
+                "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+                "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+            ),
+            (
+                "middle_block.2.out_layers.3.bias",
+                "mid_block.resnets.1.conv2.bias",
+            ),
+            (
+                "output_blocks.2.1.conv.weight",
+                "up_blocks.0.upsamplers.0.conv.weight",
+            ),
+            (
+                "output_blocks.5.2.conv.bias",
+                "up_blocks.1.upsamplers.0.conv.bias",
+            ),
+            (
+                "output_blocks.5.1.norm.weight",
+                "up_blocks.1.attentions.2.norm.weight",
+            ),
+            (
+                "output_blocks.11.0.out_layers.0.bias",
+                "up_blocks.3.resnets.2.norm2.bias",
+            ),
+            ("out.2.weight", "conv_out.weight"),
+        ];
+        for (ldm, diffusers) in cases {
+            assert_eq!(
+                ldm_unet_key_to_diffusers(ldm, 2).as_deref(),
+                Some(diffusers),
+                "{ldm}"
+            );
+        }
+        assert_eq!(
+            ldm_unet_key_to_diffusers("input_blocks.1.0.op.weight", 2),
+            None
+        );
+        assert_eq!(ldm_unet_key_to_diffusers("label_emb.0.0.weight", 2), None);
+    }
+
+    #[test]
+    fn sd15_vae_keys() {
+        let cases = [
+            (
+                "encoder.down.0.block.1.conv2.weight",
+                "encoder.down_blocks.0.resnets.1.conv2.weight",
+            ),
+            (
+                "encoder.down.1.block.0.nin_shortcut.weight",
+                "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+            ),
+            (
+                "encoder.down.2.downsample.conv.bias",
+                "encoder.down_blocks.2.downsamplers.0.conv.bias",
+            ),
+            (
+                "encoder.mid.attn_1.q.weight",
+                "encoder.mid_block.attentions.0.to_q.weight",
+            ),
+            (
+                "decoder.mid.attn_1.norm.bias",
+                "decoder.mid_block.attentions.0.group_norm.bias",
+            ),
+            (
+                "decoder.mid.attn_1.proj_out.weight",
+                "decoder.mid_block.attentions.0.to_out.0.weight",
+            ),
+            (
+                "decoder.mid.block_2.norm1.weight",
+                "decoder.mid_block.resnets.1.norm1.weight",
+            ),
+            (
+                "decoder.up.3.upsample.conv.weight",
+                "decoder.up_blocks.0.upsamplers.0.conv.weight",
+            ),
+            (
+                "decoder.up.0.block.2.conv1.bias",
+                "decoder.up_blocks.3.resnets.2.conv1.bias",
+            ),
+            ("decoder.norm_out.weight", "decoder.conv_norm_out.weight"),
+            ("post_quant_conv.weight", "post_quant_conv.weight"),
+        ];
+        for (ldm, diffusers) in cases {
+            assert_eq!(
+                ldm_vae_key_to_diffusers(ldm, 4).as_deref(),
+                Some(diffusers),
+                "{ldm}"
+            );
+        }
+        assert_eq!(
+            ldm_vae_key_to_diffusers("decoder.up.4.block.0.conv1.bias", 4),
+            None
+        );
+        assert_eq!(ldm_vae_key_to_diffusers("loss.logvar", 4), None);
+    }
+}
