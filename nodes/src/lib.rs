@@ -6,5 +6,6 @@
 pub mod models;
 pub mod node;
 pub mod plugin;
+pub mod sampling;
 pub mod schedulers;
 pub mod video;

@@ -33,7 +33,9 @@ impl FromStr for ContextSchedule {
         match s {
             "static" => Ok(Self::Static),
             "uniform" => Ok(Self::Uniform),
-            other => Err(format!("unknown context schedule `{other}` (expected static or uniform)")),
+            other => Err(format!(
+                "unknown context schedule `{other}` (expected static or uniform)"
+            )),
         }
     }
 }
@@ -44,7 +46,9 @@ impl FromStr for ContextFuse {
         match s {
             "flat" => Ok(Self::Flat),
             "pyramid" => Ok(Self::Pyramid),
-            other => Err(format!("unknown context fuse method `{other}` (expected flat or pyramid)")),
+            other => Err(format!(
+                "unknown context fuse method `{other}` (expected flat or pyramid)"
+            )),
         }
     }
 }
@@ -63,7 +67,14 @@ pub struct ContextOptions {
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        Self { length: 16, overlap: 4, stride: 1, closed_loop: false, schedule: ContextSchedule::Static, fuse: ContextFuse::Pyramid }
+        Self {
+            length: 16,
+            overlap: 4,
+            stride: 1,
+            closed_loop: false,
+            schedule: ContextSchedule::Static,
+            fuse: ContextFuse::Pyramid,
+        }
     }
 }
 
@@ -73,7 +84,10 @@ impl ContextOptions {
             return Err("context length must be at least 1".into());
         }
         if self.overlap >= self.length {
-            return Err(format!("context overlap {} must be smaller than the context length {}", self.overlap, self.length));
+            return Err(format!(
+                "context overlap {} must be smaller than the context length {}",
+                self.overlap, self.length
+            ));
         }
         if self.stride == 0 {
             return Err("context stride must be at least 1".into());
@@ -128,11 +142,19 @@ impl ContextOptions {
             let stride = 1usize << level;
             let start = (halving * stride as f64) as usize + pad;
             let end = frames + pad;
-            let end = if self.closed_loop { end } else { end.saturating_sub(self.overlap) };
+            let end = if self.closed_loop {
+                end
+            } else {
+                end.saturating_sub(self.overlap)
+            };
             let step_by = (self.length * stride).saturating_sub(self.overlap).max(1);
             let mut j = start;
             while j < end {
-                windows.push((0..self.length).map(|k| (j + k * stride) % frames).collect());
+                windows.push(
+                    (0..self.length)
+                        .map(|k| (j + k * stride) % frames)
+                        .collect(),
+                );
                 j += step_by;
             }
         }
@@ -161,7 +183,13 @@ pub struct ContextWindows<'a> {
 }
 
 impl NoisePredictor for ContextWindows<'_> {
-    fn predict(&self, latents: &Tensor, timestep: f64, context: &Tensor, step: Option<usize>) -> Result<Tensor> {
+    fn predict(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        step: Option<usize>,
+    ) -> Result<Tensor> {
         let (_, _, frames, _, _) = latents.dims5()?;
         let windows = self.options.windows(frames, step.unwrap_or(0));
         if windows.len() == 1 && windows[0].len() == frames {
@@ -171,18 +199,29 @@ impl NoisePredictor for ContextWindows<'_> {
         let mut sum = latents.zeros_like()?;
         let mut weight_sum = vec![0.0f64; frames];
         for window in &windows {
-            let index = Tensor::from_vec(window.iter().map(|&i| i as u32).collect::<Vec<_>>(), window.len(), device)?;
+            let index = Tensor::from_vec(
+                window.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                window.len(),
+                device,
+            )?;
             let part = latents.index_select(&index, 2)?;
             let eps = self.inner.predict(&part, timestep, context, step)?;
             let weights = self.options.weights(window.len());
-            let w = Tensor::from_vec(weights.iter().map(|&v| v as f32).collect::<Vec<_>>(), (1, 1, window.len(), 1, 1), device)?
-                .to_dtype(eps.dtype())?;
+            let w = Tensor::from_vec(
+                weights.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                (1, 1, window.len(), 1, 1),
+                device,
+            )?
+            .to_dtype(eps.dtype())?;
             sum = sum.index_add(&index, &eps.broadcast_mul(&w)?, 2)?;
             for (&f, &v) in window.iter().zip(&weights) {
                 weight_sum[f] += v;
             }
         }
-        let norm: Vec<f32> = weight_sum.iter().map(|&v| if v > 0.0 { (1.0 / v) as f32 } else { 0.0 }).collect();
+        let norm: Vec<f32> = weight_sum
+            .iter()
+            .map(|&v| if v > 0.0 { (1.0 / v) as f32 } else { 0.0 })
+            .collect();
         let norm = Tensor::from_vec(norm, (1, 1, frames, 1, 1), device)?.to_dtype(sum.dtype())?;
         sum.broadcast_mul(&norm)
     }
@@ -198,7 +237,14 @@ mod tests {
     use candle_core::Device;
 
     fn options(schedule: ContextSchedule, closed_loop: bool) -> ContextOptions {
-        ContextOptions { length: 8, overlap: 2, stride: 3, closed_loop, schedule, fuse: ContextFuse::Pyramid }
+        ContextOptions {
+            length: 8,
+            overlap: 2,
+            stride: 3,
+            closed_loop,
+            schedule,
+            fuse: ContextFuse::Pyramid,
+        }
     }
 
     #[test]
@@ -232,7 +278,13 @@ mod tests {
     /// A predictor acting on each frame alone: windows must then not change the result.
     struct PerFrame;
     impl NoisePredictor for PerFrame {
-        fn predict(&self, latents: &Tensor, t: f64, _: &Tensor, _: Option<usize>) -> Result<Tensor> {
+        fn predict(
+            &self,
+            latents: &Tensor,
+            t: f64,
+            _: &Tensor,
+            _: Option<usize>,
+        ) -> Result<Tensor> {
             (latents.sin()? * t)? + 0.5
         }
         fn max_frames(&self) -> Option<usize> {
@@ -247,8 +299,15 @@ mod tests {
         let full = PerFrame.predict(&latents, 0.7, &context, None)?;
         for schedule in [ContextSchedule::Static, ContextSchedule::Uniform] {
             for fuse in [ContextFuse::Flat, ContextFuse::Pyramid] {
-                let opts = ContextOptions { fuse, ..options(schedule, true) };
-                let windowed = ContextWindows { inner: &PerFrame, options: opts }.predict(&latents, 0.7, &context, Some(3))?;
+                let opts = ContextOptions {
+                    fuse,
+                    ..options(schedule, true)
+                };
+                let windowed = ContextWindows {
+                    inner: &PerFrame,
+                    options: opts,
+                }
+                .predict(&latents, 0.7, &context, Some(3))?;
                 let err = (windowed - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(err < 1e-5, "{schedule:?} {fuse:?}: {err}");
             }

@@ -1,0 +1,136 @@
+//! The AnimateDiff pipeline against diffusers on the `pipeline` and `pipeline_freeinit`
+//! fixtures: the sampling loop (guidance, DDIM, FreeInit) replaying diffusers' own UNet
+//! outputs, and the whole pipeline with our UNet and motion modules.
+
+mod common;
+
+use std::cell::RefCell;
+use std::path::Path;
+
+use candle_core::{Result, Tensor};
+use vdm_nodes::sampling::{sample, NoisePredictor, SampleInputs, SampleSettings};
+use vdm_nodes::schedulers::{DdimScheduler, DdimSchedulerConfig};
+use vdm_nodes::video::freeinit::{FilterKind, FreeInitConfig};
+
+struct Case {
+    tensors: std::collections::HashMap<String, Tensor>,
+    scheduler: DdimSchedulerConfig,
+    settings: SampleSettings,
+}
+
+fn load_case(dir: &Path) -> Case {
+    let readme: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("README.json")).unwrap()).unwrap();
+    let components = &readme["components"]["scheduler"];
+    assert_eq!(
+        components["class"],
+        "DDIMScheduler",
+        "{}: unexpected scheduler",
+        dir.display()
+    );
+    let scheduler: DdimSchedulerConfig =
+        serde_json::from_value(components["kwargs"].clone()).unwrap();
+    let p = &readme["parameters"];
+    let freeinit = p["freeinit"].as_object().map(|f| FreeInitConfig {
+        iterations: f["num_iters"].as_u64().unwrap() as usize,
+        filter: f["method"].as_str().unwrap().parse::<FilterKind>().unwrap(),
+        order: f["order"].as_u64().unwrap() as u32,
+        spatial_stop_frequency: f["spatial_stop_frequency"].as_f64().unwrap(),
+        temporal_stop_frequency: f["temporal_stop_frequency"].as_f64().unwrap(),
+        fast_sampling: f["use_fast_sampling"].as_bool().unwrap(),
+    });
+    let settings = SampleSettings {
+        steps: p["num_inference_steps"]
+            .as_u64()
+            .expect("num_inference_steps") as usize,
+        guidance_scale: p["guidance_scale"].as_f64().expect("guidance_scale"),
+        strength: 1.0,
+        freeinit,
+    };
+    Case {
+        tensors: common::load_tensors(&dir.join("io.safetensors")),
+        scheduler,
+        settings,
+    }
+}
+
+fn run(case: &Case, predictor: &dyn NoisePredictor) -> Result<Tensor> {
+    let t = &case.tensors;
+    let mut scheduler = DdimScheduler::new(case.scheduler.clone())?;
+    let z_rand = t.get("freeinit.z_rand").cloned();
+    let mut fresh =
+        |_: usize| -> Result<Tensor> { Ok(z_rand.clone().expect("FreeInit case stores z_rand")) };
+    let inputs = SampleInputs {
+        noise: &t["init_latents"],
+        init_latents: None,
+        positive: &t["prompt_embeds"],
+        negative: &t["negative_prompt_embeds"],
+        fresh_noise: &mut fresh,
+    };
+    sample(
+        predictor,
+        &mut scheduler,
+        &case.settings,
+        inputs,
+        &mut |_, _| Ok(()),
+    )
+}
+
+/// Returns diffusers' recorded UNet outputs in order, checking each input on the way.
+struct Replay<'a> {
+    case: &'a Case,
+    call: RefCell<usize>,
+}
+
+impl NoisePredictor for Replay<'_> {
+    fn predict(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        _: &Tensor,
+        _: Option<usize>,
+    ) -> Result<Tensor> {
+        let mut call = self.call.borrow_mut();
+        let t = &self.case.tensors;
+        let expected_t = t["timesteps"].get(*call)?.to_scalar::<i64>()? as f64;
+        assert_eq!(timestep, expected_t, "call {call}");
+        common::assert_close(
+            &format!("unet input {call}"),
+            latents,
+            &t["step_unet_input"].get(*call)?,
+            1e-4,
+        );
+        let out = t["step_noise_pred"].get(*call)?;
+        *call += 1;
+        Ok(out)
+    }
+
+    fn max_frames(&self) -> Option<usize> {
+        None
+    }
+}
+
+#[test]
+fn sampling_loop_parity_with_recorded_unet_outputs() {
+    for name in ["pipeline", "pipeline_freeinit"] {
+        for dir in common::cases(name) {
+            let case = load_case(&dir);
+            let replay = Replay {
+                case: &case,
+                call: RefCell::new(0),
+            };
+            let out = run(&case, &replay).unwrap();
+            assert_eq!(
+                *replay.call.borrow(),
+                case.tensors["timesteps"].dim(0).unwrap(),
+                "UNet calls"
+            );
+            common::assert_close(
+                &format!("{name}: final_latents (replayed UNet)"),
+                &out,
+                &case.tensors["final_latents"],
+                1e-4,
+            );
+        }
+    }
+}
