@@ -1,0 +1,333 @@
+//! The down, mid and up blocks of the UNet, with the motion-module slots of diffusers'
+//! `CrossAttnDownBlockMotion`, `DownBlockMotion`, `UNetMidBlockCrossAttnMotion`,
+//! `CrossAttnUpBlockMotion` and `UpBlockMotion`: after each spatial transformer (or each resnet in
+//! blocks without one) a motion module runs when a motion patch is applied.
+
+use candle_core::{Result, Tensor};
+
+use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use super::transformer::{SpatialTransformer, SpatialTransformerConfig};
+use super::ActivationRecorder;
+use crate::models::attention::AttentionHook;
+use crate::models::motion::TemporalTransformer;
+use candle_nn::VarBuilder;
+
+/// The motion modules of one block, with what they need to run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MotionStage<'a> {
+    pub modules: &'a [TemporalTransformer],
+    pub frames: usize,
+    pub scale: f64,
+}
+
+impl MotionStage<'_> {
+    fn apply(&self, index: usize, xs: &Tensor, hook: &AttentionHook) -> Result<Tensor> {
+        let module = self.modules.get(index).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "motion patch has {} modules for a block that needs at least {}",
+                self.modules.len(),
+                index + 1
+            ))
+        })?;
+        module.forward(xs, self.frames, self.scale, hook)
+    }
+}
+
+/// Everything a block's forward reads besides its input.
+#[derive(Clone, Copy)]
+pub(crate) struct BlockInputs<'a> {
+    /// SiLU of the time embedding, (N, T).
+    pub temb_act: &'a Tensor,
+    /// Text embeddings, (N, S, D).
+    pub context: &'a Tensor,
+    pub hook: &'a AttentionHook,
+    pub recorder: Option<&'a ActivationRecorder>,
+}
+
+impl BlockInputs<'_> {
+    fn record(&self, name: impl FnOnce() -> String, xs: &Tensor) {
+        if let Some(recorder) = self.recorder {
+            recorder.record(name(), xs);
+        }
+    }
+}
+
+/// `CrossAttnDownBlock2D` (with spatial transformers) or `DownBlock2D` (without).
+#[derive(Debug, Clone)]
+pub struct DownBlock {
+    index: usize,
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialTransformer>,
+    downsampler: Option<Downsample2D>,
+    out_channels: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DownBlockConfig {
+    pub index: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub layers: usize,
+    pub transformer: Option<SpatialTransformerConfig>,
+    /// Padding of the downsampling convolution, or `None` for the last block.
+    pub downsample_padding: Option<usize>,
+}
+
+impl DownBlock {
+    pub(crate) fn new(
+        vb: VarBuilder,
+        root: &str,
+        cfg: &DownBlockConfig,
+        resnet_cfg: &ResnetConfig,
+    ) -> Result<Self> {
+        let mut resnets = Vec::with_capacity(cfg.layers);
+        let mut attentions = Vec::new();
+        for j in 0..cfg.layers {
+            let in_channels = if j == 0 {
+                cfg.in_channels
+            } else {
+                cfg.out_channels
+            };
+            let vb_resnet = vb.pp("resnets").pp(j);
+            resnets.push(ResnetBlock2D::new(
+                vb_resnet,
+                in_channels,
+                cfg.out_channels,
+                resnet_cfg,
+            )?);
+            if let Some(tcfg) = &cfg.transformer {
+                let vb_attn = vb.pp("attentions").pp(j);
+                attentions.push(SpatialTransformer::new(
+                    vb_attn,
+                    root,
+                    cfg.out_channels,
+                    tcfg,
+                )?);
+            }
+        }
+        let downsampler = match cfg.downsample_padding {
+            Some(padding) => Some(Downsample2D::new(
+                vb.pp("downsamplers").pp(0),
+                cfg.out_channels,
+                padding,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            index: cfg.index,
+            resnets,
+            attentions,
+            downsampler,
+            out_channels: cfg.out_channels,
+        })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.resnets.len()
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// (N, C_in, H, W) → the block output (N, C_out, H', W') and the skip connections it leaves
+    /// for the up path (one per layer, plus the downsampled output).
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        inputs: &BlockInputs,
+        motion: Option<MotionStage>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let i = self.index;
+        let mut skips = Vec::with_capacity(self.resnets.len() + 1);
+        let mut xs = xs.clone();
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            xs = resnet.forward(&xs, inputs.temb_act)?;
+            inputs.record(|| format!("down_blocks.{i}.resnets.{j}"), &xs);
+            if let Some(attention) = self.attentions.get(j) {
+                xs = attention.forward(&xs, inputs.context, inputs.hook)?;
+                inputs.record(|| format!("down_blocks.{i}.attentions.{j}"), &xs);
+            }
+            if let Some(stage) = &motion {
+                xs = stage.apply(j, &xs, inputs.hook)?;
+                inputs.record(|| format!("down_blocks.{i}.motion_modules.{j}"), &xs);
+            }
+            skips.push(xs.clone());
+        }
+        if let Some(downsampler) = &self.downsampler {
+            xs = downsampler.forward(&xs)?;
+            skips.push(xs.clone());
+        }
+        inputs.record(|| format!("down_blocks.{i}"), &xs);
+        Ok((xs, skips))
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, motion module, resnet) per layer.
+#[derive(Debug, Clone)]
+pub struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialTransformer>,
+}
+
+impl MidBlock {
+    pub(crate) fn new(
+        vb: VarBuilder,
+        root: &str,
+        channels: usize,
+        transformer: &SpatialTransformerConfig,
+        resnet_cfg: &ResnetConfig,
+    ) -> Result<Self> {
+        let layers = 1;
+        let resnets = (0..=layers)
+            .map(|j| ResnetBlock2D::new(vb.pp("resnets").pp(j), channels, channels, resnet_cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = (0..layers)
+            .map(|j| {
+                SpatialTransformer::new(vb.pp("attentions").pp(j), root, channels, transformer)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            resnets,
+            attentions,
+        })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.attentions.len()
+    }
+
+    /// (N, C, H, W) → (N, C, H, W).
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        inputs: &BlockInputs,
+        motion: Option<MotionStage>,
+    ) -> Result<Tensor> {
+        let mut xs = self.resnets[0].forward(xs, inputs.temb_act)?;
+        for (j, (attention, resnet)) in self.attentions.iter().zip(&self.resnets[1..]).enumerate() {
+            xs = attention.forward(&xs, inputs.context, inputs.hook)?;
+            if let Some(stage) = &motion {
+                xs = stage.apply(j, &xs, inputs.hook)?;
+            }
+            xs = resnet.forward(&xs, inputs.temb_act)?;
+        }
+        inputs.record(|| "mid_block".to_string(), &xs);
+        Ok(xs)
+    }
+}
+
+/// `CrossAttnUpBlock2D` (with spatial transformers) or `UpBlock2D` (without).
+#[derive(Debug, Clone)]
+pub struct UpBlock {
+    index: usize,
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialTransformer>,
+    upsampler: Option<Upsample2D>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UpBlockConfig {
+    pub index: usize,
+    /// Channels of the deepest skip this block consumes (the level below's output).
+    pub in_channels: usize,
+    pub prev_output_channels: usize,
+    pub out_channels: usize,
+    pub layers: usize,
+    pub transformer: Option<SpatialTransformerConfig>,
+    pub upsample: bool,
+}
+
+impl UpBlock {
+    pub(crate) fn new(
+        vb: VarBuilder,
+        root: &str,
+        cfg: &UpBlockConfig,
+        resnet_cfg: &ResnetConfig,
+    ) -> Result<Self> {
+        let mut resnets = Vec::with_capacity(cfg.layers);
+        let mut attentions = Vec::new();
+        for j in 0..cfg.layers {
+            let skip_channels = if j == cfg.layers - 1 {
+                cfg.in_channels
+            } else {
+                cfg.out_channels
+            };
+            let in_channels = if j == 0 {
+                cfg.prev_output_channels
+            } else {
+                cfg.out_channels
+            };
+            let vb_resnet = vb.pp("resnets").pp(j);
+            resnets.push(ResnetBlock2D::new(
+                vb_resnet,
+                in_channels + skip_channels,
+                cfg.out_channels,
+                resnet_cfg,
+            )?);
+            if let Some(tcfg) = &cfg.transformer {
+                let vb_attn = vb.pp("attentions").pp(j);
+                attentions.push(SpatialTransformer::new(
+                    vb_attn,
+                    root,
+                    cfg.out_channels,
+                    tcfg,
+                )?);
+            }
+        }
+        let upsampler = if cfg.upsample {
+            Some(Upsample2D::new(
+                vb.pp("upsamplers").pp(0),
+                cfg.out_channels,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            index: cfg.index,
+            resnets,
+            attentions,
+            upsampler,
+        })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// (N, C, H, W) plus the skips it pops from the end of `skips` → (N, C_out, H', W'), upsampled
+    /// to the size of the next skip when the block has an upsampler.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        skips: &mut Vec<Tensor>,
+        inputs: &BlockInputs,
+        motion: Option<MotionStage>,
+    ) -> Result<Tensor> {
+        let i = self.index;
+        let mut xs = xs.clone();
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            let skip = skips.pop().ok_or_else(|| {
+                candle_core::Error::Msg(format!("up_blocks.{i}: no skip connection left"))
+            })?;
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, inputs.temb_act)?;
+            if let Some(attention) = self.attentions.get(j) {
+                xs = attention.forward(&xs, inputs.context, inputs.hook)?;
+            }
+            if let Some(stage) = &motion {
+                xs = stage.apply(j, &xs, inputs.hook)?;
+            }
+        }
+        if let Some(upsampler) = &self.upsampler {
+            let (_, _, height, width) = skips
+                .last()
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!("up_blocks.{i}: no skip left to upsample to"))
+                })?
+                .dims4()?;
+            xs = upsampler.forward(&xs, (height, width))?;
+        }
+        inputs.record(|| format!("up_blocks.{i}"), &xs);
+        Ok(xs)
+    }
+}

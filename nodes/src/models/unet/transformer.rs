@@ -1,0 +1,252 @@
+//! The spatial transformer of the UNet (diffusers `Transformer2DModel` with
+//! `BasicTransformerBlock`s), and the attention and feed-forward layers the motion modules share.
+
+use candle_core::{Result, Tensor, D};
+use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+
+use super::norm::GroupNorm;
+use crate::models::attention::{AttentionHook, AttentionKind};
+
+/// The diffusers module path of the layer that `vb` addresses, relative to the model root.
+pub(crate) fn module_path(vb: &VarBuilder, root: &str) -> String {
+    let full = vb.prefix();
+    if root.is_empty() {
+        return full;
+    }
+    match full.strip_prefix(root) {
+        Some(rest) => rest.trim_start_matches('.').to_string(),
+        None => full,
+    }
+}
+
+/// Multi-head attention with bias-free Q/K/V projections and a biased output projection
+/// (diffusers `Attention` as the UNet and the motion modules configure it). The attention itself
+/// runs through the [`AttentionHook`] under this layer's module path.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    path: String,
+    kind: AttentionKind,
+}
+
+impl Attention {
+    /// `context_dim` is the width of the keys' source: the query width for self-attention.
+    pub fn new(
+        vb: VarBuilder,
+        root: &str,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        kind: AttentionKind,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            heads,
+            head_dim,
+            path: module_path(&vb, root),
+            kind,
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// `xs`: (N, T, C); `context`: (N, S, D), or `None` for self-attention → (N, T, C).
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        hook: &AttentionHook,
+    ) -> Result<Tensor> {
+        let (batch, tokens, _channels) = xs.dims3()?;
+        let context = context.unwrap_or(xs);
+        let keys = context.dim(1)?;
+        let split_heads = |x: Tensor, len: usize| {
+            x.reshape((batch, len, self.heads, self.head_dim))?
+                .transpose(1, 2)
+        };
+        let q = split_heads(self.to_q.forward(xs)?, tokens)?;
+        let k = split_heads(self.to_k.forward(context)?, keys)?;
+        let v = split_heads(self.to_v.forward(context)?, keys)?;
+        let out = hook.attend(&self.path, self.kind, &q, &k, &v)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((batch, tokens, self.heads * self.head_dim))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// GEGLU feed-forward with exact (erf) GELU: `net.2(a · gelu(b))` where `[a, b] = net.0.proj(x)`.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    proj: Linear,
+    out: Linear,
+    inner: usize,
+}
+
+impl FeedForward {
+    pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = 4 * dim;
+        let proj = candle_nn::linear(dim, 2 * inner, vb.pp("net").pp("0").pp("proj"))?;
+        let out = candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?;
+        Ok(Self { proj, out, inner })
+    }
+
+    /// (N, T, C) → (N, T, C).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let projected = self.proj.forward(xs)?;
+        let hidden = projected.narrow(D::Minus1, 0, self.inner)?;
+        let gate = projected
+            .narrow(D::Minus1, self.inner, self.inner)?
+            .gelu_erf()?;
+        self.out.forward(&(hidden * gate)?)
+    }
+}
+
+pub(crate) fn layer_norm(vb: VarBuilder, dim: usize) -> Result<LayerNorm> {
+    candle_nn::layer_norm(dim, 1e-5, vb)
+}
+
+/// Self-attention, cross-attention to the text, feed-forward; each pre-normed and residual.
+#[derive(Debug, Clone)]
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(
+        vb: VarBuilder,
+        root: &str,
+        dim: usize,
+        heads: usize,
+        cross_attention_dim: usize,
+    ) -> Result<Self> {
+        let head_dim = dim / heads;
+        let self_kind = AttentionKind::SpatialSelf;
+        Ok(Self {
+            norm1: layer_norm(vb.pp("norm1"), dim)?,
+            attn1: Attention::new(vb.pp("attn1"), root, dim, dim, heads, head_dim, self_kind)?,
+            norm2: layer_norm(vb.pp("norm2"), dim)?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                root,
+                dim,
+                cross_attention_dim,
+                heads,
+                head_dim,
+                AttentionKind::Cross,
+            )?,
+            norm3: layer_norm(vb.pp("norm3"), dim)?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    /// `xs`: (N, T, C); `context`: (N, S, D) → (N, T, C).
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, hook: &AttentionHook) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None, hook)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context), hook)?
+            + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+/// A channel projection stored either as a 1×1 convolution (`use_linear_projection = false`) or
+/// as a linear layer; both are the same map over the channel axis, applied here as a linear layer
+/// on (…, C) rows.
+pub(crate) fn channel_projection(
+    vb: VarBuilder,
+    in_dim: usize,
+    out_dim: usize,
+    stored_as_conv: bool,
+) -> Result<Linear> {
+    let weight = if stored_as_conv {
+        vb.get((out_dim, in_dim, 1, 1), "weight")?
+            .reshape((out_dim, in_dim))?
+    } else {
+        vb.get((out_dim, in_dim), "weight")?
+    };
+    let bias = vb.get(out_dim, "bias")?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+/// Settings of the spatial transformers of one UNet block.
+#[derive(Debug, Clone, Copy)]
+pub struct SpatialTransformerConfig {
+    pub heads: usize,
+    pub depth: usize,
+    pub cross_attention_dim: usize,
+    pub groups: usize,
+    pub use_linear_projection: bool,
+}
+
+/// GroupNorm → proj_in → transformer blocks over the H·W pixels of each image → proj_out, plus
+/// the input (diffusers `Transformer2DModel` for continuous inputs).
+#[derive(Debug, Clone)]
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Linear,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Linear,
+}
+
+impl SpatialTransformer {
+    pub fn new(
+        vb: VarBuilder,
+        root: &str,
+        channels: usize,
+        cfg: &SpatialTransformerConfig,
+    ) -> Result<Self> {
+        let as_conv = !cfg.use_linear_projection;
+        let norm = GroupNorm::new(vb.pp("norm"), cfg.groups, channels, 1e-6)?;
+        let proj_in = channel_projection(vb.pp("proj_in"), channels, channels, as_conv)?;
+        let blocks = (0..cfg.depth)
+            .map(|i| {
+                let vb = vb.pp("transformer_blocks").pp(i);
+                BasicTransformerBlock::new(vb, root, channels, cfg.heads, cfg.cross_attention_dim)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let proj_out = channel_projection(vb.pp("proj_out"), channels, channels, as_conv)?;
+        Ok(Self {
+            norm,
+            proj_in,
+            blocks,
+            proj_out,
+        })
+    }
+
+    /// `xs`: (N, C, H, W); `context`: (N, S, D) → (N, C, H, W).
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, hook: &AttentionHook) -> Result<Tensor> {
+        let (batch, channels, height, width) = xs.dims4()?;
+        let normed = self.norm.forward(xs)?;
+        let tokens = normed
+            .permute((0, 2, 3, 1))?
+            .reshape((batch, height * width, channels))?;
+        let mut hidden = self.proj_in.forward(&tokens)?;
+        for block in &self.blocks {
+            hidden = block.forward(&hidden, context, hook)?;
+        }
+        let hidden = self.proj_out.forward(&hidden)?;
+        let hidden = hidden
+            .reshape((batch, height, width, channels))?
+            .permute((0, 3, 1, 2))?;
+        hidden + xs
+    }
+}
