@@ -134,3 +134,66 @@ fn sampling_loop_parity_with_recorded_unet_outputs() {
         }
     }
 }
+
+/// The pipeline's UNet: the `unet_motion_mid` fixture weights (components are referenced
+/// relative to the case folder).
+fn fixture_unet(case_dir: &Path) -> vdm_nodes::models::patcher::PatchedUNet {
+    use std::sync::Arc;
+    use vdm_nodes::models::motion::{MotionAdapter, MotionAdapterConfig};
+    use vdm_nodes::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+    let readme: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case_dir.join("README.json")).unwrap())
+            .unwrap();
+    let component = |name: &str| -> std::path::PathBuf {
+        let text = readme["components"][name]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: no component {name}", case_dir.display()));
+        case_dir.join(text.split_whitespace().next().unwrap())
+    };
+    let unet_file = component("unet");
+    let adapter_file = component("motion_adapter");
+    let dir = unet_file.parent().unwrap();
+    let cfg = UNet2DConditionConfig::from_json_file(&dir.join("unet_config.json")).unwrap();
+    let unet = UNet2DConditionModel::from_safetensors(
+        &[&unet_file],
+        &cfg,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mcfg = MotionAdapterConfig::from_json_file(
+        &adapter_file
+            .parent()
+            .unwrap()
+            .join("motion_adapter_config.json"),
+    )
+    .unwrap();
+    let adapter = MotionAdapter::from_safetensors(
+        &[&adapter_file],
+        &mcfg,
+        cfg.norm_num_groups,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    vdm_nodes::models::patcher::PatchedUNet::new(Arc::new(unet))
+        .with_motion(Arc::new(adapter), 1.0)
+        .unwrap()
+}
+
+#[test]
+fn animatediff_pipeline_parity() {
+    for name in ["pipeline", "pipeline_freeinit"] {
+        for dir in common::cases(name) {
+            let case = load_case(&dir);
+            let unet = fixture_unet(&dir);
+            let out = run(&case, &unet).unwrap();
+            common::assert_close(
+                &format!("{name}: final_latents"),
+                &out,
+                &case.tensors["final_latents"],
+                1e-4,
+            );
+        }
+    }
+}

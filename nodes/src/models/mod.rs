@@ -4,6 +4,7 @@ pub mod attention;
 pub mod clip;
 pub mod load;
 pub mod motion;
+pub mod patcher;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
