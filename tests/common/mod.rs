@@ -109,3 +109,111 @@ pub fn plugin_library(crate_name: &str) -> PathBuf {
     );
     path
 }
+
+/// Tiny SD 1.x models written as real files, from the reference fixtures' weights.
+pub struct TinyModels {
+    /// The models folder, with ComfyUI's layout.
+    pub root: PathBuf,
+    /// A diffusers checkpoint folder under `checkpoints/`.
+    pub checkpoint: PathBuf,
+    /// A diffusers MotionAdapter folder under `animatediff_models/`.
+    pub motion_module: PathBuf,
+}
+
+/// Writes the fixture UNet, VAE and text encoder as a diffusers folder (with a tiny CLIP
+/// tokenizer, since no real vocabulary is available offline) and the fixture motion adapter as
+/// a diffusers MotionAdapter folder, under `dir`.
+pub fn write_tiny_models(dir: &std::path::Path) -> TinyModels {
+    let fixtures = reference_dir();
+    let unet_case = cases("unet_motion_mid").remove(0);
+    let vae_case = cases("vae").remove(0);
+    let text_case = cases("text_encoder").remove(0);
+    let checkpoint = dir.join("checkpoints").join("tiny-sd");
+    let copy = |from: PathBuf, to: PathBuf| {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    };
+    copy(
+        unet_case.join("unet_config.json"),
+        checkpoint.join("unet/config.json"),
+    );
+    copy(
+        unet_case.join("unet.safetensors"),
+        checkpoint.join("unet/diffusion_pytorch_model.safetensors"),
+    );
+    copy(
+        vae_case.join("vae_config.json"),
+        checkpoint.join("vae/config.json"),
+    );
+    copy(
+        vae_case.join("vae.safetensors"),
+        checkpoint.join("vae/diffusion_pytorch_model.safetensors"),
+    );
+    copy(
+        text_case.join("config.json"),
+        checkpoint.join("text_encoder/config.json"),
+    );
+    copy(
+        text_case.join("model.safetensors"),
+        checkpoint.join("text_encoder/model.safetensors"),
+    );
+    write_tiny_tokenizer(&checkpoint.join("tokenizer"));
+    std::fs::write(
+        checkpoint.join("model_index.json"),
+        serde_json::json!({
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let motion_module = dir.join("animatediff_models").join("tiny-motion");
+    copy(
+        unet_case.join("motion_adapter_config.json"),
+        motion_module.join("config.json"),
+    );
+    copy(
+        unet_case.join("motion_adapter.safetensors"),
+        motion_module.join("diffusion_pytorch_model.safetensors"),
+    );
+    let _ = fixtures;
+    TinyModels {
+        root: dir.to_path_buf(),
+        checkpoint,
+        motion_module,
+    }
+}
+
+/// A CLIP BPE tokenizer in the files diffusers ships (vocab.json, merges.txt): byte-level
+/// letters, digits and punctuation with and without `</w>`, a few merges, then BOS and EOS.
+pub fn write_tiny_tokenizer(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>")];
+    let mut tokens: Vec<String> = Vec::new();
+    for c in ('a'..='z').chain('0'..='9').chain("!',.-".chars()) {
+        tokens.push(c.to_string());
+        tokens.push(format!("{c}</w>"));
+    }
+    tokens.extend(merges.iter().map(|(l, r)| format!("{l}{r}")));
+    tokens.push("<|startoftext|>".into());
+    tokens.push("<|endoftext|>".into());
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, serde_json::json!(i)))
+        .collect();
+    std::fs::write(
+        dir.join("vocab.json"),
+        serde_json::Value::Object(vocab).to_string(),
+    )
+    .unwrap();
+    let mut text = String::from("#version: 0.2\n");
+    for (l, r) in merges {
+        text.push_str(&format!("{l} {r}\n"));
+    }
+    std::fs::write(dir.join("merges.txt"), text).unwrap();
+}

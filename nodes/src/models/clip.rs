@@ -272,6 +272,11 @@ pub struct ClipTextTransformer {
 }
 
 impl ClipTextTransformer {
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embeddings.token_embedding.embeddings().device()
+    }
+
     /// Builds the tower from transformers keys, with or without the `text_model.` prefix.
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::Msg)?;

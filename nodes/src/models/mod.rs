@@ -1,6 +1,7 @@
 //! The models every video workflow runs on, built with candle from diffusers-named weights.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod clip;
 pub mod load;
 pub mod motion;

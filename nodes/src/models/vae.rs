@@ -13,7 +13,7 @@
 //! folders and files, standalone LDM VAE files and single-file checkpoints, and renames the
 //! deprecated `query/key/value/proj_attn` attention names).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -570,6 +570,11 @@ impl AutoencoderKL {
 
     pub fn config(&self) -> &AutoencoderKLConfig {
         &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.decoder.conv_out.weight().device()
     }
 
     /// The same VAE with `hook` routing its two mid-block attentions

@@ -5,8 +5,10 @@
 //! errors that name the input, the objects that travel as handles, and the registry.
 
 mod latent;
+mod models;
 mod noise;
 pub mod objects;
+mod sampler;
 mod spec;
 mod video_io;
 
@@ -36,6 +38,8 @@ pub fn registry() -> &'static [Box<dyn Node>] {
         nodes.extend(noise::nodes());
         nodes.extend(latent::nodes());
         nodes.extend(video_io::nodes());
+        nodes.extend(models::nodes());
+        nodes.extend(sampler::nodes());
         nodes
     })
 }

@@ -4,6 +4,16 @@ use abi_stable::std_types::RString;
 use candle_core::{DType, Device, Tensor};
 use vdm_ffi::{HostTensor, PluginObject};
 
+use std::sync::Arc;
+
+use crate::models::checkpoint::MotionModuleFile;
+use crate::models::clip::ClipTextTransformer;
+use crate::models::patcher::PatchedUNet;
+use crate::models::tokenizer::ClipTokenizer;
+use crate::models::vae::AutoencoderKL;
+use crate::sampling::ContextOptions;
+use crate::video::freeinit::FreeInitConfig;
+
 use super::PluginType;
 
 /// A `LATENT`: video latents (batch, channels, frames, height/8, width/8).
@@ -75,6 +85,98 @@ impl PluginType for Images {
         }
     }
 }
+
+/// A `MODEL`: a frozen UNet and its patches (motion module, attention processors).
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub unet: PatchedUNet,
+}
+
+/// A `CLIP`: the text encoder, its tokenizer when one was found, and the layer to stop at.
+#[derive(Clone)]
+pub struct Clip {
+    pub encoder: Arc<ClipTextTransformer>,
+    pub tokenizer: Option<Arc<ClipTokenizer>>,
+    /// 1 = the last layer (ComfyUI's `CLIPSetLastLayer` −1).
+    pub clip_skip: usize,
+    /// Where a tokenizer was looked for, for the error when there is none.
+    pub tokenizer_search: String,
+}
+
+impl std::fmt::Debug for Clip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clip")
+            .field("has_tokenizer", &self.tokenizer.is_some())
+            .field("clip_skip", &self.clip_skip)
+            .finish()
+    }
+}
+
+/// A `VAE`.
+#[derive(Clone)]
+pub struct Vae {
+    pub model: Arc<AutoencoderKL>,
+}
+
+impl std::fmt::Debug for Vae {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vae")
+            .field("config", self.model.config())
+            .finish()
+    }
+}
+
+/// A `MOTION_MODULE`: read from disk, bound to a UNet when applied.
+#[derive(Debug, Clone)]
+pub struct MotionModule {
+    pub file: Arc<MotionModuleFile>,
+}
+
+/// A `CONDITIONING`: per-video text embeddings (B, 77, D).
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    pub embeddings: Tensor,
+}
+
+/// `FREEINIT` settings for the sampler.
+#[derive(Debug, Clone)]
+pub struct FreeInit {
+    pub config: FreeInitConfig,
+}
+
+/// `CONTEXT_OPTIONS` for the sampler.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub options: ContextOptions,
+}
+
+macro_rules! plugin_type {
+    ($t:ty, $tag:literal, |$s:ident| $describe:expr) => {
+        impl PluginObject for $t {
+            fn describe(&self) -> RString {
+                let $s = self;
+                RString::from(format!("{} {}", $tag, $describe))
+            }
+        }
+        impl PluginType for $t {
+            const TYPE_TAG: &'static str = $tag;
+        }
+    };
+}
+
+plugin_type!(Model, "MODEL", |m| format!("{:?}", m.unet));
+plugin_type!(Clip, "CLIP", |c| format!("{c:?}"));
+plugin_type!(Vae, "VAE", |v| format!("{v:?}"));
+plugin_type!(MotionModule, "MOTION_MODULE", |m| m
+    .file
+    .description
+    .clone());
+plugin_type!(Conditioning, "CONDITIONING", |c| format!(
+    "{:?}",
+    c.embeddings.dims()
+));
+plugin_type!(FreeInit, "FREEINIT", |f| format!("{:?}", f.config));
+plugin_type!(Context, "CONTEXT_OPTIONS", |c| format!("{:?}", c.options));
 
 /// A host tensor to a CPU candle tensor (f16/bf16 are widened to f32).
 pub fn host_to_tensor(t: &HostTensor) -> Result<Tensor, String> {

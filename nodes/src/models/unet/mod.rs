@@ -484,6 +484,16 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// The dtype of the weights (inputs are cast to it).
+    pub fn dtype(&self) -> candle_core::DType {
+        self.conv_in.weight().dtype()
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.conv_in.weight().device()
+    }
+
     /// Predicts the noise of a batch of videos.
     ///
     /// `sample`: (B, C, F, H, W) latents; `timestep`: one value for all videos or one per video;

@@ -1,0 +1,345 @@
+//! Loading models and preparing their inputs: checkpoints, VAEs, motion modules, prompts,
+//! empty latents.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::models::checkpoint::{load_checkpoint, open_motion_module};
+use crate::models::load::open_vae;
+use crate::models::patcher::PatchedUNet;
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+
+use super::objects::{Clip, Conditioning, Model, MotionModule, Vae};
+use super::{
+    Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
+};
+
+pub fn nodes() -> Vec<Box<dyn Node>> {
+    vec![
+        Box::new(CheckpointLoader),
+        Box::new(VaeLoader),
+        Box::new(MotionModuleLoader),
+        Box::new(ApplyMotionModule),
+        Box::new(TextEncode),
+        Box::new(EmptyVideoLatent),
+    ]
+}
+
+/// Finds a model file: the path as given when it exists, else under `<models>/<folder>/`
+/// (ComfyUI's folder names), else an error saying where it looked.
+fn resolve_model(
+    ctx: &Context,
+    input: &str,
+    folders: &[&str],
+    name: &str,
+) -> Result<PathBuf, NodeFailure> {
+    if name.trim().is_empty() {
+        return Err(NodeFailure::input(input, "no model file given"));
+    }
+    let given = PathBuf::from(name);
+    if given.exists() {
+        return Ok(given);
+    }
+    let mut tried = vec![given.display().to_string()];
+    if let Some(models) = ctx.setting("models_dir") {
+        for folder in folders {
+            let candidate = Path::new(&models).join(folder).join(name);
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+            tried.push(candidate.display().to_string());
+        }
+    } else {
+        tried.push(format!(
+            "(no models folder: pass --models DIR or set VDM_MODELS to search {})",
+            folders.join(", ")
+        ));
+    }
+    Err(NodeFailure::input(
+        input,
+        format!(
+            "model file `{name}` not found; looked at {}",
+            tried.join(", ")
+        ),
+    ))
+}
+
+fn dtype_for(name: &str, device: &Device) -> Result<DType, NodeFailure> {
+    match name {
+        "auto" if device.is_cuda() => Ok(DType::F16),
+        "auto" | "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(NodeFailure::input(
+            "dtype",
+            format!("unknown dtype `{other}`"),
+        )),
+    }
+}
+
+struct CheckpointLoader;
+
+impl Node for CheckpointLoader {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("CheckpointLoader", "Load Checkpoint", "vdm/loaders")
+            .description(
+                "Loads an SD 1.x checkpoint: a single .safetensors/.ckpt file or a diffusers folder. \
+                 Names are looked up as paths, then under <models>/checkpoints/.",
+            )
+            .string("ckpt_name", "", "Checkpoint file or diffusers folder.")
+            .optional()
+            .combo("dtype", &["auto", "f32", "f16", "bf16"], "UNet and text-encoder precision (auto: f16 on CUDA, f32 on CPU); the VAE stays f32.")
+            .output("MODEL", "MODEL")
+            .output("CLIP", "CLIP")
+            .output("VAE", "VAE")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let path = resolve_model(
+            ctx,
+            "ckpt_name",
+            &["checkpoints", "diffusers"],
+            inputs.string("ckpt_name")?,
+        )?;
+        let device = ctx.device()?;
+        let dtype = match inputs.get("dtype") {
+            Some(_) => dtype_for(inputs.string("dtype")?, &device)?,
+            None => dtype_for("auto", &device)?,
+        };
+        // Single files carry no tokenizer: look beside them and in the models folder.
+        let mut tokenizer_dirs = vec![path.with_file_name("tokenizer")];
+        if let Some(models) = ctx.setting("models_dir") {
+            tokenizer_dirs.push(Path::new(&models).join("clip_tokenizer"));
+            tokenizer_dirs.push(Path::new(&models).join("tokenizers").join("clip"));
+        }
+        ctx.progress(0, 1, "loading checkpoint");
+        let checkpoint =
+            load_checkpoint(&path, dtype, &device, &tokenizer_dirs).for_input("ckpt_name")?;
+        ctx.progress(1, 1, "loaded");
+        let search = tokenizer_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(Outputs {
+            values: vec![
+                Model {
+                    unet: PatchedUNet::new(Arc::new(checkpoint.unet)),
+                }
+                .into_value(),
+                Clip {
+                    encoder: Arc::new(checkpoint.text_encoder),
+                    tokenizer: checkpoint.tokenizer.map(Arc::new),
+                    clip_skip: 1,
+                    tokenizer_search: search,
+                }
+                .into_value(),
+                Vae {
+                    model: Arc::new(checkpoint.vae),
+                }
+                .into_value(),
+            ],
+            ui: None,
+        })
+    }
+}
+
+struct VaeLoader;
+
+impl Node for VaeLoader {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("VAELoader", "Load VAE", "vdm/loaders")
+            .description("Loads an SD 1.x VAE (diffusers folder or file, LDM file, or the VAE of a full checkpoint), looked up as a path, then under <models>/vae/.")
+            .string("vae_name", "", "VAE file or folder.")
+            .output("VAE", "VAE")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let path = resolve_model(ctx, "vae_name", &["vae"], inputs.string("vae_name")?)?;
+        let device = ctx.device()?;
+        let config = match path.join("config.json") {
+            c if c.is_file() => {
+                let text = std::fs::read_to_string(&c).for_input("vae_name")?;
+                serde_json::from_str(&text)
+                    .map_err(|e| NodeFailure::input("vae_name", format!("{}: {e}", c.display())))?
+            }
+            _ => AutoencoderKLConfig::sd1(),
+        };
+        let weights =
+            open_vae(&path, Some(config.block_out_channels.len())).for_input("vae_name")?;
+        let model = AutoencoderKL::new(weights.var_builder(DType::F32, &device), &config)
+            .for_input("vae_name")?;
+        Ok(Outputs::one(
+            Vae {
+                model: Arc::new(model),
+            }
+            .into_value(),
+        ))
+    }
+}
+
+struct MotionModuleLoader;
+
+impl Node for MotionModuleLoader {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("MotionModuleLoader", "Load Motion Module", "vdm/loaders")
+            .description(
+                "Loads an AnimateDiff motion module: an original mm_sd_v15*.ckpt/.safetensors (v1/v2/v3 told apart from its keys) \
+                 or a diffusers MotionAdapter folder or file. Names are looked up as paths, then under <models>/animatediff_models/.",
+            )
+            .string("model_name", "", "Motion module file or folder.")
+            .output("MOTION_MODULE", "MOTION_MODULE")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let path = resolve_model(
+            ctx,
+            "model_name",
+            &["animatediff_models", "animatediff_motion_modules"],
+            inputs.string("model_name")?,
+        )?;
+        let file = open_motion_module(&path).for_input("model_name")?;
+        Ok(Outputs::one(
+            MotionModule {
+                file: Arc::new(file),
+            }
+            .into_value(),
+        ))
+    }
+}
+
+struct ApplyMotionModule;
+
+impl Node for ApplyMotionModule {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("ApplyMotionModule", "Apply Motion Module", "vdm/animatediff")
+            .description("Patches a model with a motion module (the base model is unchanged). motion_scale scales the modules' contribution: 1 as trained, 0 the image model.")
+            .object("model", "MODEL", "The SD 1.x model.")
+            .object("motion_module", "MOTION_MODULE", "From Load Motion Module.")
+            .float("motion_scale", 1.0, (0.0, 2.0, 0.01), "Multiplier of the motion modules' residuals.")
+            .output("MODEL", "MODEL")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let model: Model = inputs.object("model")?;
+        let module: MotionModule = inputs.object("motion_module")?;
+        let scale = inputs.float("motion_scale")?;
+        let base = model.unet.base();
+        let dtype = base.dtype();
+        let adapter = module
+            .file
+            .build(base.config().norm_num_groups, dtype, &ctx.device()?)
+            .for_input("motion_module")?;
+        let unet = model
+            .unet
+            .with_motion(adapter, scale)
+            .map_err(|e| NodeFailure::input("motion_module", e))?;
+        Ok(Outputs::one(Model { unet }.into_value()))
+    }
+}
+
+struct TextEncode;
+
+impl Node for TextEncode {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("TextEncode", "Text Encode", "vdm/conditioning")
+            .description(
+                "Encodes a prompt with the checkpoint's CLIP text encoder (77 tokens, truncated).",
+            )
+            .object("clip", "CLIP", "From Load Checkpoint.")
+            .text("text", "", "The prompt.")
+            .optional()
+            .int(
+                "clip_skip",
+                1,
+                1,
+                12,
+                "1: the last layer; 2: the penultimate (A1111's \"Clip skip\").",
+            )
+            .output("CONDITIONING", "CONDITIONING")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let clip: Clip = inputs.object("clip")?;
+        let text = inputs.string("text")?;
+        let clip_skip = match inputs.get("clip_skip") {
+            Some(_) => inputs.usize("clip_skip")?,
+            None => clip.clip_skip,
+        };
+        if clip_skip > clip.encoder.num_hidden_layers() {
+            return Err(NodeFailure::input(
+                "clip_skip",
+                format!(
+                    "the text encoder has {} layers",
+                    clip.encoder.num_hidden_layers()
+                ),
+            ));
+        }
+        let tokenizer = clip.tokenizer.as_ref().ok_or_else(|| {
+            NodeFailure::input(
+                "clip",
+                format!(
+                    "this checkpoint has no CLIP tokenizer; put SD 1.x's tokenizer files (vocab.json, merges.txt) in one of: {}",
+                    clip.tokenizer_search
+                ),
+            )
+        })?;
+        let device = clip.encoder.device().clone();
+        let ids = tokenizer
+            .encode_to_tensor(&[text], &device)
+            .for_input("text")?;
+        let embeddings = clip.encoder.forward_with_clip_skip(&ids, clip_skip)?;
+        Ok(Outputs::one(Conditioning { embeddings }.into_value()))
+    }
+}
+
+struct EmptyVideoLatent;
+
+impl Node for EmptyVideoLatent {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("EmptyVideoLatent", "Empty Video Latent", "vdm/latent")
+            .description(
+                "Zero latents of a video size, for text-to-video (the sampler adds the noise).",
+            )
+            .int_step(
+                "width",
+                512,
+                (8, 16384, 8),
+                "Width in pixels; the latent is 1/8 of it.",
+            )
+            .int_step(
+                "height",
+                512,
+                (8, 16384, 8),
+                "Height in pixels; the latent is 1/8 of it.",
+            )
+            .int("frames", 16, 1, 4096, "Number of frames.")
+            .optional()
+            .int("batch_size", 1, 1, 64, "Number of videos.")
+            .output("LATENT", "LATENT")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let width = inputs.usize("width")? / super::noise::LATENT_SCALE;
+        let height = inputs.usize("height")? / super::noise::LATENT_SCALE;
+        let frames = inputs.usize("frames")?;
+        let batch = match inputs.get("batch_size") {
+            Some(_) => inputs.usize("batch_size")?,
+            None => 1,
+        };
+        let samples = Tensor::zeros(
+            (batch, 4, frames, height.max(1), width.max(1)),
+            DType::F32,
+            &ctx.device()?,
+        )?;
+        Ok(Outputs::one(Latent { samples }.into_value()))
+    }
+}

@@ -1,0 +1,414 @@
+//! The video sampler and its option nodes (FreeInit, context windows), and the VAE nodes.
+
+use std::cell::Cell;
+
+use candle_core::{DType, Tensor};
+
+use crate::sampling::{
+    sample, ContextOptions, ContextWindows, NoisePredictor, SampleInputs, SampleSettings,
+};
+use crate::schedulers::{
+    DdimScheduler, DdimSchedulerConfig, EulerDiscreteScheduler, EulerDiscreteSchedulerConfig,
+    Scheduler,
+};
+use crate::video::freeinit::{FilterKind, FreeInitConfig};
+use crate::video::noise::{video_noise, NoiseMode};
+
+use super::objects::{Conditioning, Context as ContextObject, FreeInit, Model, Vae};
+use super::{
+    Context, DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs,
+    PluginType,
+};
+
+pub fn nodes() -> Vec<Box<dyn Node>> {
+    vec![
+        Box::new(VideoSampler),
+        Box::new(FreeInitOptions),
+        Box::new(ContextOptionsNode),
+        Box::new(VaeDecode),
+        Box::new(VaeEncode),
+    ]
+}
+
+/// Frames the VAE handles at once by default: bounded memory at SD sizes.
+const DEFAULT_VAE_CHUNK: i64 = 16;
+
+struct VideoSampler;
+
+impl Node for VideoSampler {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("VideoSampler", "Video Sampler", "vdm/sampling")
+            .description(
+                "Denoises video latents with classifier-free guidance, as diffusers' AnimateDiff pipelines do. \
+                 denoise < 1 runs that share of the schedule from the given latents (video-to-video). \
+                 Clips longer than the motion module's positional table are sampled in context windows.",
+            )
+            .object("model", "MODEL", "The model, usually with a motion module applied.")
+            .object("positive", "CONDITIONING", "The prompt.")
+            .object("negative", "CONDITIONING", "The negative prompt.")
+            .object("latent_image", "LATENT", "Zero latents (text-to-video) or encoded video (video-to-video).")
+            .int("seed", 0, 0, i64::MAX, "Seed of the initial noise (and of FreeInit's fresh noise).")
+            .int("steps", 20, 1, 1000, "Denoising steps.")
+            .float("cfg", 7.5, (0.0, 100.0, 0.1), "Guidance scale; at 1 or below the negative prompt is not used.")
+            .combo("scheduler", &["ddim", "euler"], "DDIM or Euler (discrete), with SD 1.x's training schedule.")
+            .float("denoise", 1.0, (0.01, 1.0, 0.01), "Strength: 1 starts from noise; lower keeps more of the input latents.")
+            .optional()
+            .object("noise", "LATENT", "Initial noise to use instead of the seed's (e.g. from Video Noise).")
+            .object("context_options", "CONTEXT_OPTIONS", "Context windows for long clips.")
+            .object("freeinit", "FREEINIT", "FreeInit refinement passes.")
+            .output("LATENT", "LATENT")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let model: Model = inputs.object("model")?;
+        let positive: Conditioning = inputs.object("positive")?;
+        let negative: Conditioning = inputs.object("negative")?;
+        let latent: Latent = inputs.object("latent_image")?;
+        let seed = inputs.int("seed")? as u64;
+        let steps = inputs.usize("steps")?;
+        let strength = inputs.float("denoise")?;
+        let settings = SampleSettings {
+            steps,
+            guidance_scale: inputs.float("cfg")?,
+            strength,
+            freeinit: inputs
+                .optional_object::<FreeInit>("freeinit")?
+                .map(|f| f.config),
+        };
+        let mut scheduler: Box<dyn Scheduler> = match inputs.string("scheduler")? {
+            "ddim" => Box::new(DdimScheduler::new(DdimSchedulerConfig::sd15())?),
+            "euler" => Box::new(EulerDiscreteScheduler::new(
+                EulerDiscreteSchedulerConfig::sd15(),
+            )?),
+            other => {
+                return Err(NodeFailure::input(
+                    "scheduler",
+                    format!("unknown scheduler `{other}`"),
+                ))
+            }
+        };
+
+        let device = model.unet.base().device().clone();
+        let latents = latent.samples.to_device(&device)?.to_dtype(DType::F32)?;
+        let (batch, channels, frames, height, width) = latents.dims5().for_input("latent_image")?;
+        let unet_channels = model.unet.base().config().in_channels;
+        if channels != unet_channels {
+            return Err(NodeFailure::input(
+                "latent_image",
+                format!("{channels} latent channels, the model takes {unet_channels}"),
+            ));
+        }
+        let noise = match inputs.optional_object::<Latent>("noise")? {
+            Some(n) if n.samples.dims() != latents.dims() => {
+                return Err(NodeFailure::input(
+                    "noise",
+                    format!(
+                        "noise of shape {:?} for latents of shape {:?}",
+                        n.samples.dims(),
+                        latents.dims()
+                    ),
+                ))
+            }
+            Some(n) => n.samples.to_device(&device)?.to_dtype(DType::F32)?,
+            None => video_noise(
+                seed,
+                batch,
+                channels,
+                frames,
+                height,
+                width,
+                NoiseMode::Independent,
+                0.0,
+                &device,
+            )?,
+        };
+        let per_video = |c: &Conditioning, name: &str| -> Result<Tensor, NodeFailure> {
+            let e = c.embeddings.to_device(&device)?.to_dtype(DType::F32)?;
+            match e.dim(0)? {
+                b if b == batch => Ok(e),
+                1 => Ok(e.repeat((batch, 1, 1))?),
+                b => Err(NodeFailure::input(
+                    name,
+                    format!("{b} prompts for {batch} videos"),
+                )),
+            }
+        };
+        let (positive, negative) = (
+            per_video(&positive, "positive")?,
+            per_video(&negative, "negative")?,
+        );
+        if positive.dims() != negative.dims() {
+            return Err(NodeFailure::input(
+                "negative",
+                format!(
+                    "embeddings {:?} differ from the positive {:?}",
+                    negative.dims(),
+                    positive.dims()
+                ),
+            ));
+        }
+
+        let context_options = match inputs.optional_object::<ContextObject>("context_options")? {
+            Some(c) => Some(c.options),
+            // Past the positional table a single pass is impossible: window by default.
+            None => model
+                .unet
+                .max_frames()
+                .filter(|&max| frames > max)
+                .map(|max| ContextOptions {
+                    length: max.min(16),
+                    ..ContextOptions::default()
+                }),
+        };
+        let windows;
+        let predictor: &dyn NoisePredictor = match context_options {
+            Some(options) => {
+                if let Some(max) = model.unet.max_frames() {
+                    if options.length > max {
+                        return Err(NodeFailure::input(
+                            "context_options",
+                            format!(
+                                "context length {} exceeds the motion module's {max} frames",
+                                options.length
+                            ),
+                        ));
+                    }
+                }
+                windows = ContextWindows {
+                    inner: &model.unet,
+                    options,
+                };
+                &windows
+            }
+            None => &model.unet,
+        };
+        let mut fresh_noise = |pass: usize| {
+            video_noise(
+                seed.wrapping_add(pass as u64),
+                batch,
+                channels,
+                frames,
+                height,
+                width,
+                NoiseMode::Independent,
+                0.0,
+                &device,
+            )
+        };
+        let init = (strength < 1.0).then_some(&latents);
+        let cancelled = Cell::new(false);
+        let mut on_step = |step: usize, total: usize| -> candle_core::Result<()> {
+            ctx.progress(step as u64, total as u64, "sampling");
+            if ctx.check_cancelled().is_err() {
+                cancelled.set(true);
+                candle_core::bail!("cancelled");
+            }
+            Ok(())
+        };
+        let sample_inputs = SampleInputs {
+            noise: &noise,
+            init_latents: init,
+            positive: &positive,
+            negative: &negative,
+            fresh_noise: &mut fresh_noise,
+        };
+        let result = sample(
+            predictor,
+            scheduler.as_mut(),
+            &settings,
+            sample_inputs,
+            &mut on_step,
+        );
+        let samples = match result {
+            Ok(s) => s,
+            Err(_) if cancelled.get() => return Err(NodeFailure::cancelled()),
+            Err(e) => return Err(NodeFailure::execution(e)),
+        };
+        Ok(Outputs::one(Latent { samples }.into_value()))
+    }
+}
+
+struct FreeInitOptions;
+
+impl Node for FreeInitOptions {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("FreeInitOptions", "FreeInit Options", "vdm/sampling")
+            .description("FreeInit: re-noise each result and keep its low spatio-temporal frequencies for the next pass (diffusers' enable_free_init).")
+            .int("iterations", 3, 1, 10, "Sampling passes in all (1: off).")
+            .combo("filter", &FilterKind::NAMES, "Low-pass filter.")
+            .float("spatial_stop_frequency", 0.25, (0.0, 1.0, 0.01), "d_s.")
+            .float("temporal_stop_frequency", 0.25, (0.0, 1.0, 0.01), "d_t.")
+            .int("order", 4, 1, 16, "Butterworth order.")
+            .boolean("fast_sampling", false, "Coarse-to-fine: fewer steps in the early passes.")
+            .output("FREEINIT", "FREEINIT")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let config = FreeInitConfig {
+            iterations: inputs.usize("iterations")?,
+            filter: inputs.string("filter")?.parse().for_input("filter")?,
+            order: inputs.usize("order")? as u32,
+            spatial_stop_frequency: inputs.float("spatial_stop_frequency")?,
+            temporal_stop_frequency: inputs.float("temporal_stop_frequency")?,
+            fast_sampling: inputs.bool("fast_sampling")?,
+        };
+        Ok(Outputs::one(FreeInit { config }.into_value()))
+    }
+}
+
+struct ContextOptionsNode;
+
+impl Node for ContextOptionsNode {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("ContextOptions", "Context Options", "vdm/sampling")
+            .description("Sliding context windows for clips longer than the motion module's positional table (AnimateDiff-Evolved's static and uniform schedules).")
+            .int("context_length", 16, 1, 128, "Frames per window (at most the motion module's table length).")
+            .int("context_overlap", 4, 0, 127, "Frames shared by neighbouring windows.")
+            .combo("schedule", &["static", "uniform"], "static: fixed windows; uniform: windows at several strides, shifting each step.")
+            .combo("fuse_method", &["pyramid", "flat"], "How overlapping predictions are weighted.")
+            .optional()
+            .int("context_stride", 1, 1, 8, "Stride levels of the uniform schedule.")
+            .boolean("closed_loop", false, "Add windows across the end-to-start seam (looping videos).")
+            .output("CONTEXT_OPTIONS", "CONTEXT_OPTIONS")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let options = ContextOptions {
+            length: inputs.usize("context_length")?,
+            overlap: inputs.usize("context_overlap")?,
+            stride: match inputs.get("context_stride") {
+                Some(_) => inputs.usize("context_stride")?,
+                None => 1,
+            },
+            closed_loop: match inputs.get("closed_loop") {
+                Some(_) => inputs.bool("closed_loop")?,
+                None => false,
+            },
+            schedule: inputs.string("schedule")?.parse().for_input("schedule")?,
+            fuse: inputs
+                .string("fuse_method")?
+                .parse()
+                .for_input("fuse_method")?,
+        };
+        options.validate().for_input("context_overlap")?;
+        Ok(Outputs::one(ContextObject { options }.into_value()))
+    }
+}
+
+fn chunk_of(inputs: &Inputs) -> Result<usize, NodeFailure> {
+    match inputs.get("chunk_frames") {
+        Some(_) => inputs.usize("chunk_frames"),
+        None => Ok(DEFAULT_VAE_CHUNK as usize),
+    }
+}
+
+struct VaeDecode;
+
+impl Node for VaeDecode {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("VAEDecode", "VAE Decode", "vdm/latent")
+            .description("Latents to frames, a chunk of frames at a time to bound memory.")
+            .object("samples", "LATENT", "Video latents.")
+            .object("vae", "VAE", "The VAE.")
+            .optional()
+            .int(
+                "chunk_frames",
+                DEFAULT_VAE_CHUNK,
+                1,
+                4096,
+                "Frames decoded at once.",
+            )
+            .output("IMAGE", "IMAGE")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let latent: Latent = inputs.object("samples")?;
+        let vae: Vae = inputs.object("vae")?;
+        let chunk = chunk_of(inputs)?;
+        let latents = latent.samples.to_dtype(DType::F32)?;
+        let (batch, channels, frames, _, _) = latents.dims5().for_input("samples")?;
+        let expected = vae.model.config().latent_channels;
+        if channels != expected {
+            return Err(NodeFailure::input(
+                "samples",
+                format!("{channels} latent channels, the VAE takes {expected}"),
+            ));
+        }
+        ctx.progress(0, 1, "decoding");
+        // (B, 3, F, H, W) in [−1, 1] → IMAGE (B·F, H, W, 3) in [0, 1].
+        let video = vae
+            .model
+            .decode_video(&latents.to_device(vae_device(&vae))?, chunk)?;
+        let (_, _, _, h, w) = video.dims5()?;
+        let frames_out = video
+            .permute((0, 2, 3, 4, 1))?
+            .reshape((batch * frames, h, w, 3))?;
+        let frames_out = ((frames_out + 1.0)? / 2.0)?
+            .clamp(0f32, 1f32)?
+            .to_device(&candle_core::Device::Cpu)?;
+        ctx.progress(1, 1, "decoded");
+        Ok(Outputs::one(Images { frames: frames_out }.into_value()))
+    }
+}
+
+struct VaeEncode;
+
+impl Node for VaeEncode {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("VAEEncode", "VAE Encode", "vdm/latent")
+            .description("Frames to video latents (one video), a chunk of frames at a time.")
+            .object(
+                "pixels",
+                "IMAGE",
+                "Frames; width and height are cropped to multiples of the VAE's scale.",
+            )
+            .object("vae", "VAE", "The VAE.")
+            .optional()
+            .int(
+                "chunk_frames",
+                DEFAULT_VAE_CHUNK,
+                1,
+                4096,
+                "Frames encoded at once.",
+            )
+            .output("LATENT", "LATENT")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let images: Images = inputs.object("pixels")?;
+        let vae: Vae = inputs.object("vae")?;
+        let chunk = chunk_of(inputs)?;
+        let scale = vae.model.config().spatial_scale();
+        let (_, h, w, _) = images.frames.dims4().for_input("pixels")?;
+        let (h, w) = (h / scale * scale, w / scale * scale);
+        if h == 0 || w == 0 {
+            return Err(NodeFailure::input(
+                "pixels",
+                format!("frames smaller than the VAE's scale of {scale} pixels"),
+            ));
+        }
+        ctx.progress(0, 1, "encoding");
+        // IMAGE (F, H, W, 3) in [0, 1] → (1, 3, F, H, W) in [−1, 1], as ComfyUI crops.
+        let pixels = images
+            .frames
+            .narrow(1, 0, h)?
+            .narrow(2, 0, w)?
+            .to_dtype(DType::F32)?;
+        let video = ((pixels * 2.0)? - 1.0)?
+            .permute((3, 0, 1, 2))?
+            .unsqueeze(0)?
+            .to_device(vae_device(&vae))?;
+        let samples = vae.model.encode_video(&video, chunk, None)?;
+        ctx.progress(1, 1, "encoded");
+        Ok(Outputs::one(Latent { samples }.into_value()))
+    }
+}
+
+fn vae_device(vae: &Vae) -> &candle_core::Device {
+    vae.model.device()
+}

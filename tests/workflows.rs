@@ -1,0 +1,253 @@
+//! Every workflow in `workflows/` runs end to end on tiny models written as real files, and
+//! bad models give clear errors naming the node.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use image::AnimationDecoder;
+use serde_json::json;
+use vdm::{Executor, PluginSet, RunError, Workflow};
+
+fn plugins() -> PluginSet {
+    let set = PluginSet::load(&[], &[common::plugin_library("vdm-nodes")]);
+    assert!(set.refused.is_empty(), "{:?}", set.refused);
+    set
+}
+
+/// Points a shipped workflow at the tiny models and shrinks it so the test stays fast:
+/// 96×128 pixels (latents 12×16, the fixture UNet's size), 2 steps, at most `frames` frames.
+fn adapt(workflow: &mut Workflow, models: &common::TinyModels, video: &Path, frames: usize) {
+    let ids: Vec<(String, String)> = workflow
+        .nodes
+        .iter()
+        .map(|(id, n)| (id.clone(), n.class_type.clone()))
+        .collect();
+    for (id, class) in ids {
+        let set = |wf: &mut Workflow, input: &str, value: serde_json::Value| {
+            wf.set_literal(&id, input, value).unwrap()
+        };
+        match class.as_str() {
+            "CheckpointLoader" => set(workflow, "ckpt_name", json!("tiny-sd")),
+            "MotionModuleLoader" => set(workflow, "model_name", json!("tiny-motion")),
+            "EmptyVideoLatent" | "VideoNoise" => {
+                set(workflow, "width", json!(96));
+                set(workflow, "height", json!(128));
+                set(workflow, "frames", json!(frames));
+            }
+            "VideoSampler" => set(workflow, "steps", json!(2)),
+            "LoadVideo" => set(workflow, "video", json!(video.to_string_lossy())),
+            _ => {}
+        }
+    }
+    let _ = &models.root;
+}
+
+/// A short GIF of 24×32 pixels (the tiny VAE encodes it to 12×16 latents).
+fn write_input_video(dir: &Path, frames: u32) -> PathBuf {
+    let path = dir.join("input.gif");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut encoder = image::codecs::gif::GifEncoder::new(file);
+    for f in 0..frames {
+        let img = image::RgbaImage::from_fn(24, 32, |x, y| {
+            image::Rgba([(x * 10 + f * 20) as u8, (y * 8) as u8, 128, 255])
+        });
+        encoder.encode_frame(image::Frame::new(img)).unwrap();
+    }
+    path
+}
+
+fn run_workflow(name: &str, frames: usize, expected_frames: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let video = write_input_video(dir.path(), 6);
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("workflows")
+            .join(name),
+    )
+    .unwrap();
+    let mut wf = Workflow::parse(&text).unwrap();
+    adapt(&mut wf, &models, &video, frames);
+    let out = dir.path().join("out");
+    let set = plugins();
+    let summary = Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", out.to_string_lossy())
+        .with_setting("models_dir", models.root.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&wf)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let saved = summary
+        .ui
+        .values()
+        .find_map(|ui| ui["videos"][0]["fullpath"].as_str().map(PathBuf::from))
+        .expect("a saved video");
+    let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+        std::fs::File::open(&saved).unwrap(),
+    ))
+    .unwrap();
+    let decoded = decoder.into_frames().collect_frames().unwrap();
+    assert_eq!(decoded.len(), expected_frames, "{name}: frames");
+    // The tiny VAE upsamples by 2: latents 12×16 give 24×32 frames.
+    assert_eq!(
+        decoded[0].buffer().dimensions(),
+        (24, 32),
+        "{name}: frame size"
+    );
+}
+
+#[test]
+fn txt2vid_workflow_runs_on_tiny_models() {
+    run_workflow("txt2vid.json", 8, 8);
+}
+
+#[test]
+fn vid2vid_workflow_runs_on_tiny_models() {
+    // The input GIF has 6 frames; frame_load_cap 16 keeps them all.
+    run_workflow("vid2vid.json", 0, 6);
+}
+
+#[test]
+fn long_video_workflow_runs_through_context_windows() {
+    // 48 frames exceed the tiny motion module's 32 positions: only windows make this possible.
+    run_workflow("long-video.json", 48, 48);
+}
+
+#[test]
+fn noise_preview_workflow_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/noise-preview.json"),
+    )
+    .unwrap();
+    let mut wf = Workflow::parse(&text).unwrap();
+    wf.set_literal("1", "frames", json!(4)).unwrap();
+    let set = plugins();
+    Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", dir.path().to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&wf)
+        .unwrap();
+}
+
+fn expect_node_error(
+    wf: serde_json::Value,
+    models: &common::TinyModels,
+    node: &str,
+    input: &str,
+    needle: &str,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let set = plugins();
+    let result = Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", dir.path().to_string_lossy())
+        .with_setting("models_dir", models.root.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&Workflow::from_json(wf).unwrap());
+    match result {
+        Err(RunError::Node(e)) => {
+            assert_eq!(e.node_id.as_str(), node, "{e}");
+            assert_eq!(
+                e.input
+                    .clone()
+                    .into_option()
+                    .map(|s| s.into_string())
+                    .as_deref(),
+                Some(input),
+                "{e}"
+            );
+            assert!(e.message.contains(needle), "{e}");
+        }
+        other => panic!("expected an error of node {node}, got {other:?}"),
+    }
+}
+
+fn decode_chain(loader: serde_json::Value) -> serde_json::Value {
+    json!({
+        "1": loader,
+        "2": {"class_type": "EmptyVideoLatent", "inputs": {"width": 96, "height": 128, "frames": 2}},
+        "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "SaveVideo", "inputs": {"images": ["3", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
+    })
+}
+
+#[test]
+fn missing_and_corrupt_models_are_errors_of_the_loader_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    expect_node_error(
+        decode_chain(
+            json!({"class_type": "CheckpointLoader", "inputs": {"ckpt_name": "nope.safetensors"}}),
+        ),
+        &models,
+        "1",
+        "ckpt_name",
+        "not found",
+    );
+    let corrupt = dir.path().join("corrupt.safetensors");
+    std::fs::write(
+        &corrupt,
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": garbage}",
+    )
+    .unwrap();
+    expect_node_error(
+        decode_chain(
+            json!({"class_type": "CheckpointLoader", "inputs": {"ckpt_name": corrupt.to_string_lossy()}}),
+        ),
+        &models,
+        "1",
+        "ckpt_name",
+        "corrupt.safetensors",
+    );
+}
+
+#[test]
+fn a_motion_module_of_other_channels_is_refused_naming_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    // A motion module for wider channels: rewrite the config of a copy and scale nothing else;
+    // the channel check refuses it before any weight is read.
+    let other = models.root.join("animatediff_models/wide-motion");
+    std::fs::create_dir_all(&other).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(models.motion_module.join("config.json")).unwrap(),
+    )
+    .unwrap();
+    config["block_out_channels"] = json!([64, 128]);
+    std::fs::write(other.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        models
+            .motion_module
+            .join("diffusion_pytorch_model.safetensors"),
+        other.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let wf = json!({
+        "1": {"class_type": "CheckpointLoader", "inputs": {"ckpt_name": "tiny-sd"}},
+        "2": {"class_type": "MotionModuleLoader", "inputs": {"model_name": "wide-motion"}},
+        "3": {"class_type": "ApplyMotionModule", "inputs": {"model": ["1", 0], "motion_module": ["2", 0], "motion_scale": 1.0}},
+        "4": {"class_type": "TextEncode", "inputs": {"clip": ["1", 1], "text": "the"}},
+        "5": {"class_type": "EmptyVideoLatent", "inputs": {"width": 96, "height": 128, "frames": 2}},
+        "6": {"class_type": "VideoSampler", "inputs": {"model": ["3", 0], "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+              "seed": 1, "steps": 1, "cfg": 1.0, "scheduler": "ddim", "denoise": 1.0}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "x"}}
+    });
+    expect_node_error(wf, &models, "3", "motion_module", "channels");
+}
+
+#[test]
+fn a_model_of_the_wrong_kind_in_a_socket_fails_validation() {
+    let set = plugins();
+    let wf = Workflow::from_json(json!({
+        "1": {"class_type": "CheckpointLoader", "inputs": {"ckpt_name": "tiny-sd"}},
+        "2": {"class_type": "EmptyVideoLatent", "inputs": {"width": 96, "height": 128, "frames": 2}},
+        "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 1]}},
+        "4": {"class_type": "SaveVideo", "inputs": {"images": ["3", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
+    }))
+    .unwrap();
+    let report = vdm::validate(&wf, &set);
+    let issue = &report.issues("3")[0];
+    assert_eq!(issue.kind, "return_type_mismatch");
+    assert_eq!(issue.input_name(), Some("vae"));
+    assert!(issue.details.contains("CLIP"), "{}", issue.details);
+}
