@@ -232,7 +232,13 @@ fn a_motion_module_of_other_channels_is_refused_naming_the_node() {
               "seed": 1, "steps": 1, "cfg": 1.0, "scheduler": "ddim", "denoise": 1.0}},
         "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "x"}}
     });
-    expect_node_error(wf, &models, "3", "motion_module", "channels");
+    expect_node_error(
+        wf,
+        &models,
+        "3",
+        "motion_module",
+        "is for UNet channels [64, 128]",
+    );
 }
 
 #[test]

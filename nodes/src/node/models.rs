@@ -230,6 +230,11 @@ impl Node for ApplyMotionModule {
         let model: Model = inputs.object("model")?;
         let module: MotionModule = inputs.object("motion_module")?;
         let scale = inputs.float("motion_scale")?;
+        // Checked before any weight is read, so the message says what is wrong.
+        model
+            .unet
+            .check_motion_config(&module.file.config)
+            .map_err(|e| NodeFailure::input("motion_module", e))?;
         let base = model.unet.base();
         let dtype = base.dtype();
         let adapter = module
