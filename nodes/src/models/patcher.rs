@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 
 use super::attention::{AttentionHook, AttentionKind, AttentionProcessor};
-use super::motion::{MotionAdapter, MotionPatch};
+use super::motion::{MotionAdapter, MotionAdapterConfig, MotionPatch};
 use super::unet::UNet2DConditionModel;
 use crate::sampling::NoisePredictor;
 
@@ -52,18 +52,27 @@ impl PatchedUNet {
         adapter: Arc<MotionAdapter>,
         scale: f64,
     ) -> std::result::Result<Self, String> {
+        self.check_motion_config(adapter.config())?;
+        Ok(Self {
+            motion: Some((adapter, scale)),
+            ..self.clone()
+        })
+    }
+
+    /// Whether motion modules of `config` fit this UNet (the same channels per block).
+    pub fn check_motion_config(
+        &self,
+        config: &MotionAdapterConfig,
+    ) -> std::result::Result<(), String> {
         let unet_channels = &self.base.config().block_out_channels;
-        let motion_channels = &adapter.config().block_out_channels;
+        let motion_channels = &config.block_out_channels;
         if unet_channels != motion_channels {
             return Err(format!(
                 "the motion module is for UNet channels {motion_channels:?}, this UNet has {unet_channels:?} \
                  (an SD 1.x motion module needs an SD 1.x checkpoint)"
             ));
         }
-        Ok(Self {
-            motion: Some((adapter, scale)),
-            ..self.clone()
-        })
+        Ok(())
     }
 
     /// The same UNet with `processor` on every attention layer whose path starts with `prefix`.
