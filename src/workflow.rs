@@ -180,7 +180,7 @@ mod tests {
     fn malformed_json_reports_line_and_column() {
         let err = Workflow::parse("{\n  \"1\": {\"class_type\": }\n}").unwrap_err();
         match err {
-            ParseError::Json { line, column, .. } => assert_eq!((line, column), (2, 25)),
+            ParseError::Json { line, column, .. } => assert_eq!((line, column), (2, 23)),
             other => panic!("unexpected {other:?}"),
         }
     }

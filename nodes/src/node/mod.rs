@@ -182,10 +182,17 @@ impl Inputs {
     /// A plugin object of type `T` on input `name`, produced by this plugin.
     pub fn object<T: PluginType>(&self, name: &str) -> Result<T, NodeFailure> {
         match self.required(name)? {
-            Value::Handle(handle) => T::from_handle(handle).ok_or_else(|| {
-                NodeFailure::input(
+            Value::Handle(handle) if handle.type_tag.as_str() != T::TYPE_TAG => {
+                Err(NodeFailure::input(
                     name,
                     format!("expected {}, got {}", T::TYPE_TAG, handle.type_tag),
+                ))
+            }
+            Value::Handle(handle) => T::from_handle(handle).ok_or_else(|| {
+                let made_by = handle.object.describe();
+                NodeFailure::input(
+                    name,
+                    format!("this {made_by} was made by another plugin and cannot be read here"),
                 )
             }),
             Value::Tensor(tensor) => T::from_host_tensor(tensor).for_input(name),
