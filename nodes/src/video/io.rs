@@ -1100,27 +1100,7 @@ fn publish(temp: &Path, folder: &Path, name: &str, extension: &str) -> Result<Pa
 mod tests {
     use super::*;
 
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(label: &str) -> Self {
-            static NEXT: AtomicU64 = AtomicU64::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "vdm-video-io-{label}-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, AtomicOrdering::Relaxed)
-            ));
-            let _ = fs::remove_dir_all(&path);
-            fs::create_dir_all(&path).unwrap();
-            Self(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::video::TempDir;
 
     /// A smooth moving gradient: (frames, height, width, 3) in [0, 1].
     fn gradient_clip(frames: usize, height: usize, width: usize) -> Tensor {

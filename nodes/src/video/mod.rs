@@ -16,3 +16,21 @@ pub use io::{load_video, save_video, LoadOptions, MediaError, VideoFormat};
 pub use latent_file::{load_latent, save_latent};
 pub use noise::{free_noise, free_noise_schedule, video_noise, NoiseMode};
 pub use preview::{latent_to_rgb, UpscaleFilter};
+
+/// A fresh folder for a test, removed when dropped; `.0` is its path.
+#[cfg(test)]
+pub(crate) struct TempDir(
+    pub std::path::PathBuf,
+    #[allow(dead_code)] tempfile::TempDir,
+);
+
+#[cfg(test)]
+impl TempDir {
+    pub(crate) fn new(label: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("vdm-{label}-"))
+            .tempdir()
+            .expect("temp dir");
+        Self(dir.path().to_path_buf(), dir)
+    }
+}
