@@ -35,10 +35,7 @@ impl Node for LatentPreview {
 
     fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
         let latent: Latent = inputs.object("latent")?;
-        let upscale = match inputs.get("upscale") {
-            Some(_) => inputs.usize("upscale")?,
-            None => 8,
-        };
+        let upscale = inputs.usize_or("upscale", 8)?;
         let frames = preview::latent_to_rgb(&latent.samples, upscale, UpscaleFilter::Nearest)
             .for_input("latent")?;
         Ok(Outputs::one(Images { frames }.into_value()))

@@ -157,6 +157,22 @@ impl Inputs {
         usize::try_from(v).map_err(|_| NodeFailure::input(name, format!("{v} is negative")))
     }
 
+    /// An optional usize input, or `default` when it is not given.
+    pub fn usize_or(&self, name: &str, default: usize) -> Result<usize, NodeFailure> {
+        match self.get(name) {
+            Some(_) => self.usize(name),
+            None => Ok(default),
+        }
+    }
+
+    /// An optional BOOLEAN input, or `default` when it is not given.
+    pub fn bool_or(&self, name: &str, default: bool) -> Result<bool, NodeFailure> {
+        match self.get(name) {
+            Some(_) => self.bool(name),
+            None => Ok(default),
+        }
+    }
+
     pub fn float(&self, name: &str) -> Result<f64, NodeFailure> {
         match self.required(name)? {
             Value::Float(v) => Ok(*v),

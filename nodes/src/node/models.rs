@@ -274,10 +274,7 @@ impl Node for TextEncode {
     fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
         let clip: Clip = inputs.object("clip")?;
         let text = inputs.string("text")?;
-        let clip_skip = match inputs.get("clip_skip") {
-            Some(_) => inputs.usize("clip_skip")?,
-            None => clip.clip_skip,
-        };
+        let clip_skip = inputs.usize_or("clip_skip", clip.clip_skip)?;
         if clip_skip > clip.encoder.num_hidden_layers() {
             return Err(NodeFailure::input(
                 "clip_skip",
@@ -336,10 +333,7 @@ impl Node for EmptyVideoLatent {
         let width = inputs.usize("width")? / super::noise::LATENT_SCALE;
         let height = inputs.usize("height")? / super::noise::LATENT_SCALE;
         let frames = inputs.usize("frames")?;
-        let batch = match inputs.get("batch_size") {
-            Some(_) => inputs.usize("batch_size")?,
-            None => 1,
-        };
+        let batch = inputs.usize_or("batch_size", 1)?;
         let samples = Tensor::zeros(
             (batch, 4, frames, height.max(1), width.max(1)),
             DType::F32,

@@ -44,10 +44,7 @@ impl Node for VideoNoise {
         let channels = inputs.usize("channels")?;
         let mode: NoiseMode = inputs.string("mode")?.parse().for_input("mode")?;
         let rho = inputs.float("correlation")?;
-        let batch = match inputs.get("batch_size") {
-            Some(_) => inputs.usize("batch_size")?,
-            None => 1,
-        };
+        let batch = inputs.usize_or("batch_size", 1)?;
         let device = ctx.device()?;
         let samples = video_noise(
             seed, batch, channels, frames, height, width, mode, rho, &device,

@@ -279,14 +279,8 @@ impl Node for ContextOptionsNode {
         let options = ContextOptions {
             length: inputs.usize("context_length")?,
             overlap: inputs.usize("context_overlap")?,
-            stride: match inputs.get("context_stride") {
-                Some(_) => inputs.usize("context_stride")?,
-                None => 1,
-            },
-            closed_loop: match inputs.get("closed_loop") {
-                Some(_) => inputs.bool("closed_loop")?,
-                None => false,
-            },
+            stride: inputs.usize_or("context_stride", 1)?,
+            closed_loop: inputs.bool_or("closed_loop", false)?,
             schedule: inputs.string("schedule")?.parse().for_input("schedule")?,
             fuse: inputs
                 .string("fuse_method")?
@@ -299,10 +293,7 @@ impl Node for ContextOptionsNode {
 }
 
 fn chunk_of(inputs: &Inputs) -> Result<usize, NodeFailure> {
-    match inputs.get("chunk_frames") {
-        Some(_) => inputs.usize("chunk_frames"),
-        None => Ok(DEFAULT_VAE_CHUNK as usize),
-    }
+    inputs.usize_or("chunk_frames", DEFAULT_VAE_CHUNK as usize)
 }
 
 struct VaeDecode;

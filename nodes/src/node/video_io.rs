@@ -32,14 +32,10 @@ impl Node for LoadVideo {
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let path = resolve_input_path(ctx, inputs.string("video")?);
-        let optional = |name: &str, default: usize| match inputs.get(name) {
-            Some(_) => inputs.usize(name),
-            None => Ok(default),
-        };
         let options = LoadOptions {
-            frame_load_cap: optional("frame_load_cap", 0)?,
-            skip_first_frames: optional("skip_first_frames", 0)?,
-            select_every_nth: optional("select_every_nth", 1)?,
+            frame_load_cap: inputs.usize_or("frame_load_cap", 0)?,
+            skip_first_frames: inputs.usize_or("skip_first_frames", 0)?,
+            select_every_nth: inputs.usize_or("select_every_nth", 1)?,
         };
         let (frames, fps) = load_video(&path, &options).for_input("video")?;
         let count = frames.dim(0)? as i64;
@@ -75,10 +71,7 @@ impl Node for SaveVideo {
         let prefix = inputs.string("filename_prefix")?;
         let format: VideoFormat = inputs.string("format")?.parse().for_input("format")?;
         let fps = inputs.float("fps")?;
-        let loop_count = match inputs.get("loop_count") {
-            Some(_) => inputs.usize("loop_count")? as u32,
-            None => 0,
-        };
+        let loop_count = inputs.usize_or("loop_count", 0)? as u32;
         let out_dir = ctx.output_dir();
         let path = save_video(&images.frames, &out_dir, prefix, format, fps, loop_count)
             .map_err(NodeFailure::execution)?;
