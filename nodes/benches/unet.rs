@@ -96,6 +96,17 @@ fn peak_rss_gib() -> Option<f64> {
     Some(kib / (1024.0 * 1024.0))
 }
 
+/// User + system CPU seconds of this process so far: on a machine shared with other jobs, the
+/// CPU time of a forward is steadier than its wall time.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 fn median(times: &[f64]) -> f64 {
     let mut sorted = times.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -124,11 +135,15 @@ fn time_forward(
     drop(out);
     let mut times = Vec::with_capacity(runs);
     for run in 0..runs {
+        let cpu_start = cpu_seconds();
         let start = Instant::now();
         let out = forward()?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         drop(out);
-        println!("{label}: run {run}: {ms:.0} ms");
+        match (cpu_start, cpu_seconds()) {
+            (Some(a), Some(b)) => println!("{label}: run {run}: {ms:.0} ms ({:.1} s CPU)", b - a),
+            _ => println!("{label}: run {run}: {ms:.0} ms"),
+        }
         times.push(ms);
     }
     println!(
