@@ -2,7 +2,9 @@
 //! `bench_full_unet.py` of the reference: random weights, f32, batch 2 (classifier-free
 //! guidance), 8 frames, 32×32 latent, timestep 501. Prints the time of each forward (one warm-up,
 //! then `VDM_BENCH_RUNS` runs, default 2), the parameter counts and the peak resident memory;
-//! then the same for the plain image UNet on the 16 frames (skipped with `VDM_BENCH_SKIP_2D=1`).
+//! then the same for the plain image UNet on the 16 frames (skipped with `VDM_BENCH_SKIP_2D=1`);
+//! then the time per sampling step of the whole loop (one video, guidance 7.5, DDIM: one UNet
+//! call of batch 2 plus the scheduler) over `VDM_BENCH_STEPS` steps (default 2; 0 skips it).
 //!
 //! Run with `cargo bench -p vdm-nodes --bench unet`.
 
@@ -175,10 +177,10 @@ fn main() -> Result<()> {
         weights_for(|vb| MotionAdapter::new(vb, &adapter_cfg, groups).map(|_| ()))?;
     let unet_params = parameter_count(&unet_weights);
     let motion_params = parameter_count(&adapter_weights);
-    let unet = UNet2DConditionModel::new(
+    let unet = std::sync::Arc::new(UNet2DConditionModel::new(
         VarBuilder::from_tensors(unet_weights, DType::F32, &device),
         &unet_cfg,
-    )?;
+    )?);
     let adapter = MotionAdapter::new(
         VarBuilder::from_tensors(adapter_weights, DType::F32, &device),
         &adapter_cfg,
@@ -209,9 +211,71 @@ fn main() -> Result<()> {
             unet.forward_images(&images, 501.0, &context, &hook)
         })?;
     }
+    let steps: usize = std::env::var("VDM_BENCH_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    if steps > 0 {
+        time_sampling_steps(&unet, adapter, steps)?;
+    }
     match peak_rss_gib() {
         Some(gib) => println!("peak RSS: {gib:.2} GiB"),
         None => println!("peak RSS: unavailable (/proc/self/status not readable)"),
     }
+    Ok(())
+}
+
+/// The whole sampling loop on one video: guidance doubles the UNet batch, as in the forward
+/// benchmark above, so the two differ by the loop's own cost (scheduler, guidance, copies).
+fn time_sampling_steps(
+    unet: &std::sync::Arc<UNet2DConditionModel>,
+    adapter: MotionAdapter,
+    steps: usize,
+) -> Result<()> {
+    use vdm_nodes::models::patcher::PatchedUNet;
+    use vdm_nodes::sampling::{sample, SampleInputs, SampleSettings};
+    use vdm_nodes::schedulers::{DdimScheduler, DdimSchedulerConfig};
+    let device = Device::Cpu;
+    let model = PatchedUNet::new(unet.clone())
+        .with_motion(std::sync::Arc::new(adapter), 1.0)
+        .map_err(candle_core::Error::Msg)?;
+    let noise = Tensor::randn(0f32, 1.0, (1, 4, FRAMES, LATENT, LATENT), &device)?;
+    let positive = Tensor::randn(0f32, 1.0, (1, 77, 768), &device)?;
+    let negative = Tensor::randn(0f32, 1.0, (1, 77, 768), &device)?;
+    let mut scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
+    let settings = SampleSettings {
+        steps,
+        guidance_scale: 7.5,
+        strength: 1.0,
+        freeinit: None,
+    };
+    let mut fresh =
+        |_: usize| -> Result<Tensor> { candle_core::bail!("no FreeInit in this benchmark") };
+    let mut times = Vec::with_capacity(steps);
+    let mut last = Instant::now();
+    let inputs = SampleInputs {
+        noise: &noise,
+        init_latents: None,
+        positive: &positive,
+        negative: &negative,
+        fresh_noise: &mut fresh,
+    };
+    sample(
+        &model,
+        &mut scheduler,
+        &settings,
+        inputs,
+        &mut |step, total| {
+            let ms = last.elapsed().as_secs_f64() * 1e3;
+            println!("sampling step {step}/{total}: {ms:.0} ms");
+            times.push(ms);
+            last = Instant::now();
+            Ok(())
+        },
+    )?;
+    println!(
+        "sampling: median {:.0} ms per step over {steps} steps (1 video, guidance 7.5, DDIM)",
+        median(&times)
+    );
     Ok(())
 }

@@ -53,9 +53,30 @@ impl AttentionProcessor for ScaledDotProduct {
     }
 }
 
-/// softmax(q·kᵀ·scale)·v over the last two dimensions.
+/// Largest attention-score block computed at once. The full score tensor of SD's first
+/// spatial layer at 64×64 latents, 16 frames and guidance is 32·8·4096² floats (17 GiB), so
+/// longer sequences are processed in slices of queries: rows of a softmax are independent.
+const MAX_SCORE_BYTES: usize = 256 << 20;
+
+/// softmax(q·kᵀ·scale)·v over the last two dimensions, in slices of queries when the score
+/// tensor would exceed [`MAX_SCORE_BYTES`].
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    attention_probs(q, k, scale)?.matmul(&v.contiguous()?)
+    let (batch, heads, queries, _) = q.dims4()?;
+    let keys = k.dim(2)?;
+    let row_bytes = batch * heads * keys * q.dtype().size_in_bytes();
+    let rows_per_slice = (MAX_SCORE_BYTES / row_bytes.max(1)).max(1);
+    let v = v.contiguous()?;
+    if rows_per_slice >= queries {
+        return attention_probs(q, k, scale)?.matmul(&v);
+    }
+    let kt = k.t()?.contiguous()?;
+    let mut slices = Vec::with_capacity(queries.div_ceil(rows_per_slice));
+    for start in (0..queries).step_by(rows_per_slice) {
+        let len = rows_per_slice.min(queries - start);
+        let scores = (q.narrow(2, start, len)?.contiguous()?.matmul(&kt)? * scale)?;
+        slices.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?);
+    }
+    Tensor::cat(&slices, 2)
 }
 
 /// The attention map softmax(q·kᵀ·scale), (batch, heads, queries, keys); rows sum to 1.
@@ -172,6 +193,20 @@ mod tests {
             .to_dtype(DType::F32)?
             .to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn long_sequences_are_computed_in_slices_with_the_same_result() -> Result<()> {
+        let dev = Device::Cpu;
+        // 70000 keys × 4 bytes = 280 KB per query row: slices of about 958 rows.
+        let q = Tensor::randn(0f32, 1.0, (1, 1, 2000, 4), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 1, 70000, 4), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 1, 70000, 4), &dev)?;
+        let sliced = scaled_dot_product(&q, &k, &v, 0.5)?;
+        let whole = attention_probs(&q, &k, 0.5)?.matmul(&v.contiguous()?)?;
+        let diff = (sliced - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
         Ok(())
     }
 }
