@@ -150,3 +150,17 @@ fn nodes_json_is_object_info_and_refused_plugins_are_reported() {
         "{stderr}"
     );
 }
+
+#[test]
+fn plugins_are_found_through_vdm_plugin_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_vdm"))
+        .args(["nodes", "--json"])
+        .current_dir(dir.path())
+        .env("VDM_PLUGIN_PATH", plugin_dir())
+        .output()
+        .expect("vdm runs");
+    assert!(output.status.success());
+    let info: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(info.get("VideoSampler").is_some(), "{info}");
+}
