@@ -82,10 +82,14 @@ struct FusedGroupNorm {
 }
 
 /// The first `len` f32 values of `storage` from the start of `layout`, which must be contiguous.
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
-        None => candle_core::bail!("group-norm: {what} is not contiguous"),
+        None => candle_core::bail!("{what} is not contiguous"),
     }
 }
 
@@ -133,9 +137,9 @@ impl CustomOp3 for FusedGroupNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = xs_layout.dims();
         let (channels, spatial) = (dims[1], dims[2..].iter().product::<usize>());
-        let xs = contiguous_f32(xs, xs_layout, "input")?;
-        let weight = contiguous_f32(weight, weight_layout, "weight")?;
-        let bias = contiguous_f32(bias, bias_layout, "bias")?;
+        let xs = contiguous_f32(xs, xs_layout, "group-norm input")?;
+        let weight = contiguous_f32(weight, weight_layout, "group-norm weight")?;
+        let bias = contiguous_f32(bias, bias_layout, "group-norm bias")?;
         if weight.len() != channels || bias.len() != channels {
             candle_core::bail!(
                 "group-norm: {channels} input channels but weight {} and bias {}",
