@@ -6,6 +6,7 @@
 //! Without motion modules every frame is denoised as an independent image.
 
 pub mod blocks;
+pub mod conv;
 pub mod embeddings;
 pub mod norm;
 pub mod resnet;
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Module, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::models::attention::AttentionHook;
@@ -23,6 +24,7 @@ use crate::models::motion::{MotionAdapter, MotionPatch, TemporalTransformer};
 use blocks::{
     BlockInputs, DownBlock, DownBlockConfig, MidBlock, MotionStage, UpBlock, UpBlockConfig,
 };
+use conv::Conv2d;
 pub use embeddings::Timestep;
 use embeddings::{timestep_features, TimestepEmbedding};
 use norm::GroupNorm;
@@ -369,11 +371,7 @@ impl UNet2DConditionModel {
         };
 
         let conv = |vb: VarBuilder, cin: usize, cout: usize, kernel: usize| {
-            let conv_cfg = Conv2dConfig {
-                padding: (kernel - 1) / 2,
-                ..Default::default()
-            };
-            candle_nn::conv2d(cin, cout, kernel, conv_cfg, vb)
+            Conv2d::new(vb, cin, cout, kernel, 1, (kernel - 1) / 2)
         };
         let conv_in = conv(
             vb.pp("conv_in"),

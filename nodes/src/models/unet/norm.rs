@@ -1,12 +1,22 @@
 //! Group normalisation as the UNet and the motion modules use it.
+//!
+//! On the CPU, for f32 inputs that no gradient flows through, normalisation, affine map and the
+//! optional SiLU run as one pass per group; candle's composition of elementwise ops makes about
+//! ten passes over the activations, each into a freshly allocated tensor. Elsewhere (CUDA, half
+//! precision, training) the candle composition runs.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Module, VarBuilder};
+use rayon::prelude::*;
 
 /// `nn.GroupNorm(groups, channels, eps)` with affine weight and bias, over (N, C, ...) inputs.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
 }
 
 impl GroupNorm {
@@ -17,18 +27,202 @@ impl GroupNorm {
                 vb.prefix()
             )
         }
+        let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+        let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
         Ok(Self {
-            inner: candle_nn::group_norm(groups, channels, eps, vb)?,
+            inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+            weight,
+            bias,
+            groups,
+            eps,
         })
     }
 
     /// x: (N, C, ...) → same shape.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.fused_applies(xs) {
+            let xs = xs.contiguous()?;
+            return xs.apply_op3_no_bwd(&self.weight, &self.bias, &self.fused(false));
+        }
         self.inner.forward(xs)
     }
 
     /// SiLU(GroupNorm(x)), the pre-activation of every resnet convolution.
     pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.fused_applies(xs) {
+            let xs = xs.contiguous()?;
+            return xs.apply_op3_no_bwd(&self.weight, &self.bias, &self.fused(true));
+        }
         self.inner.forward(xs)?.silu()
+    }
+
+    fn fused(&self, silu: bool) -> FusedGroupNorm {
+        FusedGroupNorm {
+            groups: self.groups,
+            eps: self.eps,
+            silu,
+        }
+    }
+
+    /// The fused kernel has no backward pass and exists for f32 on the CPU only.
+    fn fused_applies(&self, xs: &Tensor) -> bool {
+        xs.device().is_cpu()
+            && xs.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && xs.rank() >= 3
+            && !(xs.track_op() || self.weight.track_op() || self.bias.track_op())
+    }
+}
+
+/// GroupNorm (and SiLU) of a contiguous f32 (N, C, ...) tensor with per-channel weight and bias.
+struct FusedGroupNorm {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+/// The first `len` f32 values of `storage` from the start of `layout`, which must be contiguous.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
+        None => candle_core::bail!("{what} is not contiguous"),
+    }
+}
+
+/// Mean and variance of `values`, accumulated in f64 over eight independent lanes.
+fn mean_and_variance(values: &[f32]) -> (f64, f64) {
+    let count = values.len().max(1) as f64;
+    let mut lanes = [0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let rest: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += v as f64;
+        }
+    }
+    let mean = (lanes.iter().sum::<f64>() + rest) / count;
+    let mut lanes = [0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let rest: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            let centred = v as f64 - mean;
+            *lane += centred * centred;
+        }
+    }
+    (mean, (lanes.iter().sum::<f64>() + rest) / count)
+}
+
+impl CustomOp3 for FusedGroupNorm {
+    fn name(&self) -> &'static str {
+        "fused-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = xs_layout.dims();
+        let (channels, spatial) = (dims[1], dims[2..].iter().product::<usize>());
+        let xs = contiguous_f32(xs, xs_layout, "group-norm input")?;
+        let weight = contiguous_f32(weight, weight_layout, "group-norm weight")?;
+        let bias = contiguous_f32(bias, bias_layout, "group-norm bias")?;
+        if weight.len() != channels || bias.len() != channels {
+            candle_core::bail!(
+                "group-norm: {channels} input channels but weight {} and bias {}",
+                weight.len(),
+                bias.len()
+            )
+        }
+        let per_group = channels / self.groups;
+        let group_len = per_group * spatial;
+        let mut out = vec![0f32; xs.len()];
+        if group_len > 0 {
+            out.par_chunks_mut(group_len)
+                .zip(xs.par_chunks(group_len))
+                .enumerate()
+                .for_each(|(index, (dst, src))| {
+                    let first_channel = (index % self.groups) * per_group;
+                    let (mean, variance) = mean_and_variance(src);
+                    let inv_std = 1.0 / (variance + self.eps).sqrt();
+                    for (offset, (dst, src)) in dst
+                        .chunks_exact_mut(spatial)
+                        .zip(src.chunks_exact(spatial))
+                        .enumerate()
+                    {
+                        let channel = first_channel + offset;
+                        let scale = weight[channel] as f64 * inv_std;
+                        let shift = bias[channel] as f64 - mean * scale;
+                        let (scale, shift) = (scale as f32, shift as f32);
+                        if self.silu {
+                            for (d, &s) in dst.iter_mut().zip(src) {
+                                let y = s * scale + shift;
+                                *d = y / (1.0 + (-y).exp());
+                            }
+                        } else {
+                            for (d, &s) in dst.iter_mut().zip(src) {
+                                *d = s * scale + shift;
+                            }
+                        }
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use std::collections::HashMap;
+
+    fn norm(channels: usize, groups: usize) -> Result<GroupNorm> {
+        let dev = Device::Cpu;
+        let mut weights = HashMap::new();
+        weights.insert(
+            "weight".to_string(),
+            Tensor::randn(1f32, 0.5, channels, &dev)?,
+        );
+        weights.insert(
+            "bias".to_string(),
+            Tensor::randn(0f32, 0.5, channels, &dev)?,
+        );
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &dev);
+        GroupNorm::new(vb, groups, channels, 1e-5)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn fused_group_norm_matches_candle() -> Result<()> {
+        let gn = norm(12, 4)?;
+        let xs = (Tensor::randn(0f32, 2.0, (3, 12, 5, 7), &Device::Cpu)? + 3.0)?;
+        let reference = gn.inner.forward(&xs)?;
+        assert!(max_abs_diff(&gn.forward(&xs)?, &reference)? < 1e-5);
+        assert!(max_abs_diff(&gn.forward_silu(&xs)?, &reference.silu()?)? < 1e-5);
+        // Non-contiguous input and a rank-5 (video) input.
+        let strided = xs.transpose(2, 3)?;
+        let reference = gn.inner.forward(&strided.contiguous()?)?;
+        assert!(max_abs_diff(&gn.forward(&strided)?, &reference)? < 1e-5);
+        let video = xs.reshape((3, 12, 5, 7, 1))?;
+        let reference = gn.inner.forward(&video)?;
+        assert!(max_abs_diff(&gn.forward(&video)?, &reference)? < 1e-5);
+        Ok(())
     }
 }

@@ -2,7 +2,9 @@
 //! `Downsample2D`, `Upsample2D`).
 
 use candle_core::{Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
+
+use super::conv::Conv2d;
 
 use super::norm::GroupNorm;
 
@@ -30,11 +32,7 @@ pub struct ResnetBlock2D {
 }
 
 fn conv3x3(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_channels, out_channels, 3, cfg, vb)
+    Conv2d::new(vb, in_channels, out_channels, 3, 1, 1)
 }
 
 impl ResnetBlock2D {
@@ -52,13 +50,7 @@ impl ResnetBlock2D {
         let conv2 = conv3x3(vb.pp("conv2"), out_channels, out_channels)?;
         let conv_shortcut = if in_channels != out_channels {
             let shortcut = vb.pp("conv_shortcut");
-            Some(candle_nn::conv2d(
-                in_channels,
-                out_channels,
-                1,
-                Default::default(),
-                shortcut,
-            )?)
+            Some(Conv2d::new(shortcut, in_channels, out_channels, 1, 1, 0)?)
         } else {
             None
         };
@@ -104,12 +96,7 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
-        let cfg = Conv2dConfig {
-            padding,
-            stride: 2,
-            ..Default::default()
-        };
-        let conv = candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?;
+        let conv = Conv2d::new(vb.pp("conv"), channels, channels, 3, 2, padding)?;
         Ok(Self {
             conv,
             pad_bottom_right: padding == 0,
