@@ -17,7 +17,7 @@ fn plugins() -> PluginSet {
 
 /// Points a shipped workflow at the tiny models and shrinks it so the test stays fast:
 /// 96×128 pixels (latents 12×16, the fixture UNet's size), 2 steps, at most `frames` frames.
-fn adapt(workflow: &mut Workflow, models: &common::TinyModels, video: &Path, frames: usize) {
+fn adapt(workflow: &mut Workflow, video: &Path, frames: usize) {
     let ids: Vec<(String, String)> = workflow
         .nodes
         .iter()
@@ -40,7 +40,6 @@ fn adapt(workflow: &mut Workflow, models: &common::TinyModels, video: &Path, fra
             _ => {}
         }
     }
-    let _ = &models.root;
 }
 
 /// A short GIF of 24×32 pixels (the tiny VAE encodes it to 12×16 latents).
@@ -68,7 +67,7 @@ fn run_workflow(name: &str, frames: usize, expected_frames: usize) {
     )
     .unwrap();
     let mut wf = Workflow::parse(&text).unwrap();
-    adapt(&mut wf, &models, &video, frames);
+    adapt(&mut wf, &video, frames);
     let out = dir.path().join("out");
     let set = plugins();
     let summary = Executor::new(&set, &vdm::events::Silent)

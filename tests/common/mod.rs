@@ -124,7 +124,6 @@ pub struct TinyModels {
 /// tokenizer, since no real vocabulary is available offline) and the fixture motion adapter as
 /// a diffusers MotionAdapter folder, under `dir`.
 pub fn write_tiny_models(dir: &std::path::Path) -> TinyModels {
-    let fixtures = reference_dir();
     let unet_case = cases("unet_motion_mid").remove(0);
     let vae_case = cases("vae").remove(0);
     let text_case = cases("text_encoder").remove(0);
@@ -180,7 +179,6 @@ pub fn write_tiny_models(dir: &std::path::Path) -> TinyModels {
         unet_case.join("motion_adapter.safetensors"),
         motion_module.join("diffusion_pytorch_model.safetensors"),
     );
-    let _ = fixtures;
     TinyModels {
         root: dir.to_path_buf(),
         checkpoint,

@@ -1,15 +1,13 @@
 //! Latent utilities: a VAE-free preview, and LATENT files as ComfyUI's SaveLatent/LoadLatent.
 
-use std::path::{Path, PathBuf};
-
 use serde_json::json;
 
 use crate::video::preview::UpscaleFilter;
 use crate::video::{latent_file, preview};
 
 use super::{
-    Context, DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs,
-    PluginType,
+    file_entry, resolve_input_path, Context, DescriptorBuilder, ForInput, Images, Inputs, Latent,
+    Node, NodeFailure, Outputs, PluginType,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
@@ -90,27 +88,4 @@ impl Node for LoadLatent {
         let samples = latent_file::load_latent(&path, &device).for_input("latent")?;
         Ok(Outputs::one(Latent { samples }.into_value()))
     }
-}
-
-/// A user-given path: absolute, or relative to the host's input folder when it has one.
-pub fn resolve_input_path(ctx: &Context, given: &str) -> PathBuf {
-    let path = PathBuf::from(given);
-    match ctx.setting("input_dir") {
-        Some(dir) if path.is_relative() && !path.exists() => Path::new(&dir).join(path),
-        _ => path,
-    }
-}
-
-/// ComfyUI's description of a written file: name, subfolder of the output folder, type.
-pub fn file_entry(out_dir: &Path, path: &Path) -> serde_json::Value {
-    let relative = path.strip_prefix(out_dir).unwrap_or(path);
-    let subfolder = relative
-        .parent()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let filename = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    json!({ "filename": filename, "subfolder": subfolder, "type": "output", "fullpath": path.to_string_lossy() })
 }

@@ -12,7 +12,7 @@ mod sampler;
 mod spec;
 mod video_io;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use abi_stable::std_types::{RNone, RSome, RStr, RString, RVec};
@@ -334,4 +334,27 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
             )),
         },
     }
+}
+
+/// A user-given path: absolute, or relative to the host's input folder when it has one.
+pub(crate) fn resolve_input_path(ctx: &Context, given: &str) -> PathBuf {
+    let path = PathBuf::from(given);
+    match ctx.setting("input_dir") {
+        Some(dir) if path.is_relative() && !path.exists() => Path::new(&dir).join(path),
+        _ => path,
+    }
+}
+
+/// ComfyUI's description of a written file: name, subfolder of the output folder, type.
+pub(crate) fn file_entry(out_dir: &Path, path: &Path) -> serde_json::Value {
+    let relative = path.strip_prefix(out_dir).unwrap_or(path);
+    let subfolder = relative
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let filename = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    serde_json::json!({ "filename": filename, "subfolder": subfolder, "type": "output", "fullpath": path.to_string_lossy() })
 }

@@ -4,9 +4,9 @@ use serde_json::json;
 
 use crate::video::io::{load_video, save_video, LoadOptions, VideoFormat};
 
-use super::latent::{file_entry, resolve_input_path};
 use super::{
-    Context, DescriptorBuilder, ForInput, Images, Inputs, Node, NodeFailure, Outputs, PluginType,
+    file_entry, resolve_input_path, Context, DescriptorBuilder, ForInput, Images, Inputs, Node,
+    NodeFailure, Outputs, PluginType,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
