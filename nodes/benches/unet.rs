@@ -161,6 +161,8 @@ fn main() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
     let skip_2d = std::env::var("VDM_BENCH_SKIP_2D").is_ok_and(|v| v == "1");
+    // As the plugin does when the host loads it.
+    vdm_nodes::allocator::retain_freed_memory();
     let device = Device::Cpu;
     println!(
         "SD 1.5 UNet + AnimateDiff v3 motion modules, f32, CPU, {} threads, batch {BATCH}, \

@@ -3,6 +3,7 @@
 //! `node/` wraps the domain code for the host (descriptors, ABI values); `models/`,
 //! `schedulers/` and `video/` are plain Rust over candle and know nothing of the ABI.
 
+pub mod allocator;
 pub mod models;
 pub mod node;
 pub mod plugin;

@@ -9,7 +9,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
+
+mod cpu;
 
 /// What an attention layer attends over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,14 +55,37 @@ impl AttentionProcessor for ScaledDotProduct {
     }
 }
 
-/// Largest attention-score block computed at once. The full score tensor of SD's first
-/// spatial layer at 64×64 latents, 16 frames and guidance is 32·8·4096² floats (17 GiB), so
-/// longer sequences are processed in slices of queries: rows of a softmax are independent.
+/// Largest attention-score block computed at once by the composed computation. The full score
+/// tensor of SD's first spatial layer at 64×64 latents, 16 frames and guidance is 32·8·4096²
+/// floats (17 GiB), so longer sequences are processed in slices of queries: rows of a softmax
+/// are independent.
 const MAX_SCORE_BYTES: usize = 256 << 20;
 
-/// softmax(q·kᵀ·scale)·v over the last two dimensions, in slices of queries when the score
-/// tensor would exceed [`MAX_SCORE_BYTES`].
+/// softmax(q·kᵀ·scale)·v over the last two dimensions.
+///
+/// f32 on the CPU, with no gradient to track, runs the fused kernel of [`cpu`], which never holds
+/// more than a cache-sized block of scores; elsewhere the composed candle ops run, in slices of
+/// queries when the score tensor would exceed [`MAX_SCORE_BYTES`].
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let fused = [q, k, v].iter().all(|t| {
+        t.device().is_cpu()
+            && t.dtype() == DType::F32
+            && t.rank() == 4
+            && t.stride()[3] == 1
+            && !t.track_op()
+    });
+    if fused {
+        let op = cpu::FusedAttention {
+            scale: scale as f32,
+        };
+        // The kernel writes (batch, queries, heads, head_dim); the view swaps heads back.
+        return q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2);
+    }
+    composed_scaled_dot_product(q, k, v, scale)
+}
+
+/// The candle composition: scores, softmax, product with V, in slices of queries.
+fn composed_scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (batch, heads, queries, _) = q.dims4()?;
     let keys = k.dim(2)?;
     let row_bytes = batch * heads * keys * q.dtype().size_in_bytes();
@@ -203,10 +228,36 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (1, 1, 2000, 4), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (1, 1, 70000, 4), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, 1, 70000, 4), &dev)?;
-        let sliced = scaled_dot_product(&q, &k, &v, 0.5)?;
+        let sliced = composed_scaled_dot_product(&q, &k, &v, 0.5)?;
         let whole = attention_probs(&q, &k, 0.5)?.matmul(&v.contiguous()?)?;
         let diff = (sliced - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-6, "{diff}");
+        Ok(())
+    }
+
+    /// The fused CPU kernel against the composition, on (batch, tokens, heads, head_dim) views
+    /// as the layers pass them: temporal-sized (direct products), cross-attention-sized and
+    /// long enough to be split into several blocks of queries.
+    #[test]
+    fn fused_kernel_matches_the_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        for (batch, queries, keys, heads, head_dim) in [
+            (5, 8, 8, 3, 12),
+            (2, 33, 77, 2, 40),
+            (1, 300, 1024, 2, 9),
+            (2, 7, 40, 1, 3),
+        ] {
+            let split = |rows: usize| -> Result<Tensor> {
+                Tensor::randn(0f32, 1.0, (batch, rows, heads, head_dim), &dev)?.transpose(1, 2)
+            };
+            let (q, k, v) = (split(queries)?, split(keys)?, split(keys)?);
+            let fused = scaled_dot_product(&q, &k, &v, 0.3)?;
+            let composed = composed_scaled_dot_product(&q, &k, &v, 0.3)?;
+            assert_eq!(fused.dims(), &[batch, heads, queries, head_dim]);
+            let diff = (fused - &composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let size = composed.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= 2e-6 * size.max(1.0), "{queries}×{keys}: {diff}");
+        }
         Ok(())
     }
 }

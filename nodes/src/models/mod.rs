@@ -9,3 +9,4 @@ pub mod patcher;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vector_math;

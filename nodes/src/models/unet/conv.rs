@@ -104,8 +104,9 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// Fills `columns` ((C_in·k·k) rows of H_out·W_out) with the patches of `image` (C_in, H, W).
-    fn unfold(&self, image: &[f32], columns: &mut [f32]) {
+    /// Fills `columns` ((C_in·k·k) rows of H_out·W_out values, `row_stride` apart) with the
+    /// patches of `image` (C_in, H, W).
+    fn unfold(&self, image: &[f32], columns: &mut [f32], row_stride: usize) {
         let &Geometry {
             height,
             width,
@@ -117,7 +118,9 @@ impl Geometry {
             ..
         } = self;
         let row_len = out_height * out_width;
-        for (row, dst) in columns.chunks_exact_mut(row_len).enumerate() {
+        let rows = image.len() / (height * width) * kernel * kernel;
+        for row in 0..rows {
+            let dst = &mut columns[row * row_stride..][..row_len];
             let channel = row / (kernel * kernel);
             let (ky, kx) = ((row / kernel) % kernel, row % kernel);
             let plane = &image[channel * height * width..(channel + 1) * height * width];
@@ -250,6 +253,20 @@ impl CustomOp3 for Im2ColConv {
                 Shape::from(out_shape(batch, out_channels, &geometry)),
             ));
         }
+        let out_pixels = geometry.out_height * geometry.out_width;
+        let group = GEMM_COLUMNS.div_ceil(out_pixels).min(batch);
+        if group > 1 {
+            let images = out
+                .chunks_mut(group * out_len)
+                .zip(xs.chunks(group * in_len));
+            for (out, xs) in images {
+                convolve_group(out, xs, weight, bias, &geometry, in_len);
+            }
+            return Ok((
+                CpuStorage::F32(out),
+                Shape::from(out_shape(batch, out_channels, &geometry)),
+            ));
+        }
         let threads = rayon::current_num_threads();
         // Whole images per thread when there are enough of them; otherwise gemm's own threads.
         let parallelism = if batch >= threads {
@@ -264,8 +281,8 @@ impl CustomOp3 for Im2ColConv {
             }
             COLUMNS.with(|columns| {
                 let mut columns = columns.borrow_mut();
-                columns.resize(inner * geometry.out_height * geometry.out_width, 0.0);
-                geometry.unfold(image, &mut columns);
+                columns.resize(inner * out_pixels, 0.0);
+                geometry.unfold(image, &mut columns, out_pixels);
                 gemm_with_bias(dst, weight, bias, &columns, inner, parallelism);
             })
         };
@@ -282,6 +299,49 @@ impl CustomOp3 for Im2ColConv {
             CpuStorage::F32(out),
             Shape::from(out_shape(batch, out_channels, &geometry)),
         ))
+    }
+}
+
+/// Images of few output pixels are convolved together, side by side in one gemm of at least this
+/// many columns: a gemm packs the whole kernel (1280·1280·9 floats in SD's lowest blocks) before
+/// it multiplies, and at 4×4 pixels that packing costs as much as the product of one image.
+const GEMM_COLUMNS: usize = 512;
+
+/// Convolves the images of `xs` (each `in_len` long) into `out` with one gemm over all their
+/// patches, on gemm's threads.
+fn convolve_group(
+    out: &mut [f32],
+    xs: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    geometry: &Geometry,
+    in_len: usize,
+) {
+    let out_channels = bias.len();
+    let out_pixels = geometry.out_height * geometry.out_width;
+    let images = xs.len() / in_len;
+    let inner = weight.len() / out_channels;
+    let width = images * out_pixels;
+    let mut columns = vec![0f32; inner * width];
+    for (index, image) in xs.chunks_exact(in_len).enumerate() {
+        geometry.unfold(image, &mut columns[index * out_pixels..], width);
+    }
+    // (C_out, images · pixels), then regrouped image by image.
+    let mut product = vec![0f32; out_channels * width];
+    let threads = rayon::current_num_threads();
+    gemm_with_bias(
+        &mut product,
+        weight,
+        bias,
+        &columns,
+        inner,
+        gemm::Parallelism::Rayon(threads),
+    );
+    for (channel, row) in product.chunks_exact(width).enumerate() {
+        for (index, pixels) in row.chunks_exact(out_pixels).enumerate() {
+            let start = (index * out_channels + channel) * out_pixels;
+            out[start..start + out_pixels].copy_from_slice(pixels);
+        }
     }
 }
 
@@ -337,6 +397,9 @@ mod tests {
         check(4, 6, 3, 2, 0, (8, 9), 2)?;
         check(6, 3, 1, 1, 0, (5, 4), 4)?;
         check(3, 4, 3, 1, 0, (3, 3), 2)?;
+        // Large enough for one gemm per image; a strided convolution of grouped images.
+        check(3, 5, 3, 1, 1, (24, 24), 3)?;
+        check(3, 5, 3, 2, 1, (16, 16), 5)?;
         // Non-contiguous input.
         let dev = Device::Cpu;
         let mut weights = HashMap::new();

@@ -9,6 +9,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Module, VarBuilder};
 use rayon::prelude::*;
 
+use crate::models::vector_math::silu_affine;
+
 /// `nn.GroupNorm(groups, channels, eps)` with affine weight and bias, over (N, C, ...) inputs.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -168,10 +170,7 @@ impl CustomOp3 for FusedGroupNorm {
                         let shift = bias[channel] as f64 - mean * scale;
                         let (scale, shift) = (scale as f32, shift as f32);
                         if self.silu {
-                            for (d, &s) in dst.iter_mut().zip(src) {
-                                let y = s * scale + shift;
-                                *d = y / (1.0 + (-y).exp());
-                            }
+                            silu_affine(dst, src, scale, shift);
                         } else {
                             for (d, &s) in dst.iter_mut().zip(src) {
                                 *d = s * scale + shift;
