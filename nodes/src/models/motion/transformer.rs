@@ -3,10 +3,11 @@
 //! self-attention).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{LayerNorm, Module, VarBuilder};
 
 use super::positions::sinusoidal_positions;
 use crate::models::attention::{AttentionHook, AttentionKind};
+use crate::models::unet::linear::Linear;
 use crate::models::unet::norm::GroupNorm;
 use crate::models::unet::transformer::{
     channel_projection, layer_norm, module_path, Attention, FeedForward,
@@ -76,10 +77,10 @@ impl TemporalTransformerBlock {
         let (_pixels, frames, _channels) = xs.dims3()?;
         let positions = self.positions.narrow(1, 0, frames)?;
         let normed = self.norm1.forward(xs)?.broadcast_add(&positions)?;
-        let xs = (self.attn1.forward(&normed, None, hook)? + xs)?;
+        let xs = self.attn1.forward_add(&normed, None, hook, xs)?;
         let normed = self.norm2.forward(&xs)?.broadcast_add(&positions)?;
-        let xs = (self.attn2.forward(&normed, None, hook)? + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        let xs = self.attn2.forward_add(&normed, None, hook, &xs)?;
+        self.ff.forward_add(&self.norm3.forward(&xs)?, &xs)
     }
 }
 
@@ -157,26 +158,16 @@ impl TemporalTransformer {
         }
         let batch = batch_frames / frames;
         let pixels = height * width;
-        let videos = xs.reshape((batch, frames, channels, pixels))?;
-        let channels_first = videos.permute((0, 2, 1, 3))?.contiguous()?;
-        let normed = self.norm.forward(&channels_first)?;
-        let rows = normed
-            .permute((0, 3, 2, 1))?
+        // GroupNorm over each whole video, straight into one row of frames per pixel.
+        let rows = self
+            .norm
+            .forward_to_rows(xs, frames)?
             .reshape((batch * pixels, frames, channels))?;
         let mut hidden = self.proj_in.forward(&rows)?;
         for block in &self.blocks {
             hidden = block.forward(&hidden, hook)?;
         }
-        let hidden = self.proj_out.forward(&hidden)?;
-        let hidden = hidden
-            .reshape((batch, height, width, frames, channels))?
-            .permute((0, 3, 4, 1, 2))?;
-        let hidden = if scale == 1.0 {
-            hidden
-        } else {
-            hidden.affine(scale, 0.0)?
-        };
-        let residual = xs.reshape((batch, frames, channels, height, width))?;
-        (hidden + residual)?.reshape((batch_frames, channels, height, width))
+        let hidden = hidden.reshape((batch, pixels, frames, channels))?;
+        self.proj_out.forward_to_images_add(&hidden, xs, scale)
     }
 }

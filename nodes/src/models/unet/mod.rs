@@ -8,6 +8,7 @@
 pub mod blocks;
 pub mod conv;
 pub mod embeddings;
+pub mod linear;
 pub mod norm;
 pub mod resnet;
 pub mod transformer;

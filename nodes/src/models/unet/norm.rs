@@ -58,6 +58,34 @@ impl GroupNorm {
         self.inner.forward(xs)?.silu()
     }
 
+    /// GroupNorm of (B·F, C, H, W) activations taken as B videos of F frames, with statistics
+    /// per video and group, written channels-last as (B, H·W, F, C): the rows of tokens a
+    /// transformer reads (F = 1 for the spatial transformers, F frames for the motion modules).
+    pub fn forward_to_rows(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
+        let (batch_frames, channels, height, width) = xs.dims4()?;
+        if frames == 0 || batch_frames % frames != 0 {
+            candle_core::bail!("group-norm: {batch_frames} images are not videos of {frames} frames")
+        }
+        let videos = batch_frames / frames;
+        if self.fused_applies(xs) {
+            let op = GroupNormToRows {
+                groups: self.groups,
+                eps: self.eps,
+                frames,
+            };
+            return xs
+                .contiguous()?
+                .apply_op3_no_bwd(&self.weight, &self.bias, &op);
+        }
+        let channels_first = xs
+            .reshape((videos, frames, channels, height * width))?
+            .permute((0, 2, 1, 3))?;
+        self.inner
+            .forward(&channels_first)?
+            .permute((0, 3, 2, 1))?
+            .contiguous()
+    }
+
     fn fused(&self, silu: bool) -> FusedGroupNorm {
         FusedGroupNorm {
             groups: self.groups,
@@ -183,6 +211,107 @@ impl CustomOp3 for FusedGroupNorm {
     }
 }
 
+/// GroupNorm of (B·F, C, H, W) per video of F frames, written as (B, H·W, F, C).
+struct GroupNormToRows {
+    groups: usize,
+    eps: f64,
+    frames: usize,
+}
+
+impl CustomOp3 for GroupNormToRows {
+    fn name(&self) -> &'static str {
+        "group-norm-to-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch_frames, channels, height, width) = xs_layout.shape().dims4()?;
+        let &Self {
+            groups,
+            eps,
+            frames,
+        } = self;
+        let (videos, pixels, per_group) = (batch_frames / frames, height * width, channels / groups);
+        let xs = contiguous_f32(xs, xs_layout, "group-norm input")?;
+        let weight = contiguous_f32(weight, weight_layout, "group-norm weight")?;
+        let bias = contiguous_f32(bias, bias_layout, "group-norm bias")?;
+        if weight.len() != channels || bias.len() != channels {
+            candle_core::bail!(
+                "group-norm: {channels} input channels but weight {} and bias {}",
+                weight.len(),
+                bias.len()
+            )
+        }
+        let out_shape = Shape::from((videos, pixels, frames, channels));
+        let row_len = frames * channels;
+        if pixels == 0 || row_len == 0 {
+            return Ok((CpuStorage::F32(vec![0f32; out_shape.elem_count()]), out_shape));
+        }
+        // Per video and channel, y = x·scale + shift.
+        let image_len = channels * pixels;
+        let group_len = per_group * pixels;
+        let affine: Vec<(f32, f32)> = (0..videos * groups)
+            .into_par_iter()
+            .flat_map_iter(|index| {
+                let (video, group) = (index / groups, index % groups);
+                let frame_slices = (0..frames).map(move |frame| {
+                    let start = (video * frames + frame) * image_len + group * group_len;
+                    &xs[start..start + group_len]
+                });
+                let (mean, variance) = mean_and_variance_of(frame_slices);
+                let inv_std = 1.0 / (variance + eps).sqrt();
+                (0..per_group).map(move |offset| {
+                    let channel = group * per_group + offset;
+                    let scale = weight[channel] as f64 * inv_std;
+                    (scale as f32, (bias[channel] as f64 - mean * scale) as f32)
+                })
+            })
+            .collect();
+        let mut out = vec![0f32; out_shape.elem_count()];
+        // One row (all frames and channels of one pixel) per item; consecutive pixels of a
+        // thread share the cache lines they read.
+        out.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(index, row)| {
+                let (video, pixel) = (index / pixels, index % pixels);
+                let affine = &affine[video * channels..(video + 1) * channels];
+                for (frame, dst) in row.chunks_exact_mut(channels).enumerate() {
+                    let image = &xs[(video * frames + frame) * image_len..][..image_len];
+                    for (channel, (d, &(scale, shift))) in dst.iter_mut().zip(affine).enumerate() {
+                        *d = image[channel * pixels + pixel] * scale + shift;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), out_shape))
+    }
+}
+
+/// Mean and variance over several slices taken as one sample, accumulated in f64.
+fn mean_and_variance_of<'a>(slices: impl Iterator<Item = &'a [f32]> + Clone) -> (f64, f64) {
+    let mut count = 0usize;
+    let mut mean = 0f64;
+    for slice in slices.clone() {
+        let (slice_mean, _) = mean_and_variance(slice);
+        mean += slice_mean * slice.len() as f64;
+        count += slice.len();
+    }
+    let mean = mean / count.max(1) as f64;
+    // Var = mean over slices of (within-slice variance + (slice mean − mean)²), weighted.
+    let mut variance = 0f64;
+    for slice in slices {
+        let (slice_mean, slice_variance) = mean_and_variance(slice);
+        variance += (slice_variance + (slice_mean - mean).powi(2)) * slice.len() as f64;
+    }
+    (mean, variance / count.max(1) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +351,24 @@ mod tests {
         let video = xs.reshape((3, 12, 5, 7, 1))?;
         let reference = gn.inner.forward(&video)?;
         assert!(max_abs_diff(&gn.forward(&video)?, &reference)? < 1e-5);
+        Ok(())
+    }
+
+    /// Two videos of three frames: statistics over each whole video, rows (video, pixel, frame).
+    #[test]
+    fn group_norm_to_rows_matches_the_permuted_composition() -> Result<()> {
+        let gn = norm(12, 4)?;
+        let xs = (Tensor::randn(0f32, 2.0, (6, 12, 5, 7), &Device::Cpu)? + 1.0)?;
+        for frames in [1, 3] {
+            let videos = 6 / frames;
+            let reference = gn
+                .inner
+                .forward(&xs.reshape((videos, frames, 12, 35))?.permute((0, 2, 1, 3))?)?
+                .permute((0, 3, 2, 1))?;
+            let rows = gn.forward_to_rows(&xs, frames)?;
+            assert_eq!(rows.dims(), &[videos, 35, frames, 12]);
+            assert!(max_abs_diff(&rows, &reference)? < 1e-5);
+        }
         Ok(())
     }
 }

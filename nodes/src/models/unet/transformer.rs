@@ -2,9 +2,10 @@
 //! `BasicTransformerBlock`s), and the attention and feed-forward layers the motion modules share.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{LayerNorm, Module, VarBuilder};
 use rayon::prelude::*;
 
+use super::linear::{linear, linear_no_bias, Linear};
 use super::norm::{contiguous_f32, GroupNorm};
 use crate::models::attention::{AttentionHook, AttentionKind};
 use crate::models::vector_math::geglu;
@@ -49,10 +50,10 @@ impl Attention {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             heads,
             head_dim,
             path: module_path(&vb, root),
@@ -71,6 +72,27 @@ impl Attention {
         context: Option<&Tensor>,
         hook: &AttentionHook,
     ) -> Result<Tensor> {
+        self.forward_with_residual(xs, context, hook, None)
+    }
+
+    /// `forward(xs, context) + residual`, the add folded into the output projection.
+    pub fn forward_add(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        hook: &AttentionHook,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with_residual(xs, context, hook, Some(residual))
+    }
+
+    fn forward_with_residual(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        hook: &AttentionHook,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (batch, tokens, _channels) = xs.dims3()?;
         let context = context.unwrap_or(xs);
         let keys = context.dim(1)?;
@@ -85,7 +107,10 @@ impl Attention {
         let out = out
             .transpose(1, 2)?
             .reshape((batch, tokens, self.heads * self.head_dim))?;
-        self.to_out.forward(&out)
+        match residual {
+            Some(residual) => self.to_out.forward_add(&out, residual),
+            None => self.to_out.forward(&out),
+        }
     }
 }
 
@@ -100,25 +125,34 @@ pub struct FeedForward {
 impl FeedForward {
     pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
-        let proj = candle_nn::linear(dim, 2 * inner, vb.pp("net").pp("0").pp("proj"))?;
-        let out = candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?;
+        let proj = linear(dim, 2 * inner, vb.pp("net").pp("0").pp("proj"))?;
+        let out = linear(inner, dim, vb.pp("net").pp("2"))?;
         Ok(Self { proj, out, inner })
     }
 
     /// (N, T, C) → (N, T, C).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.out.forward(&self.gated(xs)?)
+    }
+
+    /// `forward(xs) + residual`, the add folded into the output layer.
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out.forward_add(&self.gated(xs)?, residual)
+    }
+
+    /// `a · gelu(b)`: the input of the output layer.
+    fn gated(&self, xs: &Tensor) -> Result<Tensor> {
         let projected = self.proj.forward(xs)?;
         let fused =
             projected.device().is_cpu() && projected.dtype() == DType::F32 && !projected.track_op();
         if fused {
-            let gated = projected.contiguous()?.apply_op1_no_bwd(&Geglu)?;
-            return self.out.forward(&gated);
+            return projected.contiguous()?.apply_op1_no_bwd(&Geglu);
         }
         let hidden = projected.narrow(D::Minus1, 0, self.inner)?;
         let gate = projected
             .narrow(D::Minus1, self.inner, self.inner)?
             .gelu_erf()?;
-        self.out.forward(&(hidden * gate)?)
+        hidden * gate
     }
 }
 
@@ -199,12 +233,13 @@ impl BasicTransformerBlock {
 
     /// `xs`: (N, T, C); `context`: (N, S, D) → (N, T, C).
     pub fn forward(&self, xs: &Tensor, context: &Tensor, hook: &AttentionHook) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None, hook)? + xs)?;
-        let xs = (self
+        let xs = self
+            .attn1
+            .forward_add(&self.norm1.forward(xs)?, None, hook, xs)?;
+        let xs = self
             .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context), hook)?
-            + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+            .forward_add(&self.norm2.forward(&xs)?, Some(context), hook, &xs)?;
+        self.ff.forward_add(&self.norm3.forward(&xs)?, &xs)
     }
 }
 
@@ -224,7 +259,7 @@ pub(crate) fn channel_projection(
         vb.get((out_dim, in_dim), "weight")?
     };
     let bias = vb.get(out_dim, "bias")?;
-    Ok(Linear::new(weight, Some(bias)))
+    Linear::new(weight, Some(bias))
 }
 
 /// Settings of the spatial transformers of one UNet block.
@@ -275,18 +310,16 @@ impl SpatialTransformer {
     /// `xs`: (N, C, H, W); `context`: (N, S, D) → (N, C, H, W).
     pub fn forward(&self, xs: &Tensor, context: &Tensor, hook: &AttentionHook) -> Result<Tensor> {
         let (batch, channels, height, width) = xs.dims4()?;
-        let normed = self.norm.forward(xs)?;
-        let tokens = normed
-            .permute((0, 2, 3, 1))?
+        // Each image is its own group-norm sample: rows of one "frame".
+        let tokens = self
+            .norm
+            .forward_to_rows(xs, 1)?
             .reshape((batch, height * width, channels))?;
         let mut hidden = self.proj_in.forward(&tokens)?;
         for block in &self.blocks {
             hidden = block.forward(&hidden, context, hook)?;
         }
-        let hidden = self.proj_out.forward(&hidden)?;
-        let hidden = hidden
-            .reshape((batch, height, width, channels))?
-            .permute((0, 3, 1, 2))?;
-        hidden + xs
+        let hidden = hidden.reshape((batch, height * width, 1, channels))?;
+        self.proj_out.forward_to_images_add(&hidden, xs, 1.0)
     }
 }
