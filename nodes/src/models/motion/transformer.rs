@@ -159,10 +159,10 @@ impl TemporalTransformer {
         let batch = batch_frames / frames;
         let pixels = height * width;
         // GroupNorm over each whole video, straight into one row of frames per pixel.
-        let rows = self
-            .norm
-            .forward_to_rows(xs, frames)?
-            .reshape((batch * pixels, frames, channels))?;
+        let rows =
+            self.norm
+                .forward_to_rows(xs, frames)?
+                .reshape((batch * pixels, frames, channels))?;
         let mut hidden = self.proj_in.forward(&rows)?;
         for block in &self.blocks {
             hidden = block.forward(&hidden, hook)?;

@@ -13,6 +13,7 @@ use candle_nn::{Conv2dConfig, Module, VarBuilder};
 use rayon::prelude::*;
 
 use super::norm::contiguous_f32;
+use super::winograd;
 
 /// `nn.Conv2d(in, out, kernel, stride, padding)` with bias (dilation 1, one group).
 #[derive(Debug, Clone)]
@@ -253,6 +254,20 @@ impl CustomOp3 for Im2ColConv {
                 Shape::from(out_shape(batch, out_channels, &geometry)),
             ));
         }
+        if kernel == 3 && stride == 1 && padding == 1 && in_channels >= WINOGRAD_MIN_CHANNELS {
+            let shape = winograd::Shape {
+                images: batch,
+                in_channels,
+                out_channels,
+                height,
+                width,
+            };
+            winograd::convolve(&mut out, xs, weight, bias, shape);
+            return Ok((
+                CpuStorage::F32(out),
+                Shape::from(out_shape(batch, out_channels, &geometry)),
+            ));
+        }
         let out_pixels = geometry.out_height * geometry.out_width;
         let group = GEMM_COLUMNS.div_ceil(out_pixels).min(batch);
         if group > 1 {
@@ -301,6 +316,10 @@ impl CustomOp3 for Im2ColConv {
         ))
     }
 }
+
+/// Below this many input channels a 3×3 convolution is an im2col gemm: the transforms of the
+/// Winograd path would cost more than the products they save (SD's `conv_in` has 4).
+const WINOGRAD_MIN_CHANNELS: usize = 16;
 
 /// Images of few output pixels are convolved together, side by side in one gemm of at least this
 /// many columns: a gemm packs the whole kernel (1280·1280·9 floats in SD's lowest blocks) before
@@ -400,6 +419,10 @@ mod tests {
         // Large enough for one gemm per image; a strided convolution of grouped images.
         check(3, 5, 3, 1, 1, (24, 24), 3)?;
         check(3, 5, 3, 2, 1, (16, 16), 5)?;
+        // Enough input channels for the Winograd path, odd sizes included.
+        check(16, 7, 3, 1, 1, (6, 9), 3)?;
+        check(20, 5, 3, 1, 1, (7, 5), 1)?;
+        check(32, 40, 3, 1, 1, (1, 2), 2)?;
         // Non-contiguous input.
         let dev = Device::Cpu;
         let mut weights = HashMap::new();

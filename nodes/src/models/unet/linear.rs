@@ -99,7 +99,10 @@ impl Linear {
             && weight.dtype() == DType::F32
             && xs.rank() >= 1
             && !(xs.track_op() || weight.track_op())
-            && self.inner.bias().is_none_or(|b| !b.track_op() && self.cpu_bias.is_some());
+            && self
+                .inner
+                .bias()
+                .is_none_or(|b| !b.track_op() && self.cpu_bias.is_some());
         applies.then_some(FusedLinear {
             bias: self.cpu_bias.as_deref(),
         })

@@ -12,6 +12,7 @@ pub mod linear;
 pub mod norm;
 pub mod resnet;
 pub mod transformer;
+mod winograd;
 
 use std::collections::HashMap;
 use std::sync::Mutex;

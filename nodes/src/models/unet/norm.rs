@@ -64,7 +64,9 @@ impl GroupNorm {
     pub fn forward_to_rows(&self, xs: &Tensor, frames: usize) -> Result<Tensor> {
         let (batch_frames, channels, height, width) = xs.dims4()?;
         if frames == 0 || batch_frames % frames != 0 {
-            candle_core::bail!("group-norm: {batch_frames} images are not videos of {frames} frames")
+            candle_core::bail!(
+                "group-norm: {batch_frames} images are not videos of {frames} frames"
+            )
         }
         let videos = batch_frames / frames;
         if self.fused_applies(xs) {
@@ -238,7 +240,8 @@ impl CustomOp3 for GroupNormToRows {
             eps,
             frames,
         } = self;
-        let (videos, pixels, per_group) = (batch_frames / frames, height * width, channels / groups);
+        let (videos, pixels, per_group) =
+            (batch_frames / frames, height * width, channels / groups);
         let xs = contiguous_f32(xs, xs_layout, "group-norm input")?;
         let weight = contiguous_f32(weight, weight_layout, "group-norm weight")?;
         let bias = contiguous_f32(bias, bias_layout, "group-norm bias")?;
@@ -252,7 +255,10 @@ impl CustomOp3 for GroupNormToRows {
         let out_shape = Shape::from((videos, pixels, frames, channels));
         let row_len = frames * channels;
         if pixels == 0 || row_len == 0 {
-            return Ok((CpuStorage::F32(vec![0f32; out_shape.elem_count()]), out_shape));
+            return Ok((
+                CpuStorage::F32(vec![0f32; out_shape.elem_count()]),
+                out_shape,
+            ));
         }
         // Per video and channel, y = x·scale + shift.
         let image_len = channels * pixels;
@@ -363,7 +369,10 @@ mod tests {
             let videos = 6 / frames;
             let reference = gn
                 .inner
-                .forward(&xs.reshape((videos, frames, 12, 35))?.permute((0, 2, 1, 3))?)?
+                .forward(
+                    &xs.reshape((videos, frames, 12, 35))?
+                        .permute((0, 2, 1, 3))?,
+                )?
                 .permute((0, 3, 2, 1))?;
             let rows = gn.forward_to_rows(&xs, frames)?;
             assert_eq!(rows.dims(), &[videos, 35, frames, 12]);

@@ -311,10 +311,10 @@ impl SpatialTransformer {
     pub fn forward(&self, xs: &Tensor, context: &Tensor, hook: &AttentionHook) -> Result<Tensor> {
         let (batch, channels, height, width) = xs.dims4()?;
         // Each image is its own group-norm sample: rows of one "frame".
-        let tokens = self
-            .norm
-            .forward_to_rows(xs, 1)?
-            .reshape((batch, height * width, channels))?;
+        let tokens =
+            self.norm
+                .forward_to_rows(xs, 1)?
+                .reshape((batch, height * width, channels))?;
         let mut hidden = self.proj_in.forward(&tokens)?;
         for block in &self.blocks {
             hidden = block.forward(&hidden, context, hook)?;
