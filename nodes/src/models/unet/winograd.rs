@@ -126,7 +126,8 @@ fn transform_kernels(weight: &[f32], out_channels: usize, in_channels: usize) ->
 }
 
 /// V = Bᵀ·d·B for every 4×4 input tile d (zero outside the image), laid out (C_in, 16, tiles)
-/// with tiles numbered image by image, row by row.
+/// with tiles numbered image by image, row by row. Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0],
+/// [0, −1, 1, 0], [0, 1, 0, −1]] runs first down whole rows of input, then across each tile.
 fn transform_tiles(xs: &[f32], shape: &Shape) -> Vec<f32> {
     let &Shape {
         images,
@@ -138,48 +139,53 @@ fn transform_tiles(xs: &[f32], shape: &Shape) -> Vec<f32> {
     let (tile_rows, tile_columns) = (height.div_ceil(2), width.div_ceil(2));
     let tiles = images * tile_rows * tile_columns;
     let plane = height * width;
+    // Input columns −1 … 2·tile_columns, as indices 0 … 2·tile_columns + 1.
+    let padded_width = 2 * tile_columns + 2;
     let mut transformed = vec![0f32; in_channels * POINTS * tiles];
     transformed
         .par_chunks_mut(POINTS * tiles)
         .enumerate()
         .for_each(|(channel, dst)| {
+            let mut input = [(); 4].map(|_| vec![0f32; padded_width]);
+            let mut down = [(); 4].map(|_| vec![0f32; padded_width]);
             let mut tile = 0;
             for image in 0..images {
                 let src = &xs[(image * in_channels + channel) * plane..][..plane];
-                // Input value at (y, x), zero in the padding.
-                let at = |y: isize, x: isize| {
-                    if y < 0 || x < 0 || y >= height as isize || x >= width as isize {
-                        0.0
-                    } else {
-                        src[y as usize * width + x as usize]
-                    }
-                };
                 for tile_y in 0..tile_rows {
-                    for tile_x in 0..tile_columns {
-                        let (y0, x0) = (2 * tile_y as isize - 1, 2 * tile_x as isize - 1);
-                        let d: [[f32; 4]; 4] = std::array::from_fn(|r| {
-                            std::array::from_fn(|c| at(y0 + r as isize, x0 + c as isize))
-                        });
-                        // Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]].
-                        let rows: [[f32; 4]; 4] = std::array::from_fn(|c| {
-                            let column = [d[0][c], d[1][c], d[2][c], d[3][c]];
-                            [
-                                column[0] - column[2],
-                                column[1] + column[2],
-                                column[2] - column[1],
-                                column[1] - column[3],
-                            ]
-                        });
-                        // rows[c][r] is (Bᵀ·d)[r][c]; now the same on the columns.
-                        for r in 0..4 {
-                            let t = [rows[0][r], rows[1][r], rows[2][r], rows[3][r]];
-                            let v = [t[0] - t[2], t[1] + t[2], t[2] - t[1], t[1] - t[3]];
-                            for (c, value) in v.into_iter().enumerate() {
-                                dst[(r * 4 + c) * tiles + tile] = value;
-                            }
+                    // Input rows 2·tile_y − 1 … 2·tile_y + 2, zero outside the image.
+                    for (r, row) in input.iter_mut().enumerate() {
+                        match (2 * tile_y + r).checked_sub(1).filter(|&y| y < height) {
+                            Some(y) => row[1..=width].copy_from_slice(&src[y * width..][..width]),
+                            None => row.fill(0.0),
                         }
-                        tile += 1;
                     }
+                    let [d0, d1, d2, d3] = &input;
+                    let [t0, t1, t2, t3] = &mut down;
+                    for x in 0..padded_width {
+                        t0[x] = d0[x] - d2[x];
+                        t1[x] = d1[x] + d2[x];
+                        t2[x] = d2[x] - d1[x];
+                        t3[x] = d1[x] - d3[x];
+                    }
+                    for (r, t) in down.iter().enumerate() {
+                        let points = &mut dst[r * 4 * tiles..(r + 1) * 4 * tiles];
+                        let (v0, rest) = points.split_at_mut(tiles);
+                        let (v1, rest) = rest.split_at_mut(tiles);
+                        let (v2, v3) = rest.split_at_mut(tiles);
+                        let span = tile..tile + tile_columns;
+                        let outputs = v0[span.clone()]
+                            .iter_mut()
+                            .zip(&mut v1[span.clone()])
+                            .zip(&mut v2[span.clone()])
+                            .zip(&mut v3[span]);
+                        for ((((v0, v1), v2), v3), t) in outputs.zip(t.windows(4).step_by(2)) {
+                            *v0 = t[0] - t[2];
+                            *v1 = t[1] + t[2];
+                            *v2 = t[2] - t[1];
+                            *v3 = t[1] - t[3];
+                        }
+                    }
+                    tile += tile_columns;
                 }
             }
         });
@@ -187,6 +193,8 @@ fn transform_tiles(xs: &[f32], shape: &Shape) -> Vec<f32> {
 }
 
 /// Y = Aᵀ·m·A + bias for every tile's 4×4 product m, written into the 2×2 outputs it covers.
+/// Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]] runs first down the points of a whole row of tiles,
+/// then across each tile.
 fn transform_outputs(out: &mut [f32], products: &[f32], bias: &[f32], shape: &Shape) {
     let &Shape {
         out_channels,
@@ -197,33 +205,35 @@ fn transform_outputs(out: &mut [f32], products: &[f32], bias: &[f32], shape: &Sh
     let (tile_rows, tile_columns) = (height.div_ceil(2), width.div_ceil(2));
     let tiles_per_image = tile_rows * tile_columns;
     let tiles = products.len() / (POINTS * out_channels).max(1);
+    let point_stride = out_channels * tiles;
     out.par_chunks_mut(height * width)
         .enumerate()
         .for_each(|(index, dst)| {
             let (image, channel) = (index / out_channels, index % out_channels);
-            let first = channel * tiles + image * tiles_per_image;
-            let point_stride = out_channels * tiles;
+            let bias = bias[channel];
+            // Per output row of a tile (2) and point column (4): one value per tile.
+            let mut down = [(); 8].map(|_| vec![0f32; tile_columns]);
             for tile_y in 0..tile_rows {
-                for tile_x in 0..tile_columns {
-                    let tile = first + tile_y * tile_columns + tile_x;
-                    let m: [f32; POINTS] =
-                        std::array::from_fn(|point| products[point * point_stride + tile]);
-                    // Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]], on the rows, then the columns.
-                    let s: [[f32; 4]; 2] = [
-                        std::array::from_fn(|c| m[c] + m[4 + c] + m[8 + c]),
-                        std::array::from_fn(|c| m[4 + c] - m[8 + c] - m[12 + c]),
-                    ];
-                    for (r, s) in s.iter().enumerate() {
-                        let y = 2 * tile_y + r;
-                        if y >= height {
-                            continue;
-                        }
-                        let values = [s[0] + s[1] + s[2], s[1] - s[2] - s[3]];
-                        for (c, value) in values.into_iter().enumerate() {
-                            let x = 2 * tile_x + c;
-                            if x < width {
-                                dst[y * width + x] = value + bias[channel];
-                            }
+                let first = channel * tiles + image * tiles_per_image + tile_y * tile_columns;
+                let m = |point: usize| &products[point * point_stride + first..][..tile_columns];
+                for c in 0..4 {
+                    let (m0, m1, m2, m3) = (m(c), m(4 + c), m(8 + c), m(12 + c));
+                    let (upper, lower) = down.split_at_mut(4);
+                    for x in 0..tile_columns {
+                        upper[c][x] = m0[x] + m1[x] + m2[x];
+                        lower[c][x] = m1[x] - m2[x] - m3[x];
+                    }
+                }
+                for (r, s) in down.chunks_exact(4).enumerate() {
+                    let y = 2 * tile_y + r;
+                    if y >= height {
+                        break;
+                    }
+                    let row = &mut dst[y * width..(y + 1) * width];
+                    for (x, pair) in row.chunks_mut(2).enumerate() {
+                        pair[0] = s[0][x] + s[1][x] + s[2][x] + bias;
+                        if let Some(second) = pair.get_mut(1) {
+                            *second = s[1][x] - s[2][x] - s[3][x] + bias;
                         }
                     }
                 }
