@@ -179,7 +179,7 @@ impl AttentionHook {
             scale: 1.0 / (head_dim as f64).sqrt(),
         };
         let binding = self.bindings.iter().rev().find(|b| {
-            layer.starts_with(b.prefix.as_str()) && b.kind.map_or(true, |want| want == kind)
+            layer.starts_with(b.prefix.as_str()) && b.kind.is_none_or(|want| want == kind)
         });
         match binding {
             Some(b) => b.processor.attend(&call, q, k, v),

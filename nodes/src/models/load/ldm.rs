@@ -84,7 +84,7 @@ fn infer_unet_layers_per_block(unet: &WeightMap) -> Option<usize> {
         .count();
     let output_blocks = distinct_indices(unet, "output_blocks.").len();
     let levels = downsamplers + 1;
-    (output_blocks > 0 && output_blocks % levels == 0).then(|| output_blocks / levels - 1)
+    (output_blocks > 0 && output_blocks.is_multiple_of(levels)).then(|| output_blocks / levels - 1)
 }
 
 fn infer_vae_levels(vae: &WeightMap) -> usize {

@@ -100,7 +100,7 @@ pub struct TemporalTransformer {
 impl TemporalTransformer {
     pub fn new(vb: VarBuilder, root: &str, cfg: &TemporalTransformerConfig) -> Result<Self> {
         let channels = cfg.channels;
-        if cfg.heads == 0 || channels % cfg.heads != 0 {
+        if cfg.heads == 0 || !channels.is_multiple_of(cfg.heads) {
             candle_core::bail!(
                 "{}: {channels} channels cannot be split into {} heads",
                 vb.prefix(),

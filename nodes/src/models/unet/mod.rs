@@ -252,7 +252,7 @@ impl UNet2DConditionConfig {
         if self.cross_attention_norm.is_some() {
             return unsupported("cross_attention_norm");
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return unsupported("an even conv_in/conv_out kernel");
         }
         match self.mid_block_type.as_deref() {

@@ -23,7 +23,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!(
                 "{}: {channels} channels cannot be split into {groups} groups",
                 vb.prefix()

@@ -323,3 +323,21 @@ impl SpatialTransformer {
         self.proj_out.forward_to_images_add(&hidden, xs, 1.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn fused_geglu_matches_candle_gelu_erf() -> Result<()> {
+        let projected = (Tensor::randn(0f32, 2.0, (3, 5, 16), &Device::Cpu)? - 0.5)?;
+        let fused = projected.apply_op1_no_bwd(&Geglu)?;
+        let composed = (projected.narrow(D::Minus1, 0, 8)?
+            * projected.narrow(D::Minus1, 8, 8)?.gelu_erf()?)?;
+        assert_eq!(fused.dims(), &[3, 5, 8]);
+        let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+}
