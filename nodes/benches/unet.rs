@@ -6,6 +6,9 @@
 //! then the time per sampling step of the whole loop (one video, guidance 7.5, DDIM: one UNet
 //! call of batch 2 plus the scheduler) over `VDM_BENCH_STEPS` steps (default 2; 0 skips it).
 //!
+//! With `VDM_BENCH_REFERENCE` naming the JSON that `bench_full_unet.py --json` wrote on the same
+//! machine, each result is followed by PyTorch's and the ratio of the two.
+//!
 //! Run with `cargo bench -p vdm-nodes --bench unet`.
 
 use std::collections::HashMap;
@@ -122,11 +125,42 @@ fn median(times: &[f64]) -> f64 {
     }
 }
 
+/// PyTorch's figures from `bench_full_unet.py --json`, to print beside ours.
+struct Reference(serde_json::Value);
+
+impl Reference {
+    /// The file named by `VDM_BENCH_REFERENCE`, if set; an unreadable one is reported, not fatal.
+    fn from_env() -> Option<Self> {
+        let path = std::env::var("VDM_BENCH_REFERENCE").ok()?;
+        let parsed = std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(value) => Some(Self(value)),
+            Err(e) => {
+                println!("VDM_BENCH_REFERENCE={path}: not read ({e})");
+                None
+            }
+        }
+    }
+
+    /// Prints `value` (ours) against the reference number at `pointer` (a JSON pointer).
+    fn compare(&self, what: &str, pointer: &str, ours: f64, unit: &str) {
+        if let Some(theirs) = self.0.pointer(pointer).and_then(|v| v.as_f64()) {
+            println!(
+                "  PyTorch {what}: {theirs:.2} {unit}; vdm / PyTorch = {:.2}",
+                ours / theirs
+            );
+        }
+    }
+}
+
+/// Times one warm-up and `runs` calls of `forward`; returns the median in seconds.
 fn time_forward(
     label: &str,
     runs: usize,
     mut forward: impl FnMut() -> Result<Tensor>,
-) -> Result<()> {
+) -> Result<f64> {
     let start = Instant::now();
     let out = forward()?;
     let warmup_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -148,11 +182,9 @@ fn time_forward(
         }
         times.push(ms);
     }
-    println!(
-        "{label}: median {:.0} ms per forward over {runs} runs",
-        median(&times)
-    );
-    Ok(())
+    let median_ms = median(&times);
+    println!("{label}: median {median_ms:.0} ms per forward over {runs} runs");
+    Ok(median_ms / 1e3)
 }
 
 fn main() -> Result<()> {
@@ -201,17 +233,26 @@ fn main() -> Result<()> {
             .reshape((BATCH * FRAMES, 77, 768))?;
     let hook = AttentionHook::new();
     let motion = Some(MotionPatch::new(&adapter));
-    time_forward("UNet + motion modules forward", runs, || {
+    let reference = Reference::from_env();
+    let seconds = time_forward("UNet + motion modules forward", runs, || {
         unet.forward(&sample, 501.0, &context, motion, &hook)
     })?;
+    if let Some(reference) = &reference {
+        let pointer = "/unet_motion_forward/median_s";
+        reference.compare("median", pointer, seconds, "s");
+    }
     if !skip_2d {
         let images =
             sample
                 .permute((0, 2, 1, 3, 4))?
                 .reshape((BATCH * FRAMES, 4, LATENT, LATENT))?;
-        time_forward("UNet forward (16 frames as images)", runs, || {
+        let seconds = time_forward("UNet forward (16 frames as images)", runs, || {
             unet.forward_images(&images, 501.0, &context, &hook)
         })?;
+        if let Some(reference) = &reference {
+            let pointer = "/unet2d_forward_same_16_images/median_s";
+            reference.compare("median", pointer, seconds, "s");
+        }
     }
     let steps: usize = std::env::var("VDM_BENCH_STEPS")
         .ok()
@@ -221,7 +262,12 @@ fn main() -> Result<()> {
         time_sampling_steps(&unet, adapter, steps)?;
     }
     match peak_rss_gib() {
-        Some(gib) => println!("peak RSS: {gib:.2} GiB"),
+        Some(gib) => {
+            println!("peak RSS: {gib:.2} GiB");
+            if let Some(reference) = &reference {
+                reference.compare("peak RSS", "/peak_rss_gib", gib, "GiB");
+            }
+        }
         None => println!("peak RSS: unavailable (/proc/self/status not readable)"),
     }
     Ok(())

@@ -132,7 +132,7 @@ struct FusedLinear<'a> {
 }
 
 impl FusedLinear<'_> {
-    /// (rows, in) · weightᵀ on top of `init` (residual rows, or nothing) and the bias.
+    /// (rows, in) · weightᵀ added to the residual (when given) and the bias.
     fn run(
         &self,
         xs: &CpuStorage,
@@ -150,7 +150,7 @@ impl FusedLinear<'_> {
             *last = out_dim;
         }
         let xs = contiguous_f32(xs, xs_layout, "linear input")?;
-        let rows = xs.len() / in_dim.max(1);
+        let rows: usize = dims[..dims.len() - 1].iter().product();
         if let Some(bias) = self.bias.filter(|b| b.len() != out_dim) {
             candle_core::bail!("linear: {out_dim} outputs but {} biases", bias.len())
         }
