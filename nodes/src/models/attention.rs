@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 
 mod cpu;
 
@@ -67,13 +67,10 @@ const MAX_SCORE_BYTES: usize = 256 << 20;
 /// more than a cache-sized block of scores; elsewhere the composed candle ops run, in slices of
 /// queries when the score tensor would exceed [`MAX_SCORE_BYTES`].
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let fused = [q, k, v].iter().all(|t| {
-        t.device().is_cpu()
-            && t.dtype() == DType::F32
-            && t.rank() == 4
-            && t.stride()[3] == 1
-            && !t.track_op()
-    });
+    let fused = super::fused::applies(&[q, k, v])
+        && [q, k, v]
+            .iter()
+            .all(|t| t.rank() == 4 && t.stride()[3] == 1);
     if fused {
         let op = cpu::FusedAttention {
             scale: scale as f32,

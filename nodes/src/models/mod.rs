@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod clip;
+mod fused;
 pub mod load;
 pub mod motion;
 pub mod patcher;

@@ -8,12 +8,12 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, Module, VarBuilder};
 use rayon::prelude::*;
 
-use super::norm::contiguous_f32;
 use super::winograd;
+use crate::models::fused::{self, contiguous_f32};
 
 /// `nn.Conv2d(in, out, kernel, stride, padding)` with bias (dilation 1, one group).
 #[derive(Debug, Clone)]
@@ -63,12 +63,7 @@ impl Conv2d {
 
     /// (N, C_in, H, W) → (N, C_out, H_out, W_out).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let fused = xs.device().is_cpu()
-            && xs.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && xs.rank() == 4
-            && !(xs.track_op() || self.weight.track_op() || self.bias.track_op());
-        if !fused {
+        if !(fused::applies(&[xs, &self.weight, &self.bias]) && xs.rank() == 4) {
             return self.inner.forward(xs);
         }
         let op = Im2ColConv {
@@ -245,16 +240,13 @@ impl CustomOp3 for Im2ColConv {
         };
         let out_len = out_channels * geometry.out_height * geometry.out_width;
         let in_len = in_channels * height * width;
-        let inner = in_channels * kernel * kernel;
-        let pointwise = kernel == 1 && stride == 1 && padding == 0;
+        let out_pixels = geometry.out_height * geometry.out_width;
         let mut out = vec![0f32; batch * out_len];
+        let winograd = kernel == 3 && stride == 1 && padding == 1;
+        let group = GEMM_COLUMNS.div_ceil(out_pixels.max(1)).min(batch);
         if out_len == 0 || in_len == 0 {
-            return Ok((
-                CpuStorage::F32(out),
-                Shape::from(out_shape(batch, out_channels, &geometry)),
-            ));
-        }
-        if kernel == 3 && stride == 1 && padding == 1 && in_channels >= WINOGRAD_MIN_CHANNELS {
+            // Nothing to compute: an empty output, or zeros.
+        } else if winograd && in_channels >= WINOGRAD_MIN_CHANNELS {
             let shape = winograd::Shape {
                 images: batch,
                 in_channels,
@@ -263,57 +255,62 @@ impl CustomOp3 for Im2ColConv {
                 width,
             };
             winograd::convolve(&mut out, xs, weight, bias, shape);
-            return Ok((
-                CpuStorage::F32(out),
-                Shape::from(out_shape(batch, out_channels, &geometry)),
-            ));
-        }
-        let out_pixels = geometry.out_height * geometry.out_width;
-        let group = GEMM_COLUMNS.div_ceil(out_pixels).min(batch);
-        if group > 1 {
+        } else if group > 1 {
             let images = out
                 .chunks_mut(group * out_len)
                 .zip(xs.chunks(group * in_len));
             for (out, xs) in images {
                 convolve_group(out, xs, weight, bias, &geometry, in_len);
             }
-            return Ok((
-                CpuStorage::F32(out),
-                Shape::from(out_shape(batch, out_channels, &geometry)),
-            ));
-        }
-        let threads = rayon::current_num_threads();
-        // Whole images per thread when there are enough of them; otherwise gemm's own threads.
-        let parallelism = if batch >= threads {
-            gemm::Parallelism::None
         } else {
-            gemm::Parallelism::Rayon(threads)
-        };
-        let convolve = |(dst, image): (&mut [f32], &[f32])| {
-            if pointwise {
-                gemm_with_bias(dst, weight, bias, image, inner, parallelism);
-                return;
-            }
-            COLUMNS.with(|columns| {
-                let mut columns = columns.borrow_mut();
-                columns.resize(inner * out_pixels, 0.0);
-                geometry.unfold(image, &mut columns, out_pixels);
-                gemm_with_bias(dst, weight, bias, &columns, inner, parallelism);
-            })
-        };
-        if batch >= threads {
-            out.par_chunks_mut(out_len)
-                .zip(xs.par_chunks(in_len))
-                .for_each(convolve);
-        } else {
-            out.chunks_mut(out_len)
-                .zip(xs.chunks(in_len))
-                .for_each(convolve);
+            convolve_each(&mut out, xs, weight, bias, &geometry, in_len);
         }
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from(out_shape(batch, out_channels, &geometry)),
-        ))
+        let shape = (batch, out_channels, geometry.out_height, geometry.out_width);
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// Convolves the images of `xs` (each `in_len` long) into `out` one gemm each: whole images per
+/// thread when there are enough of them, otherwise on gemm's own threads.
+fn convolve_each(
+    out: &mut [f32],
+    xs: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    geometry: &Geometry,
+    in_len: usize,
+) {
+    let out_pixels = geometry.out_height * geometry.out_width;
+    let out_len = bias.len() * out_pixels;
+    let inner = weight.len() / bias.len().max(1);
+    let pointwise = geometry.kernel == 1 && geometry.stride == 1 && geometry.padding == 0;
+    let threads = rayon::current_num_threads();
+    let per_thread = xs.len() / in_len >= threads;
+    let parallelism = if per_thread {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(threads)
+    };
+    let convolve = |(dst, image): (&mut [f32], &[f32])| {
+        if pointwise {
+            gemm_with_bias(dst, weight, bias, image, inner, parallelism);
+            return;
+        }
+        COLUMNS.with(|columns| {
+            let mut columns = columns.borrow_mut();
+            columns.resize(inner * out_pixels, 0.0);
+            geometry.unfold(image, &mut columns, out_pixels);
+            gemm_with_bias(dst, weight, bias, &columns, inner, parallelism);
+        })
+    };
+    if per_thread {
+        out.par_chunks_mut(out_len)
+            .zip(xs.par_chunks(in_len))
+            .for_each(convolve);
+    } else {
+        out.chunks_mut(out_len)
+            .zip(xs.chunks(in_len))
+            .for_each(convolve);
     }
 }
 
@@ -364,13 +361,10 @@ fn convolve_group(
     }
 }
 
-fn out_shape(batch: usize, out_channels: usize, g: &Geometry) -> (usize, usize, usize, usize) {
-    (batch, out_channels, g.out_height, g.out_width)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
     use candle_core::Device;
     use std::collections::HashMap;
 

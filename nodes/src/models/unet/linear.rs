@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use candle_nn::{Module, VarBuilder};
 use rayon::prelude::*;
 
-use super::norm::contiguous_f32;
+use crate::models::fused::{self, contiguous_f32};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -46,9 +46,10 @@ impl Linear {
     /// `self(xs) + residual`, the residual of the output's shape.
     pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         match self.fused(xs) {
-            Some(op) if residual.dtype() == DType::F32 && !residual.track_op() => xs
-                .contiguous()?
-                .apply_op3_no_bwd(self.weight(), &residual.contiguous()?, &op),
+            Some(op) if fused::applies(&[residual]) => {
+                xs.contiguous()?
+                    .apply_op3_no_bwd(self.weight(), &residual.contiguous()?, &op)
+            }
             _ => self.inner.forward(xs)? + residual,
         }
     }
@@ -72,7 +73,7 @@ impl Linear {
             )
         }
         match self.fused(rows) {
-            Some(op) if residual.dtype() == DType::F32 && !residual.track_op() => {
+            Some(op) if fused::applies(&[residual]) => {
                 let op = ToImages {
                     bias: op.bias,
                     scale: scale as f32,
@@ -93,16 +94,9 @@ impl Linear {
 
     /// The fused kernel, when it applies to `xs`.
     fn fused(&self, xs: &Tensor) -> Option<FusedLinear<'_>> {
-        let weight = self.weight();
-        let applies = xs.device().is_cpu()
-            && xs.dtype() == DType::F32
-            && weight.dtype() == DType::F32
+        let applies = fused::applies(&[xs, self.weight()])
             && xs.rank() >= 1
-            && !(xs.track_op() || weight.track_op())
-            && self
-                .inner
-                .bias()
-                .is_none_or(|b| !b.track_op() && self.cpu_bias.is_some());
+            && self.inner.bias().is_none_or(|b| fused::applies(&[b]));
         applies.then_some(FusedLinear {
             bias: self.cpu_bias.as_deref(),
         })

@@ -5,10 +5,11 @@
 //! ten passes over the activations, each into a freshly allocated tensor. Elsewhere (CUDA, half
 //! precision, training) the candle composition runs.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use candle_nn::{Module, VarBuilder};
 use rayon::prelude::*;
 
+use crate::models::fused::{self, contiguous_f32};
 use crate::models::vector_math::silu_affine;
 
 /// `nn.GroupNorm(groups, channels, eps)` with affine weight and bias, over (N, C, ...) inputs.
@@ -96,13 +97,8 @@ impl GroupNorm {
         }
     }
 
-    /// The fused kernel has no backward pass and exists for f32 on the CPU only.
     fn fused_applies(&self, xs: &Tensor) -> bool {
-        xs.device().is_cpu()
-            && xs.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && xs.rank() >= 3
-            && !(xs.track_op() || self.weight.track_op() || self.bias.track_op())
+        fused::applies(&[xs, &self.weight, &self.bias]) && xs.rank() >= 3
     }
 }
 
@@ -111,18 +107,6 @@ struct FusedGroupNorm {
     groups: usize,
     eps: f64,
     silu: bool,
-}
-
-/// The first `len` f32 values of `storage` from the start of `layout`, which must be contiguous.
-pub(crate) fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> Result<&'a [f32]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
-        None => candle_core::bail!("{what} is not contiguous"),
-    }
 }
 
 /// Mean and variance of `values`, accumulated in f64 over eight independent lanes.
@@ -169,16 +153,12 @@ impl CustomOp3 for FusedGroupNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = xs_layout.dims();
         let (channels, spatial) = (dims[1], dims[2..].iter().product::<usize>());
-        let xs = contiguous_f32(xs, xs_layout, "group-norm input")?;
-        let weight = contiguous_f32(weight, weight_layout, "group-norm weight")?;
-        let bias = contiguous_f32(bias, bias_layout, "group-norm bias")?;
-        if weight.len() != channels || bias.len() != channels {
-            candle_core::bail!(
-                "group-norm: {channels} input channels but weight {} and bias {}",
-                weight.len(),
-                bias.len()
-            )
-        }
+        let (xs, weight, bias) = operands(
+            (xs, xs_layout),
+            (weight, weight_layout),
+            (bias, bias_layout),
+            channels,
+        )?;
         let per_group = channels / self.groups;
         let group_len = per_group * spatial;
         let mut out = vec![0f32; xs.len()];
@@ -188,17 +168,15 @@ impl CustomOp3 for FusedGroupNorm {
                 .enumerate()
                 .for_each(|(index, (dst, src))| {
                     let first_channel = (index % self.groups) * per_group;
-                    let (mean, variance) = mean_and_variance(src);
-                    let inv_std = 1.0 / (variance + self.eps).sqrt();
+                    let statistics = mean_and_variance(src);
                     for (offset, (dst, src)) in dst
                         .chunks_exact_mut(spatial)
                         .zip(src.chunks_exact(spatial))
                         .enumerate()
                     {
                         let channel = first_channel + offset;
-                        let scale = weight[channel] as f64 * inv_std;
-                        let shift = bias[channel] as f64 - mean * scale;
-                        let (scale, shift) = (scale as f32, shift as f32);
+                        let (scale, shift) =
+                            channel_affine(statistics, self.eps, weight[channel], bias[channel]);
                         if self.silu {
                             silu_affine(dst, src, scale, shift);
                         } else {
@@ -242,16 +220,12 @@ impl CustomOp3 for GroupNormToRows {
         } = self;
         let (videos, pixels, per_group) =
             (batch_frames / frames, height * width, channels / groups);
-        let xs = contiguous_f32(xs, xs_layout, "group-norm input")?;
-        let weight = contiguous_f32(weight, weight_layout, "group-norm weight")?;
-        let bias = contiguous_f32(bias, bias_layout, "group-norm bias")?;
-        if weight.len() != channels || bias.len() != channels {
-            candle_core::bail!(
-                "group-norm: {channels} input channels but weight {} and bias {}",
-                weight.len(),
-                bias.len()
-            )
-        }
+        let (xs, weight, bias) = operands(
+            (xs, xs_layout),
+            (weight, weight_layout),
+            (bias, bias_layout),
+            channels,
+        )?;
         let out_shape = Shape::from((videos, pixels, frames, channels));
         let row_len = frames * channels;
         if pixels == 0 || row_len == 0 {
@@ -271,12 +245,10 @@ impl CustomOp3 for GroupNormToRows {
                     let start = (video * frames + frame) * image_len + group * group_len;
                     &xs[start..start + group_len]
                 });
-                let (mean, variance) = mean_and_variance_of(frame_slices);
-                let inv_std = 1.0 / (variance + eps).sqrt();
+                let statistics = mean_and_variance_of(frame_slices);
                 (0..per_group).map(move |offset| {
                     let channel = group * per_group + offset;
-                    let scale = weight[channel] as f64 * inv_std;
-                    (scale as f32, (bias[channel] as f64 - mean * scale) as f32)
+                    channel_affine(statistics, eps, weight[channel], bias[channel])
                 })
             })
             .collect();
@@ -299,28 +271,56 @@ impl CustomOp3 for GroupNormToRows {
     }
 }
 
-/// Mean and variance over several slices taken as one sample, accumulated in f64.
-fn mean_and_variance_of<'a>(slices: impl Iterator<Item = &'a [f32]> + Clone) -> (f64, f64) {
-    let mut count = 0usize;
-    let mut mean = 0f64;
-    for slice in slices.clone() {
-        let (slice_mean, _) = mean_and_variance(slice);
-        mean += slice_mean * slice.len() as f64;
-        count += slice.len();
+/// Mean and variance over several slices taken as one sample, accumulated in f64: each slice's
+/// own mean and variance, pooled.
+fn mean_and_variance_of<'a>(slices: impl Iterator<Item = &'a [f32]>) -> (f64, f64) {
+    let parts: Vec<(f64, f64, f64)> = slices
+        .map(|slice| {
+            let (mean, variance) = mean_and_variance(slice);
+            (mean, variance, slice.len() as f64)
+        })
+        .collect();
+    let count = parts.iter().map(|&(_, _, n)| n).sum::<f64>().max(1.0);
+    let mean = parts.iter().map(|&(m, _, n)| m * n).sum::<f64>() / count;
+    // Var = the weighted mean over slices of (within-slice variance + (slice mean − mean)²).
+    let variance = parts
+        .iter()
+        .map(|&(m, v, n)| (v + (m - mean).powi(2)) * n)
+        .sum::<f64>()
+        / count;
+    (mean, variance)
+}
+
+/// The per-channel map y = x·scale + shift of a group with these statistics.
+fn channel_affine((mean, variance): (f64, f64), eps: f64, weight: f32, bias: f32) -> (f32, f32) {
+    let scale = weight as f64 / (variance + eps).sqrt();
+    (scale as f32, (bias as f64 - mean * scale) as f32)
+}
+
+/// The input, weight and bias of a group norm over `channels` channels, checked to fit.
+fn operands<'a>(
+    (xs, xs_layout): (&'a CpuStorage, &Layout),
+    (weight, weight_layout): (&'a CpuStorage, &Layout),
+    (bias, bias_layout): (&'a CpuStorage, &Layout),
+    channels: usize,
+) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    let xs = contiguous_f32(xs, xs_layout, "group-norm input")?;
+    let weight = contiguous_f32(weight, weight_layout, "group-norm weight")?;
+    let bias = contiguous_f32(bias, bias_layout, "group-norm bias")?;
+    if weight.len() != channels || bias.len() != channels {
+        candle_core::bail!(
+            "group-norm: {channels} input channels but weight {} and bias {}",
+            weight.len(),
+            bias.len()
+        )
     }
-    let mean = mean / count.max(1) as f64;
-    // Var = mean over slices of (within-slice variance + (slice mean − mean)²), weighted.
-    let mut variance = 0f64;
-    for slice in slices {
-        let (slice_mean, slice_variance) = mean_and_variance(slice);
-        variance += (slice_variance + (slice_mean - mean).powi(2)) * slice.len() as f64;
-    }
-    (mean, variance / count.max(1) as f64)
+    Ok((xs, weight, bias))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
     use candle_core::Device;
     use std::collections::HashMap;
 

@@ -1,13 +1,14 @@
 //! The spatial transformer of the UNet (diffusers `Transformer2DModel` with
 //! `BasicTransformerBlock`s), and the attention and feed-forward layers the motion modules share.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use candle_nn::{LayerNorm, Module, VarBuilder};
 use rayon::prelude::*;
 
 use super::linear::{linear, linear_no_bias, Linear};
-use super::norm::{contiguous_f32, GroupNorm};
+use super::norm::GroupNorm;
 use crate::models::attention::{AttentionHook, AttentionKind};
+use crate::models::fused::{self, contiguous_f32};
 use crate::models::vector_math::geglu;
 
 /// The diffusers module path of the layer that `vb` addresses, relative to the model root.
@@ -143,9 +144,7 @@ impl FeedForward {
     /// `a · gelu(b)`: the input of the output layer.
     fn gated(&self, xs: &Tensor) -> Result<Tensor> {
         let projected = self.proj.forward(xs)?;
-        let fused =
-            projected.device().is_cpu() && projected.dtype() == DType::F32 && !projected.track_op();
-        if fused {
+        if fused::applies(&[&projected]) {
             return projected.contiguous()?.apply_op1_no_bwd(&Geglu);
         }
         let hidden = projected.narrow(D::Minus1, 0, self.inner)?;
