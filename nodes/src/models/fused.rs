@@ -25,3 +25,63 @@ pub(crate) fn contiguous_f32<'a>(
         None => candle_core::bail!("{what} is not contiguous"),
     }
 }
+
+/// An operand of [`matmul`]: element (row, column) at `ptr + row·row_stride + column·column_stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<P> {
+    pub ptr: P,
+    pub row_stride: usize,
+    pub column_stride: usize,
+}
+
+impl<P> Strided<P> {
+    /// A row-major matrix whose rows start `row_stride` elements apart.
+    pub fn rows(ptr: P, row_stride: usize) -> Self {
+        Self {
+            ptr,
+            row_stride,
+            column_stride: 1,
+        }
+    }
+}
+
+/// `dst (m × n) = scale · lhs (m × k) · rhs (k × n)`, added to what `dst` holds when
+/// `accumulate` (otherwise `dst` is only written), through gemm with `parallelism`.
+///
+/// # Safety
+/// For these sizes, every element the strides address lies inside its operand's allocation,
+/// and no element of `dst` is also an element of `lhs` or `rhs`.
+pub(crate) unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    accumulate: bool,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's contract; gemm takes column strides before row strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.column_stride as isize,
+            dst.row_stride as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.column_stride as isize,
+            lhs.row_stride as isize,
+            rhs.ptr,
+            rhs.column_stride as isize,
+            rhs.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}

@@ -14,6 +14,7 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
+use crate::models::fused::{matmul, Strided};
 use crate::models::vector_math::{dot, softmax_in_place};
 
 /// Score buffer per task: 64 Ki floats (256 KiB) stay in a core's L2 cache.
@@ -191,25 +192,21 @@ impl Task {
         // inside it: q rows first..first+rows, all keys of k and v, `scores` of rows × keys and
         // `out` of rows × out_stride with this head's head_dim columns.
         unsafe {
-            gemm::gemm(
-                rows,
-                keys,
-                head_dim,
-                scores.as_mut_ptr(),
-                1,
-                keys as isize,
+            matmul(
+                (rows, keys, head_dim),
+                Strided::rows(scores.as_mut_ptr(), keys),
+                Strided::rows(
+                    q.data.as_ptr().add(q.offset(sample, head, first)),
+                    q.row_stride,
+                ),
+                // kᵀ: element (d, key) of the (keys, head_dim) rows of k.
+                Strided {
+                    ptr: k.data.as_ptr().add(k.offset(sample, head, 0)),
+                    row_stride: 1,
+                    column_stride: k.row_stride,
+                },
                 false,
-                q.data.as_ptr().add(q.offset(sample, head, first)),
-                1,
-                q.row_stride as isize,
-                k.data.as_ptr().add(k.offset(sample, head, 0)),
-                k.row_stride as isize,
-                1,
-                0.0,
                 1.0,
-                false,
-                false,
-                false,
                 gemm::Parallelism::None,
             );
         }
@@ -218,25 +215,13 @@ impl Task {
         }
         // SAFETY: as above.
         unsafe {
-            gemm::gemm(
-                rows,
-                head_dim,
-                keys,
-                out.as_mut_ptr().add(column),
-                1,
-                out_stride as isize,
+            matmul(
+                (rows, head_dim, keys),
+                Strided::rows(out.as_mut_ptr().add(column), out_stride),
+                Strided::rows(scores.as_ptr(), keys),
+                Strided::rows(v.data.as_ptr().add(v.offset(sample, head, 0)), v.row_stride),
                 false,
-                scores.as_ptr(),
-                1,
-                keys as isize,
-                v.data.as_ptr().add(v.offset(sample, head, 0)),
-                1,
-                v.row_stride as isize,
-                0.0,
                 1.0,
-                false,
-                false,
-                false,
                 gemm::Parallelism::None,
             );
         }

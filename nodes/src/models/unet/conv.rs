@@ -13,7 +13,7 @@ use candle_nn::{Conv2dConfig, Module, VarBuilder};
 use rayon::prelude::*;
 
 use super::winograd;
-use crate::models::fused::{self, contiguous_f32};
+use crate::models::fused::{self, contiguous_f32, matmul, Strided};
 
 /// `nn.Conv2d(in, out, kernel, stride, padding)` with bias (dilation 1, one group).
 #[derive(Debug, Clone)]
@@ -167,25 +167,13 @@ fn gemm_with_bias(
     // SAFETY: dst is (out_channels, n), weight (out_channels, inner) and columns (inner, n), all
     // row-major and of exactly these lengths (checked by the caller).
     unsafe {
-        gemm::gemm(
-            out_channels,
-            n,
-            inner,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
+        matmul(
+            (out_channels, n, inner),
+            Strided::rows(dst.as_mut_ptr(), n),
+            Strided::rows(weight.as_ptr(), inner),
+            Strided::rows(columns.as_ptr(), n),
             true,
-            weight.as_ptr(),
-            1,
-            inner as isize,
-            columns.as_ptr(),
-            1,
-            n as isize,
             1.0,
-            1.0,
-            false,
-            false,
-            false,
             parallelism,
         )
     }

@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use candle_nn::{Module, VarBuilder};
 use rayon::prelude::*;
 
-use crate::models::fused::{self, contiguous_f32};
+use crate::models::fused::{self, contiguous_f32, matmul, Strided};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -188,25 +188,18 @@ impl FusedLinear<'_> {
         // SAFETY: dst is (rows, out_dim) row-major, lhs (rows, in_dim) row-major, and the weight's
         // layout addresses (out_dim, in_dim) elements inside its storage.
         unsafe {
-            gemm::gemm(
-                rows,
-                out_dim,
-                in_dim,
-                out.as_mut_ptr(),
-                1,
-                out_dim as isize,
+            matmul(
+                (rows, out_dim, in_dim),
+                Strided::rows(out.as_mut_ptr(), out_dim),
+                Strided::rows(xs.as_ptr(), in_dim),
+                // weightᵀ: element (input, output) of the (out_dim, in_dim) weight.
+                Strided {
+                    ptr: weight_slice.as_ptr().add(weight_layout.start_offset()),
+                    row_stride: w_col,
+                    column_stride: w_row,
+                },
                 true,
-                xs.as_ptr(),
-                1,
-                in_dim as isize,
-                weight_slice.as_ptr().add(weight_layout.start_offset()),
-                w_row as isize,
-                w_col as isize,
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
                 gemm::Parallelism::Rayon(threads),
             );
         }
@@ -321,25 +314,21 @@ impl CustomOp3 for ToImages<'_> {
                 // (out_dim, in_dim) elements; rows[first + p·frames·in_dim + c] for p < pixels,
                 // c < in_dim stays inside the contiguous (B, P, F, C_in) rows.
                 unsafe {
-                    gemm::gemm(
-                        out_dim,
-                        pixels,
-                        in_dim,
-                        dst.as_mut_ptr(),
-                        1,
-                        pixels as isize,
+                    matmul(
+                        (out_dim, pixels, in_dim),
+                        Strided::rows(dst.as_mut_ptr(), pixels),
+                        Strided {
+                            ptr: weight_slice.as_ptr(),
+                            row_stride: w_row,
+                            column_stride: w_col,
+                        },
+                        Strided {
+                            ptr: rows.as_ptr().add(first),
+                            row_stride: 1,
+                            column_stride: frames * in_dim,
+                        },
                         true,
-                        weight_slice.as_ptr(),
-                        w_col as isize,
-                        w_row as isize,
-                        rows.as_ptr().add(first),
-                        (frames * in_dim) as isize,
-                        1,
-                        1.0,
                         scale,
-                        false,
-                        false,
-                        false,
                         gemm::Parallelism::None,
                     );
                 }

@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use crate::models::fused::{matmul, Strided};
+
 /// Transform-domain points per tile (4×4).
 const POINTS: usize = 16;
 /// Bound on the transformed input of one pass (bytes); larger batches go in groups of images.
@@ -70,25 +72,16 @@ fn convolve_in_passes(
                 // read as (C_out, C_in) rows 16·C_in apart from point·C_in; transformed holds
                 // (C_in, 16, tiles), read as (C_in, tiles) rows 16·tiles apart from point·tiles.
                 unsafe {
-                    gemm::gemm(
-                        out_channels,
-                        tiles,
-                        in_channels,
-                        product.as_mut_ptr(),
-                        1,
-                        tiles as isize,
+                    matmul(
+                        (out_channels, tiles, in_channels),
+                        Strided::rows(product.as_mut_ptr(), tiles),
+                        Strided::rows(
+                            kernels.as_ptr().add(point * in_channels),
+                            POINTS * in_channels,
+                        ),
+                        Strided::rows(transformed.as_ptr().add(point * tiles), POINTS * tiles),
                         false,
-                        kernels.as_ptr().add(point * in_channels),
-                        1,
-                        (POINTS * in_channels) as isize,
-                        transformed.as_ptr().add(point * tiles),
-                        1,
-                        (POINTS * tiles) as isize,
-                        0.0,
                         1.0,
-                        false,
-                        false,
-                        false,
                         gemm::Parallelism::None,
                     )
                 }
