@@ -1,6 +1,7 @@
 //! The models every video workflow runs on, built with candle from diffusers-named weights.
 
 pub mod attention;
+pub mod call;
 pub mod checkpoint;
 pub mod clip;
 mod fused;

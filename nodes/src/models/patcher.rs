@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor};
 use super::attention::{AttentionHook, AttentionKind, AttentionProcessor};
 use super::motion::{MotionAdapter, MotionAdapterConfig, MotionPatch};
 use super::unet::UNet2DConditionModel;
-use crate::sampling::NoisePredictor;
+use super::call::{GuidanceLayout, RunObserver, SamplingStep};
 
 /// A UNet with its patches.
 #[derive(Clone)]
@@ -89,35 +89,55 @@ impl PatchedUNet {
     }
 }
 
-impl NoisePredictor for PatchedUNet {
-    fn predict(
-        &self,
-        latents: &Tensor,
-        timestep: f64,
-        context: &Tensor,
-        step: Option<usize>,
-    ) -> Result<Tensor> {
+/// One call of a patched UNet: the latents and their conditioning, and what the call knows of
+/// the run around it.
+#[derive(Clone, Copy)]
+pub struct UNetInputs<'a> {
+    /// (B, C, F, H, W) latents, already scaled for the model.
+    pub sample: &'a Tensor,
+    /// The timestep: one for all videos, one per video, or one per frame (B·F).
+    pub timestep: f64,
+    /// Per-video text embeddings (B, S, D).
+    pub text: &'a Tensor,
+    /// The position in the clip of each evaluated frame (F values), for the motion modules'
+    /// frame positions; `None` means 0, 1, …, F−1.
+    pub frame_positions: Option<&'a [usize]>,
+    pub step: Option<SamplingStep>,
+    pub guidance: GuidanceLayout,
+    /// The run's state, where processors record what they observe.
+    pub run: Option<&'a RunObserver>,
+}
+
+impl PatchedUNet {
+    /// Predicts the noise of `inputs.sample`, (B, C_out, F, H, W).
+    pub fn forward(&self, inputs: &UNetInputs) -> Result<Tensor> {
+        let latents = inputs.sample;
         let (batch, _, frames, _, _) = latents.dims5()?;
-        let (ctx_batch, seq, dim) = context.dims3()?;
-        if ctx_batch != batch {
-            candle_core::bail!("{ctx_batch} text embeddings for {batch} videos");
+        let (text_batch, seq, dim) = inputs.text.dims3()?;
+        if text_batch != batch {
+            candle_core::bail!("{text_batch} text embeddings for {batch} videos");
         }
         // One embedding per frame, frame-major within each video, as the UNet expects.
-        let per_frame = context
+        let per_frame = inputs
+            .text
             .unsqueeze(1)?
             .broadcast_as((batch, frames, seq, dim))?
             .reshape((batch * frames, seq, dim))?;
         let per_frame = per_frame.to_dtype(latents.dtype())?;
-        let hook = self.hook.clone().with_step(step);
+        let hook = self
+            .hook
+            .clone()
+            .with_step(inputs.step.map(|s| s.index));
         let motion = self
             .motion
             .as_ref()
             .map(|(m, s)| MotionPatch::with_scale(m, *s));
         self.base
-            .forward(latents, timestep, &per_frame, motion, &hook)
+            .forward(latents, inputs.timestep, &per_frame, motion, &hook)
     }
 
-    fn max_frames(&self) -> Option<usize> {
+    /// The most frames one call can see (the motion modules' positional table), if bounded.
+    pub fn max_frames(&self) -> Option<usize> {
         self.motion().map(|m| m.config().motion_max_seq_length)
     }
 }

@@ -11,6 +11,37 @@ use crate::video::freeinit::{mix_frequencies, FreeInitConfig};
 
 pub use context::{ContextFuse, ContextOptions, ContextSchedule, ContextWindows};
 
+use crate::models::patcher::{PatchedUNet, UNetInputs};
+
+impl NoisePredictor for PatchedUNet {
+    fn predict(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        step: Option<usize>,
+    ) -> Result<Tensor> {
+        let step = step.map(|index| crate::models::call::SamplingStep {
+            index,
+            count: 0,
+            timestep,
+        });
+        self.forward(&UNetInputs {
+            sample: latents,
+            timestep,
+            text: context,
+            frame_positions: None,
+            step,
+            guidance: Default::default(),
+            run: None,
+        })
+    }
+
+    fn max_frames(&self) -> Option<usize> {
+        PatchedUNet::max_frames(self)
+    }
+}
+
 /// Something that predicts the noise in video latents: a UNet with its patches.
 pub trait NoisePredictor {
     /// ε for `latents` (B, C, F, h, w) at `timestep`, with per-video text embeddings

@@ -1,0 +1,136 @@
+//! What one model call knows of the run around it: the sampling step, how the batch is laid out
+//! for guidance, which frames are evaluated, and the state the run keeps.
+//!
+//! A loaded model is cached and shared between runs and branches of a workflow, so nothing a
+//! run records (entropies, attention maps kept for injection, evaluation counts) may live in the
+//! model or its patches: it lives in the [`RunObserver`] that the run owns and passes down
+//! with every call.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// The sampling step a model call belongs to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingStep {
+    /// 0-based index of the step in the run (FreeInit passes count on).
+    pub index: usize,
+    /// Steps of the run in all.
+    pub count: usize,
+    /// The timestep the model is conditioned on at this step.
+    pub timestep: f64,
+}
+
+impl SamplingStep {
+    /// The position of this step in the run, in [0, 1): ComfyUI's `start_percent` /
+    /// `end_percent` are compared with it.
+    pub fn fraction(&self) -> f64 {
+        self.index as f64 / self.count.max(1) as f64
+    }
+}
+
+/// How the videos of a batch relate under classifier-free guidance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuidanceLayout {
+    /// Every video is conditioned on its own prompt; no guidance pairs.
+    #[default]
+    Conditional,
+    /// The first half of the batch is unconditional (negative prompt), the second half the
+    /// conditional copies of the same latents, as diffusers' pipelines batch them.
+    UncondThenCond,
+}
+
+impl GuidanceLayout {
+    /// Whether video `b` of a batch of `batch` videos is an unconditional (negative) branch.
+    pub fn is_unconditional(&self, b: usize, batch: usize) -> bool {
+        matches!(self, Self::UncondThenCond) && b < batch / 2
+    }
+
+    /// Model evaluations per video of the run: 2 with guidance, else 1.
+    pub fn branches(&self) -> usize {
+        match self {
+            Self::Conditional => 1,
+            Self::UncondThenCond => 2,
+        }
+    }
+}
+
+/// State that one run keeps for the processors and patches that act in it, each value found
+/// by its type and a key (usually the path of the layer that wrote it). Processors are shared
+/// by every run of a cached model; what they record goes here.
+#[derive(Default)]
+pub struct RunObserver {
+    slots: Mutex<HashMap<(TypeId, String), Box<dyn Any + Send>>>,
+}
+
+impl std::fmt::Debug for RunObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let len = self.slots.lock().map(|s| s.len()).unwrap_or(0);
+        f.debug_struct("RunObserver").field("slots", &len).finish()
+    }
+}
+
+impl RunObserver {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `f` on the value of type `T` under `key`, made with `T::default()` on first use.
+    pub fn with<T: Default + Send + 'static, R>(&self, key: &str, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = slots
+            .entry((TypeId::of::<T>(), key.to_string()))
+            .or_insert_with(|| Box::new(T::default()));
+        match slot.downcast_mut::<T>() {
+            Some(value) => f(value),
+            // The key includes the TypeId, so the box always holds a T.
+            None => unreachable!("run observer slot of the wrong type"),
+        }
+    }
+
+    /// A copy of the value of type `T` under `key`, if one was written.
+    pub fn get<T: Clone + 'static>(&self, key: &str) -> Option<T> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .get(&(TypeId::of::<T>(), key.to_string()))
+            .and_then(|b| b.downcast_ref::<T>())
+            .cloned()
+    }
+
+    /// Removes and returns the value of type `T` under `key`.
+    pub fn take<T: 'static>(&self, key: &str) -> Option<T> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let boxed = slots.remove(&(TypeId::of::<T>(), key.to_string()))?;
+        boxed.downcast::<T>().ok().map(|b| *b)
+    }
+
+    /// Every key under which a value of type `T` was written, sorted.
+    pub fn keys<T: 'static>(&self) -> Vec<String> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut keys: Vec<String> = slots
+            .keys()
+            .filter(|(ty, _)| *ty == TypeId::of::<T>())
+            .map(|(_, k)| k.clone())
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_kept_by_type_and_key() {
+        let run = RunObserver::new();
+        run.with::<Vec<f64>, _>("a", |v| v.push(1.0));
+        run.with::<Vec<f64>, _>("a", |v| v.push(2.0));
+        run.with::<usize, _>("a", |n| *n += 3);
+        assert_eq!(run.get::<Vec<f64>>("a"), Some(vec![1.0, 2.0]));
+        assert_eq!(run.get::<usize>("a"), Some(3));
+        assert_eq!(run.keys::<usize>(), vec!["a".to_string()]);
+        assert_eq!(run.take::<usize>("a"), Some(3));
+        assert_eq!(run.get::<usize>("a"), None);
+    }
+}
