@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device};
 use vdm_nodes::models::attention::AttentionHook;
 use vdm_nodes::models::motion::{MotionAdapter, MotionAdapterConfig, MotionPatch};
-use vdm_nodes::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use vdm_nodes::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetInputs, UNetPatches};
 
 fn cuda() -> Option<Device> {
     match Device::new_cuda(0) {
@@ -44,14 +44,15 @@ fn unet_forward_on_cuda_matches_cpu() {
             .unwrap();
             let sample = io["sample"].to_device(device).unwrap();
             let ehs = io["encoder_hidden_states"].to_device(device).unwrap();
-            unet.forward(
-                &sample,
-                501.0,
-                &ehs,
-                Some(MotionPatch::new(&adapter)),
-                &AttentionHook::new(),
-            )
-            .unwrap()
+            let hook = AttentionHook::new();
+            let motion = [MotionPatch::new(&adapter)];
+            let patches = UNetPatches {
+                hook: &hook,
+                motion: &motion,
+                taps: &[],
+            };
+            unet.forward(&UNetInputs::new(&sample, 501.0, &ehs), &patches)
+                .unwrap()
         };
         let on_cpu = run(&Device::Cpu);
         let on_gpu = run(&gpu);

@@ -11,8 +11,12 @@ use candle_core::{DType, Device, Result, Tensor};
 use vdm_nodes::models::attention::{
     AttentionCall, AttentionHook, AttentionKind, AttentionProcessor, ScaledDotProduct,
 };
+use vdm_nodes::models::call::{ActivationRecorder, FeatureTap};
 use vdm_nodes::models::motion::{MotionAdapter, MotionAdapterConfig, MotionPatch};
-use vdm_nodes::models::unet::{ActivationRecorder, UNet2DConditionConfig, UNet2DConditionModel};
+use vdm_nodes::models::ops::with_composed_ops;
+use vdm_nodes::models::unet::{
+    Timestep, UNet2DConditionConfig, UNet2DConditionModel, UNetInputs, UNetPatches,
+};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -75,6 +79,37 @@ fn load_case(dir: &Path) -> Case {
     Case { unet, adapter, io }
 }
 
+/// One UNet forward with the given motion patch, processors and taps.
+fn forward_tapped<'t>(
+    case: &Case,
+    sample: &'t Tensor,
+    timestep: impl Into<Timestep<'t>>,
+    text: &'t Tensor,
+    motion: Option<MotionPatch>,
+    hook: &AttentionHook,
+    taps: &[&dyn FeatureTap],
+) -> Result<Tensor> {
+    let motion: Vec<MotionPatch> = motion.into_iter().collect();
+    let patches = UNetPatches {
+        hook,
+        motion: &motion,
+        taps,
+    };
+    case.unet
+        .forward(&UNetInputs::new(sample, timestep, text), &patches)
+}
+
+fn forward<'t>(
+    case: &Case,
+    sample: &'t Tensor,
+    timestep: impl Into<Timestep<'t>>,
+    text: &'t Tensor,
+    motion: Option<MotionPatch>,
+    hook: &AttentionHook,
+) -> Result<Tensor> {
+    forward_tapped(case, sample, timestep, text, motion, hook, &[])
+}
+
 /// The README says whether the case has intermediates; the file must agree.
 fn expects_intermediates(dir: &Path) -> bool {
     let readme: serde_json::Value =
@@ -100,23 +135,20 @@ fn check_case(case_name: &str) {
         let context = &case.io["encoder_hidden_states"];
 
         let recorder = ActivationRecorder::new();
-        let out = case
-            .unet
-            .forward_recorded(
-                sample,
-                &case.io["timestep"],
-                context,
-                motion,
-                &hook,
-                &recorder,
-            )
-            .unwrap();
+        let taps: [&dyn FeatureTap; 1] = [&recorder];
+        let out = forward_tapped(
+            &case,
+            sample,
+            &case.io["timestep"],
+            context,
+            motion,
+            &hook,
+            &taps,
+        )
+        .unwrap();
         common::assert_close("out", &out, &case.io["out"], TOLERANCE);
 
-        let out_float = case
-            .unet
-            .forward(sample, &case.io["timestep_float"], context, motion, &hook)
-            .unwrap();
+        let out_float = forward(&case, sample, &case.io["timestep_float"], context, motion, &hook).unwrap();
         common::assert_close(
             "out_timestep_float",
             &out_float,
@@ -129,10 +161,7 @@ fn check_case(case_name: &str) {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap()[0];
-        let out_scalar = case
-            .unet
-            .forward(sample, t as f64, context, motion, &hook)
-            .unwrap();
+        let out_scalar = forward(&case, sample, t as f64, context, motion, &hook).unwrap();
         common::assert_close(
             "out (timestep as f64)",
             &out_scalar,
@@ -164,9 +193,20 @@ fn unet_motion_mid_parity() {
     check_case("unet_motion_mid");
 }
 
+/// The composed candle ops (the path that training takes) give diffusers' result too.
+#[test]
+fn unet_motion_mid_parity_on_the_composed_path() {
+    with_composed_ops(|| check_case("unet_motion_mid"));
+}
+
 #[test]
 fn unet_motion_nomid_parity() {
     check_case("unet_motion_nomid");
+}
+
+#[test]
+fn unet_motion_nomid_parity_on_the_composed_path() {
+    with_composed_ops(|| check_case("unet_motion_nomid"));
 }
 
 /// Forwards to the default computation and logs every call.
@@ -202,18 +242,12 @@ fn attention_hook_sees_every_layer_and_pass_through_is_bit_exact() {
     let context = &case.io["encoder_hidden_states"];
     let timestep = &case.io["timestep"];
 
-    let plain = case
-        .unet
-        .forward(sample, timestep, context, motion, &AttentionHook::new())
-        .unwrap();
+    let plain = forward(&case, sample, timestep, context, motion, &AttentionHook::new()).unwrap();
     let logging = Arc::new(Logging {
         calls: Mutex::new(BTreeSet::new()),
     });
     let hook = AttentionHook::new().with_processor("", None, logging.clone());
-    let hooked = case
-        .unet
-        .forward(sample, timestep, context, motion, &hook)
-        .unwrap();
+    let hooked = forward(&case, sample, timestep, context, motion, &hook).unwrap();
     let diff = (&plain - &hooked)
         .unwrap()
         .abs()
@@ -259,10 +293,7 @@ fn attention_hook_sees_every_layer_and_pass_through_is_bit_exact() {
         Some(AttentionKind::Temporal),
         Arc::new(Silence),
     );
-    let changed = case
-        .unet
-        .forward(sample, timestep, context, motion, &silenced)
-        .unwrap();
+    let changed = forward(&case, sample, timestep, context, motion, &silenced).unwrap();
     let diff = (&plain - &changed)
         .unwrap()
         .abs()
@@ -286,14 +317,8 @@ fn motion_scale_zero_is_the_image_unet() {
     let context = &case.io["encoder_hidden_states"];
     let timestep = &case.io["timestep"];
     let scaled = MotionPatch::with_scale(&case.adapter, 0.0);
-    let zero = case
-        .unet
-        .forward(sample, timestep, context, Some(scaled), &hook)
-        .unwrap();
-    let none = case
-        .unet
-        .forward(sample, timestep, context, None, &hook)
-        .unwrap();
+    let zero = forward(&case, sample, timestep, context, Some(scaled), &hook).unwrap();
+    let none = forward(&case, sample, timestep, context, None, &hook).unwrap();
     common::assert_close("motion scale 0 vs no motion", &zero, &none, 1e-6);
 
     // The video forward without motion equals the image forward on the frames.
@@ -303,10 +328,16 @@ fn motion_scale_zero_is_the_image_unet() {
         .unwrap()
         .reshape((b * f, c, h, w))
         .unwrap();
-    let images = case
-        .unet
-        .forward_images(&frames, timestep, context, &hook)
-        .unwrap();
+    // Each frame as a one-frame video.
+    let images = forward(
+        &case,
+        &frames.unsqueeze(2).unwrap(),
+        timestep,
+        context,
+        None,
+        &hook,
+    )
+    .unwrap();
     let images = images
         .reshape((b, f, c, h, w))
         .unwrap()
@@ -329,16 +360,10 @@ fn bad_inputs_are_refused_with_a_message() {
     let context = &case.io["encoder_hidden_states"];
     let motion = Some(MotionPatch::new(&case.adapter));
     let short_context = context.narrow(0, 0, 8).unwrap();
-    let err = case
-        .unet
-        .forward(sample, 10.0, &short_context, motion, &hook)
-        .unwrap_err();
+    let err = forward(&case, sample, 10.0, &short_context, motion, &hook).unwrap_err();
     assert!(err.to_string().contains("encoder_hidden_states"), "{err}");
     let too_many = Tensor::zeros((1, 4, 40, 16, 12), DType::F32, &Device::Cpu).unwrap();
     let context = Tensor::zeros((40, 77, 32), DType::F32, &Device::Cpu).unwrap();
-    let err = case
-        .unet
-        .forward(&too_many, 10.0, &context, motion, &hook)
-        .unwrap_err();
+    let err = forward(&case, &too_many, 10.0, &context, motion, &hook).unwrap_err();
     assert!(err.to_string().contains("motion_max_seq_length"), "{err}");
 }

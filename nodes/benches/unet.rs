@@ -20,7 +20,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use vdm_nodes::models::attention::AttentionHook;
 use vdm_nodes::models::motion::{MotionAdapter, MotionAdapterConfig, MotionPatch};
-use vdm_nodes::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use vdm_nodes::models::unet::{UNetInputs, UNetPatches, UNet2DConditionConfig, UNet2DConditionModel};
 
 const BATCH: usize = 2;
 const FRAMES: usize = 8;
@@ -232,22 +232,30 @@ fn main() -> Result<()> {
         text.broadcast_as((BATCH, FRAMES, 77, 768))?
             .reshape((BATCH * FRAMES, 77, 768))?;
     let hook = AttentionHook::new();
-    let motion = Some(MotionPatch::new(&adapter));
+    let motion = [MotionPatch::new(&adapter)];
+    let with_motion = UNetPatches {
+        hook: &hook,
+        motion: &motion,
+        taps: &[],
+    };
     let reference = Reference::from_env();
     let seconds = time_forward("UNet + motion modules forward", runs, || {
-        unet.forward(&sample, 501.0, &context, motion, &hook)
+        unet.forward(&UNetInputs::new(&sample, 501.0, &context), &with_motion)
     })?;
     if let Some(reference) = &reference {
         let pointer = "/unet_motion_forward/median_s";
         reference.compare("median", pointer, seconds, "s");
     }
     if !skip_2d {
-        let images =
-            sample
-                .permute((0, 2, 1, 3, 4))?
-                .reshape((BATCH * FRAMES, 4, LATENT, LATENT))?;
+        // Each frame as a one-frame video: the image UNet on the 16 frames.
+        let images = sample
+            .permute((0, 2, 1, 3, 4))?
+            .reshape((BATCH * FRAMES, 4, 1, LATENT, LATENT))?;
         let seconds = time_forward("UNet forward (16 frames as images)", runs, || {
-            unet.forward_images(&images, 501.0, &context, &hook)
+            unet.forward(
+                &UNetInputs::new(&images, 501.0, &context),
+                &UNetPatches::attention(&hook),
+            )
         })?;
         if let Some(reference) = &reference {
             let pointer = "/unet2d_forward_same_16_images/median_s";

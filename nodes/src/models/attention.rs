@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use candle_core::{Result, Tensor, D};
 
-mod cpu;
+use super::call::{ForwardPass, SamplingStep};
+
 
 /// What an attention layer attends over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -24,16 +25,39 @@ pub enum AttentionKind {
     Temporal,
 }
 
+/// How the rows of an attention call map onto the video: `videos` videos (guidance branches
+/// included) of `frames` frames of `height`×`width` pixels at this layer's resolution.
+///
+/// Spatial and cross attention run one sequence of H·W pixel queries per frame (batch
+/// videos·frames); temporal attention one sequence of F frame queries per pixel (batch
+/// videos·H·W). The VAE's attention has one frame per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenLayout {
+    pub videos: usize,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
 /// Everything a processor may want to know about the call it handles.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct AttentionCall<'a> {
     /// Diffusers module path of the attention layer.
     pub layer: &'a str,
     pub kind: AttentionKind,
-    /// Index of the sampling step (0-based), when the call happens inside a sampling loop.
-    pub step: Option<usize>,
     /// Softmax scale, 1/√head_dim.
     pub scale: f64,
+    pub layout: TokenLayout,
+    /// The forward pass the call belongs to: sampling step, guidance layout, frame positions,
+    /// the run's observer and the values computed earlier in the pass.
+    pub pass: &'a ForwardPass<'a>,
+}
+
+impl AttentionCall<'_> {
+    /// The sampling step of the call, when it happens inside a sampling loop.
+    pub fn step(&self) -> Option<SamplingStep> {
+        self.pass.step
+    }
 }
 
 /// A swappable attention implementation.
@@ -67,12 +91,12 @@ const MAX_SCORE_BYTES: usize = 256 << 20;
 /// more than a cache-sized block of scores; elsewhere the composed candle ops run, in slices of
 /// queries when the score tensor would exceed [`MAX_SCORE_BYTES`].
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let fused = super::fused::applies(&[q, k, v])
+    let fused = super::ops::applies(&[q, k, v])
         && [q, k, v]
             .iter()
             .all(|t| t.rank() == 4 && t.stride()[3] == 1);
     if fused {
-        let op = cpu::FusedAttention {
+        let op = crate::models::ops::attention::FusedAttention {
             scale: scale as f32,
         };
         // The kernel writes (batch, queries, heads, head_dim); the view swaps heads back.
@@ -96,7 +120,7 @@ fn composed_scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -
     for start in (0..queries).step_by(rows_per_slice) {
         let len = rows_per_slice.min(queries - start);
         let scores = (q.narrow(2, start, len)?.contiguous()?.matmul(&kt)? * scale)?;
-        slices.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?);
+        slices.push(crate::models::ops::softmax_last_dim(&scores)?.matmul(&v)?);
     }
     Tensor::cat(&slices, 2)
 }
@@ -104,7 +128,15 @@ fn composed_scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -
 /// The attention map softmax(q·kᵀ·scale), (batch, heads, queries, keys); rows sum to 1.
 pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    candle_nn::ops::softmax_last_dim(&scores)
+    crate::models::ops::softmax_last_dim(&scores)
+}
+
+/// Which attention layer is called, and on what tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionSite<'a> {
+    pub layer: &'a str,
+    pub kind: AttentionKind,
+    pub layout: TokenLayout,
 }
 
 /// A processor addressed by layer path: installed for every layer whose path starts with
@@ -116,14 +148,13 @@ pub struct ProcessorBinding {
     pub processor: Arc<dyn AttentionProcessor>,
 }
 
-/// The processors installed on a model for one forward pass, plus the step being run.
+/// The processors installed on a model, addressed by layer path.
 ///
 /// The last matching binding wins, so later patches override earlier ones, as in ComfyUI's
 /// model patcher.
 #[derive(Clone, Default)]
 pub struct AttentionHook {
     bindings: Vec<ProcessorBinding>,
-    step: Option<usize>,
 }
 
 impl AttentionHook {
@@ -146,15 +177,6 @@ impl AttentionHook {
         self
     }
 
-    pub fn with_step(mut self, step: Option<usize>) -> Self {
-        self.step = step;
-        self
-    }
-
-    pub fn step(&self) -> Option<usize> {
-        self.step
-    }
-
     pub fn bindings(&self) -> &[ProcessorBinding] {
         &self.bindings
     }
@@ -162,18 +184,24 @@ impl AttentionHook {
     /// Runs the attention of `layer` through the processor installed for it.
     pub fn attend(
         &self,
-        layer: &str,
-        kind: AttentionKind,
+        site: AttentionSite<'_>,
+        pass: &ForwardPass,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
+        let AttentionSite {
+            layer,
+            kind,
+            layout,
+        } = site;
         let head_dim = q.dim(D::Minus1)?;
         let call = AttentionCall {
             layer,
             kind,
-            step: self.step,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            layout,
+            pass,
         };
         let binding = self.bindings.iter().rev().find(|b| {
             layer.starts_with(b.prefix.as_str()) && b.kind.is_none_or(|want| want == kind)
@@ -204,11 +232,20 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev)?;
-        let plain =
-            AttentionHook::new().attend("a.attn1", AttentionKind::SpatialSelf, &q, &k, &v)?;
-        let hooked = AttentionHook::new()
-            .with_processor("", None, Arc::new(PassThrough))
-            .attend("a.attn1", AttentionKind::SpatialSelf, &q, &k, &v)?;
+        let site = AttentionSite {
+            layer: "a.attn1",
+            kind: AttentionKind::SpatialSelf,
+            layout: TokenLayout {
+                videos: 2,
+                frames: 1,
+                height: 1,
+                width: 5,
+            },
+        };
+        let plain_hook = AttentionHook::new();
+        let plain = plain_hook.attend(site, &ForwardPass::new(&plain_hook), &q, &k, &v)?;
+        let hook = AttentionHook::new().with_processor("", None, Arc::new(PassThrough));
+        let hooked = hook.attend(site, &ForwardPass::new(&hook), &q, &k, &v)?;
         let diff = (plain - hooked)?
             .abs()?
             .max_all()?

@@ -10,6 +10,10 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use candle_core::{Result, Tensor};
+
+use super::attention::AttentionHook;
+
 /// The sampling step a model call belongs to.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingStep {
@@ -114,6 +118,110 @@ impl RunObserver {
             .collect();
         keys.sort();
         keys
+    }
+}
+
+/// Values computed earlier in the same forward pass for later layers to read, such as a
+/// motion amplitude estimated from the lowest-resolution features and read by the up blocks'
+/// temporal attention. Made empty for every forward.
+#[derive(Debug, Default)]
+pub struct ForwardValues {
+    values: Mutex<HashMap<String, f64>>,
+}
+
+impl ForwardValues {
+    pub fn set(&self, name: &str, value: f64) {
+        let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        values.insert(name.to_string(), value);
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        let values = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        values.get(name).copied()
+    }
+}
+
+/// Something that looks at the activations of a forward pass at its named points (diffusers
+/// module paths: `time_embedding`, `conv_in`, `down_blocks.0.resnets.0`,
+/// `down_blocks.0.attentions.0`, `down_blocks.0.motion_modules.0`, `down_blocks.N`,
+/// `mid_block`, `up_blocks.N`), e.g. to record them or to estimate a value for later layers
+/// ([`ForwardPass::values`]). Taps observe; they never change the activations.
+pub trait FeatureTap: Send + Sync {
+    /// `xs` is (batch·frames, C, H, W), except `time_embedding` (batch, T).
+    fn observe(&self, point: &str, xs: &Tensor, pass: &ForwardPass) -> Result<()>;
+}
+
+/// Everything one forward pass of a model carries to its layers besides the activations: the
+/// attention processors, what the call knows of the run, and the values and taps of this pass.
+pub struct ForwardPass<'a> {
+    pub hook: &'a AttentionHook,
+    pub step: Option<SamplingStep>,
+    pub guidance: GuidanceLayout,
+    /// The position in the clip of each frame of the call, when not 0, 1, …, F−1.
+    pub frame_positions: Option<&'a [usize]>,
+    pub run: Option<&'a RunObserver>,
+    pub values: ForwardValues,
+    pub taps: Vec<&'a dyn FeatureTap>,
+}
+
+impl<'a> ForwardPass<'a> {
+    /// A pass outside any sampling run, with the processors of `hook`.
+    pub fn new(hook: &'a AttentionHook) -> Self {
+        Self {
+            hook,
+            step: None,
+            guidance: GuidanceLayout::default(),
+            frame_positions: None,
+            run: None,
+            values: ForwardValues::default(),
+            taps: Vec::new(),
+        }
+    }
+
+    /// Shows the activation at `point` to every tap; the name is only built when a tap listens.
+    pub fn observe(&self, point: impl FnOnce() -> String, xs: &Tensor) -> Result<()> {
+        if self.taps.is_empty() {
+            return Ok(());
+        }
+        let point = point();
+        self.taps
+            .iter()
+            .try_for_each(|tap| tap.observe(&point, xs, self))
+    }
+}
+
+/// Named activations captured during a forward pass, keyed by diffusers module path (the points
+/// of [`FeatureTap`]).
+#[derive(Debug, Default)]
+pub struct ActivationRecorder {
+    activations: Mutex<HashMap<String, Tensor>>,
+}
+
+impl ActivationRecorder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The recorded activation of module `name`, if the forward pass went through it.
+    pub fn get(&self, name: &str) -> Option<Tensor> {
+        let activations = self.activations.lock().unwrap_or_else(|e| e.into_inner());
+        activations.get(name).cloned()
+    }
+
+    /// Every recorded module path, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let activations = self.activations.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<String> = activations.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+impl FeatureTap for ActivationRecorder {
+    fn observe(&self, point: &str, xs: &Tensor, _pass: &ForwardPass) -> Result<()> {
+        let mut activations = self.activations.lock().unwrap_or_else(|e| e.into_inner());
+        activations.insert(point.to_string(), xs.clone());
+        Ok(())
     }
 }
 

@@ -1,29 +1,72 @@
 //! A frozen UNet plus an ordered list of patches, as ComfyUI's model patcher: applying a
-//! motion module or an attention processor returns a new [`PatchedUNet`] that shares the
-//! base weights, so cached and branching workflows never see each other's changes.
+//! motion module, an attention processor, a feature tap or a weight override returns a new
+//! [`PatchedUNet`] that shares the base weights, so cached and branching workflows never see
+//! each other's changes.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 
-use super::attention::{AttentionHook, AttentionKind, AttentionProcessor};
-use super::motion::{MotionAdapter, MotionAdapterConfig, MotionPatch};
-use super::unet::UNet2DConditionModel;
-use super::call::{GuidanceLayout, RunObserver, SamplingStep};
+use super::attention::{AttentionHook, AttentionKind, AttentionProcessor, ProcessorBinding};
+use super::call::FeatureTap;
+use super::motion::{ModuleGate, MotionAdapter, MotionPatch};
+use super::unet::{UNet2DConditionModel, UNetPatches};
+use super::weights::{self, NamedWeights};
 
-/// A UNet with its patches.
+pub use super::unet::UNetInputs;
+
+/// Motion modules applied at their slots, with a scale and an optional per-module gate.
+#[derive(Clone)]
+pub struct MotionModules {
+    pub adapter: Arc<MotionAdapter>,
+    /// Multiplies every module's residual (1 = diffusers, 0 = the image UNet).
+    pub scale: f64,
+    pub gate: Option<Arc<dyn ModuleGate>>,
+}
+
+/// One change to the frozen UNet.
+#[derive(Clone)]
+pub enum Patch {
+    /// Motion modules, run in patch order at the slots they have.
+    Motion(MotionModules),
+    /// An attention processor on the layers it addresses; later bindings win.
+    Attention(ProcessorBinding),
+    /// A tap on the activations of every forward.
+    Tap(Arc<dyn FeatureTap>),
+    /// Weights replaced by checkpoint key, in the UNet or in the motion modules applied before
+    /// or after (LoRA deltas merged into a weight, tuned projections, trainable `Var`s).
+    Weights(Arc<NamedWeights>),
+}
+
+impl Patch {
+    fn describe(&self) -> String {
+        match self {
+            Patch::Motion(m) => format!("motion modules (scale {})", m.scale),
+            Patch::Attention(b) => format!("attention processor on `{}`", b.prefix),
+            Patch::Tap(_) => "feature tap".to_string(),
+            Patch::Weights(w) => format!("{} weight overrides", w.len()),
+        }
+    }
+}
+
+/// A UNet with its patches, and what they resolve to: the UNet and motion modules with the
+/// weight overrides in place, the processors and the taps.
 #[derive(Clone)]
 pub struct PatchedUNet {
     base: Arc<UNet2DConditionModel>,
-    motion: Option<(Arc<MotionAdapter>, f64)>,
+    patches: Vec<Patch>,
+    unet: Arc<UNet2DConditionModel>,
+    motion: Vec<MotionModules>,
     hook: AttentionHook,
+    taps: Vec<Arc<dyn FeatureTap>>,
 }
 
 impl std::fmt::Debug for PatchedUNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let patches: Vec<String> = self.patches.iter().map(Patch::describe).collect();
         f.debug_struct("PatchedUNet")
-            .field("motion_scale", &self.motion.as_ref().map(|(_, s)| *s))
-            .field("processors", &self.hook.bindings().len())
+            .field("patches", &patches)
             .finish()
     }
 }
@@ -31,48 +74,74 @@ impl std::fmt::Debug for PatchedUNet {
 impl PatchedUNet {
     pub fn new(base: Arc<UNet2DConditionModel>) -> Self {
         Self {
+            unet: base.clone(),
             base,
-            motion: None,
+            patches: Vec::new(),
+            motion: Vec::new(),
             hook: AttentionHook::new(),
+            taps: Vec::new(),
         }
     }
 
+    /// The frozen UNet, without weight overrides.
     pub fn base(&self) -> &UNet2DConditionModel {
         &self.base
     }
 
+    /// The patches, in the order they apply.
+    pub fn patches(&self) -> &[Patch] {
+        &self.patches
+    }
+
+    /// The first motion modules applied (the AnimateDiff module of the usual workflow), with the
+    /// weight overrides in place.
     pub fn motion(&self) -> Option<&MotionAdapter> {
-        self.motion.as_ref().map(|(m, _)| m.as_ref())
+        self.motion.first().map(|m| m.adapter.as_ref())
     }
 
-    /// The same UNet with `adapter`'s motion modules (replacing any earlier ones), their
-    /// residuals scaled by `scale`. Fails when the adapter was made for other channel widths.
-    pub fn with_motion(
-        &self,
-        adapter: Arc<MotionAdapter>,
-        scale: f64,
-    ) -> std::result::Result<Self, String> {
-        self.check_motion_config(adapter.config())?;
-        Ok(Self {
-            motion: Some((adapter, scale)),
-            ..self.clone()
-        })
-    }
-
-    /// Whether motion modules of `config` fit this UNet (the same channels per block).
-    pub fn check_motion_config(
-        &self,
-        config: &MotionAdapterConfig,
-    ) -> std::result::Result<(), String> {
+    /// Whether motion modules for UNet channels `motion_channels` (per block) can fit this UNet:
+    /// checked from a config before any weight is read.
+    pub fn check_motion_channels(&self, motion_channels: &[usize]) -> std::result::Result<(), String> {
         let unet_channels = &self.base.config().block_out_channels;
-        let motion_channels = &config.block_out_channels;
-        if unet_channels != motion_channels {
+        if unet_channels.as_slice() != motion_channels {
             return Err(format!(
                 "the motion module is for UNet channels {motion_channels:?}, this UNet has {unet_channels:?} \
                  (an SD 1.x motion module needs an SD 1.x checkpoint)"
             ));
         }
         Ok(())
+    }
+
+    /// The same UNet with one more patch.
+    pub fn with_patch(&self, patch: Patch) -> std::result::Result<Self, String> {
+        if let Patch::Motion(m) = &patch {
+            self.base.check_motion(&m.adapter)?;
+        }
+        let mut patches = self.patches.clone();
+        patches.push(patch);
+        Self::resolve(self.base.clone(), patches).map_err(|e| e.to_string())
+    }
+
+    /// The same UNet with `adapter`'s motion modules in place of any motion modules applied
+    /// before, their residuals scaled by `scale`. Fails when the adapter does not fit this UNet.
+    pub fn with_motion(
+        &self,
+        adapter: Arc<MotionAdapter>,
+        scale: f64,
+    ) -> std::result::Result<Self, String> {
+        self.base.check_motion(&adapter)?;
+        let mut patches: Vec<Patch> = self
+            .patches
+            .iter()
+            .filter(|p| !matches!(p, Patch::Motion(_)))
+            .cloned()
+            .collect();
+        patches.push(Patch::Motion(MotionModules {
+            adapter,
+            scale,
+            gate: None,
+        }));
+        Self::resolve(self.base.clone(), patches).map_err(|e| e.to_string())
     }
 
     /// The same UNet with `processor` on every attention layer whose path starts with `prefix`.
@@ -82,62 +151,105 @@ impl PatchedUNet {
         kind: Option<AttentionKind>,
         processor: Arc<dyn AttentionProcessor>,
     ) -> Self {
-        Self {
-            hook: self.hook.clone().with_processor(prefix, kind, processor),
-            ..self.clone()
-        }
+        let mut patched = self.clone();
+        let binding = ProcessorBinding {
+            prefix: prefix.to_string(),
+            kind,
+            processor,
+        };
+        patched.hook = patched
+            .hook
+            .with_processor(binding.prefix.clone(), kind, binding.processor.clone());
+        patched.patches.push(Patch::Attention(binding));
+        patched
     }
-}
 
-/// One call of a patched UNet: the latents and their conditioning, and what the call knows of
-/// the run around it.
-#[derive(Clone, Copy)]
-pub struct UNetInputs<'a> {
-    /// (B, C, F, H, W) latents, already scaled for the model.
-    pub sample: &'a Tensor,
-    /// The timestep: one for all videos, one per video, or one per frame (B·F).
-    pub timestep: f64,
-    /// Per-video text embeddings (B, S, D).
-    pub text: &'a Tensor,
-    /// The position in the clip of each evaluated frame (F values), for the motion modules'
-    /// frame positions; `None` means 0, 1, …, F−1.
-    pub frame_positions: Option<&'a [usize]>,
-    pub step: Option<SamplingStep>,
-    pub guidance: GuidanceLayout,
-    /// The run's state, where processors record what they observe.
-    pub run: Option<&'a RunObserver>,
-}
+    /// The same UNet with the weights of `replaced` in place, by checkpoint key. Every key must
+    /// name a weight of the UNet or of the motion modules applied.
+    pub fn with_weights(&self, replaced: NamedWeights) -> std::result::Result<Self, String> {
+        self.with_patch(Patch::Weights(Arc::new(replaced)))
+    }
 
-impl PatchedUNet {
+    /// Resolves `patches` on `base`: weight overrides (later ones win) go into rebuilt copies of
+    /// the UNet and of the motion modules that have those keys.
+    fn resolve(base: Arc<UNet2DConditionModel>, patches: Vec<Patch>) -> Result<Self> {
+        let mut replaced = NamedWeights::new();
+        let mut motion = Vec::new();
+        let mut hook = AttentionHook::new();
+        let mut taps = Vec::new();
+        for patch in &patches {
+            match patch {
+                Patch::Motion(m) => motion.push(m.clone()),
+                Patch::Attention(b) => {
+                    hook = hook.with_processor(b.prefix.clone(), b.kind, b.processor.clone())
+                }
+                Patch::Tap(tap) => taps.push(tap.clone()),
+                Patch::Weights(w) => replaced.extend(w.iter().map(|(k, t)| (k.clone(), t.clone()))),
+            }
+        }
+        let mut unet = base.clone();
+        if !replaced.is_empty() {
+            let mut unclaimed: BTreeMap<&str, ()> =
+                replaced.keys().map(|k| (k.as_str(), ())).collect();
+            let for_unet = weights::matching(base.weights(), &replaced)?;
+            if !for_unet.is_empty() {
+                for key in for_unet.keys() {
+                    unclaimed.remove(key.as_str());
+                }
+                unet = Arc::new(base.with_weights(&Arc::new(for_unet))?);
+            }
+            for modules in &mut motion {
+                let for_motion = weights::matching(modules.adapter.weights(), &replaced)?;
+                if !for_motion.is_empty() {
+                    for key in for_motion.keys() {
+                        unclaimed.remove(key.as_str());
+                    }
+                    let adapter = modules.adapter.with_weights(&Arc::new(for_motion))?;
+                    modules.adapter = Arc::new(adapter);
+                }
+            }
+            if let Some((key, _)) = unclaimed.first_key_value() {
+                candle_core::bail!(
+                    "weight override `{key}` names no weight of the UNet or of its motion modules"
+                )
+            }
+        }
+        Ok(Self {
+            base,
+            patches,
+            unet,
+            motion,
+            hook,
+            taps,
+        })
+    }
+
     /// Predicts the noise of `inputs.sample`, (B, C_out, F, H, W).
     pub fn forward(&self, inputs: &UNetInputs) -> Result<Tensor> {
-        let latents = inputs.sample;
-        let (batch, _, frames, _, _) = latents.dims5()?;
-        let (text_batch, seq, dim) = inputs.text.dims3()?;
-        if text_batch != batch {
-            candle_core::bail!("{text_batch} text embeddings for {batch} videos");
-        }
-        // One embedding per frame, frame-major within each video, as the UNet expects.
-        let per_frame = inputs
-            .text
-            .unsqueeze(1)?
-            .broadcast_as((batch, frames, seq, dim))?
-            .reshape((batch * frames, seq, dim))?;
-        let per_frame = per_frame.to_dtype(latents.dtype())?;
-        let hook = self
-            .hook
-            .clone()
-            .with_step(inputs.step.map(|s| s.index));
-        let motion = self
+        let motion: Vec<MotionPatch> = self
             .motion
-            .as_ref()
-            .map(|(m, s)| MotionPatch::with_scale(m, *s));
-        self.base
-            .forward(latents, inputs.timestep, &per_frame, motion, &hook)
+            .iter()
+            .map(|m| MotionPatch {
+                adapter: &m.adapter,
+                scale: m.scale,
+                gate: m.gate.as_deref(),
+            })
+            .collect();
+        let taps: Vec<&dyn FeatureTap> = self.taps.iter().map(|t| t.as_ref()).collect();
+        let patches = UNetPatches {
+            hook: &self.hook,
+            motion: &motion,
+            taps: &taps,
+        };
+        self.unet.forward(inputs, &patches)
     }
 
-    /// The most frames one call can see (the motion modules' positional table), if bounded.
+    /// The most frames one call can see (the shortest positional table of the motion modules
+    /// applied), if bounded.
     pub fn max_frames(&self) -> Option<usize> {
-        self.motion().map(|m| m.config().motion_max_seq_length)
+        self.motion
+            .iter()
+            .map(|m| m.adapter.config().motion_max_seq_length)
+            .min()
     }
 }

@@ -17,7 +17,8 @@ use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::attention::{AttentionHook, AttentionKind};
+use super::attention::{AttentionHook, AttentionKind, AttentionSite, TokenLayout};
+use super::call::ForwardPass;
 
 /// GroupNorm epsilon of every VAE normalisation (diffusers passes `resnet_eps=1e-6`).
 const NORM_EPS: f64 = 1e-6;
@@ -269,8 +270,18 @@ impl MidAttention {
         let q = self.to_q.forward(&tokens)?.unsqueeze(1)?;
         let k = self.to_k.forward(&tokens)?.unsqueeze(1)?;
         let v = self.to_v.forward(&tokens)?.unsqueeze(1)?;
+        let site = AttentionSite {
+            layer: &self.path,
+            kind: AttentionKind::SpatialSelf,
+            layout: TokenLayout {
+                videos: n,
+                frames: 1,
+                height: h,
+                width: w,
+            },
+        };
         let attended = hook
-            .attend(&self.path, AttentionKind::SpatialSelf, &q, &k, &v)?
+            .attend(site, &ForwardPass::new(hook), &q, &k, &v)?
             .squeeze(1)?;
         let out = self
             .to_out

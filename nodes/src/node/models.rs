@@ -233,7 +233,7 @@ impl Node for ApplyMotionModule {
         // Checked before any weight is read, so the message says what is wrong.
         model
             .unet
-            .check_motion_config(&module.file.config)
+            .check_motion_channels(&module.file.config.block_out_channels)
             .map_err(|e| NodeFailure::input("motion_module", e))?;
         let base = model.unet.base();
         let dtype = base.dtype();

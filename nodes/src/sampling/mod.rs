@@ -28,7 +28,7 @@ impl NoisePredictor for PatchedUNet {
         });
         self.forward(&UNetInputs {
             sample: latents,
-            timestep,
+            timestep: timestep.into(),
             text: context,
             frame_positions: None,
             step,

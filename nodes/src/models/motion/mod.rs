@@ -3,10 +3,14 @@
 pub mod positions;
 pub mod transformer;
 
-use candle_core::{DType, Device, Result};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use std::sync::Arc;
+
+use crate::models::call::ForwardPass;
+use crate::models::weights::{self, NamedWeights};
 use crate::models::unet::PerBlock;
 pub use transformer::{TemporalTransformer, TemporalTransformerBlock, TemporalTransformerConfig};
 
@@ -88,6 +92,9 @@ pub struct MotionAdapter {
     mid_block: Option<Vec<TemporalTransformer>>,
     up_blocks: Vec<Vec<TemporalTransformer>>,
     config: MotionAdapterConfig,
+    /// Every weight the modules were built from, by checkpoint key.
+    weights: Arc<NamedWeights>,
+    unet_norm_num_groups: usize,
 }
 
 fn motion_modules(
@@ -112,6 +119,35 @@ impl MotionAdapter {
     /// Builds the adapter from diffusers-named weights. `unet_norm_num_groups` is the
     /// `norm_num_groups` of the UNet it will patch: the modules' GroupNorm uses it.
     pub fn new(
+        vb: VarBuilder,
+        cfg: &MotionAdapterConfig,
+        unet_norm_num_groups: usize,
+    ) -> Result<Self> {
+        let (vb, recorded) = weights::recording(vb);
+        let mut adapter = Self::build(vb, cfg, unet_norm_num_groups)?;
+        adapter.weights = Arc::new(recorded.take());
+        Ok(adapter)
+    }
+
+    /// The same adapter with the weights of `replaced` (by checkpoint key) in place of its
+    /// own; every other weight is shared. Keys it does not have are ignored.
+    pub fn with_weights(&self, replaced: &Arc<NamedWeights>) -> Result<Self> {
+        let (dtype, device) = match self.weights.values().next() {
+            Some(t) => (t.dtype(), t.device().clone()),
+            None => return Ok(self.clone()),
+        };
+        let vb = weights::overlay(&self.weights, replaced, dtype, &device);
+        let mut adapter = Self::build(vb, &self.config, self.unet_norm_num_groups)?;
+        adapter.weights = self.weights.clone();
+        Ok(adapter)
+    }
+
+    /// Every weight by checkpoint key, as the adapter was built.
+    pub fn weights(&self) -> &NamedWeights {
+        &self.weights
+    }
+
+    fn build(
         vb: VarBuilder,
         cfg: &MotionAdapterConfig,
         unet_norm_num_groups: usize,
@@ -191,6 +227,8 @@ impl MotionAdapter {
             mid_block,
             up_blocks,
             config: cfg.clone(),
+            weights: Arc::default(),
+            unet_norm_num_groups,
         })
     }
 
@@ -233,6 +271,11 @@ impl MotionAdapter {
         self.up_blocks.get(i).map_or(&[], Vec::as_slice)
     }
 
+    /// The module at `slot`, its diffusers path (`down_blocks.0.motion_modules.1`).
+    pub fn module(&self, slot: &str) -> Option<&TemporalTransformer> {
+        self.modules().find(|m| m.path() == slot)
+    }
+
     /// Every motion module, in forward order.
     pub fn modules(&self) -> impl Iterator<Item = &TemporalTransformer> {
         self.down_blocks
@@ -243,23 +286,47 @@ impl MotionAdapter {
     }
 }
 
-/// Motion modules applied to one UNet forward pass: `scale` multiplies each module's residual
-/// contribution (1 = diffusers, 0 = the plain image UNet).
-#[derive(Debug, Clone, Copy)]
+/// A per-module multiplier of a motion patch, evaluated at every forward pass: it may read
+/// values computed earlier in the pass (such as a motion amplitude) to gate the temporal branch.
+pub trait ModuleGate: Send + Sync {
+    /// The factor on the residual of the module in `slot` (its diffusers path, e.g.
+    /// `up_blocks.1.motion_modules.0`); 1 leaves it as it is.
+    fn gate(&self, slot: &str, pass: &ForwardPass) -> Result<f64>;
+}
+
+/// Motion modules applied to one UNet forward pass: each module's residual contribution is
+/// multiplied by `scale` (1 = diffusers, 0 = the plain image UNet) and by the gate's factor for
+/// its slot, when a gate is given.
+#[derive(Clone, Copy)]
 pub struct MotionPatch<'a> {
     pub adapter: &'a MotionAdapter,
     pub scale: f64,
+    pub gate: Option<&'a dyn ModuleGate>,
 }
 
 impl<'a> MotionPatch<'a> {
     pub fn new(adapter: &'a MotionAdapter) -> Self {
-        Self {
-            adapter,
-            scale: 1.0,
-        }
+        Self::with_scale(adapter, 1.0)
     }
 
     pub fn with_scale(adapter: &'a MotionAdapter, scale: f64) -> Self {
-        Self { adapter, scale }
+        Self {
+            adapter,
+            scale,
+            gate: None,
+        }
+    }
+
+    /// Runs this patch's module for `slot` on `xs` ((B·F, C, H, W) of `frames`-frame videos),
+    /// or returns `xs` when the adapter has no module there.
+    pub fn apply(&self, slot: &str, xs: &Tensor, frames: usize, pass: &ForwardPass) -> Result<Tensor> {
+        let Some(module) = self.adapter.module(slot) else {
+            return Ok(xs.clone());
+        };
+        let scale = match self.gate {
+            Some(gate) => self.scale * gate.gate(slot, pass)?,
+            None => self.scale,
+        };
+        module.forward(xs, frames, scale, pass)
     }
 }

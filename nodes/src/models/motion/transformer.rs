@@ -3,12 +3,13 @@
 //! self-attention).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{LayerNorm, Module, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::positions::sinusoidal_positions;
-use crate::models::attention::{AttentionHook, AttentionKind};
+use crate::models::attention::{AttentionKind, TokenLayout};
+use crate::models::call::ForwardPass;
 use crate::models::unet::linear::Linear;
-use crate::models::unet::norm::GroupNorm;
+use crate::models::unet::norm::{GroupNorm, LayerNorm};
 use crate::models::unet::transformer::{
     channel_projection, layer_norm, module_path, Attention, FeedForward,
 };
@@ -72,15 +73,40 @@ impl TemporalTransformerBlock {
         })
     }
 
-    /// `xs`: (N, F, C), one row of F frames per pixel → (N, F, C).
-    pub fn forward(&self, xs: &Tensor, hook: &AttentionHook) -> Result<Tensor> {
+    /// `xs`: (N, F, C), one row of F frames per pixel → (N, F, C). The frames sit at
+    /// `pass.frame_positions` in the clip (0, 1, …, F−1 when not given), which selects their
+    /// rows of the position table.
+    pub fn forward(&self, xs: &Tensor, pass: &ForwardPass, layout: TokenLayout) -> Result<Tensor> {
         let (_pixels, frames, _channels) = xs.dims3()?;
-        let positions = self.positions.narrow(1, 0, frames)?;
+        let positions = self.frame_positions(frames, pass.frame_positions)?;
         let normed = self.norm1.forward(xs)?.broadcast_add(&positions)?;
-        let xs = self.attn1.forward_add(&normed, None, hook, xs)?;
+        let xs = self.attn1.forward_add(&normed, None, pass, layout, xs)?;
         let normed = self.norm2.forward(&xs)?.broadcast_add(&positions)?;
-        let xs = self.attn2.forward_add(&normed, None, hook, &xs)?;
+        let xs = self.attn2.forward_add(&normed, None, pass, layout, &xs)?;
         self.ff.forward_add(&self.norm3.forward(&xs)?, &xs)
+    }
+
+    /// The (1, F, C) rows of the position table for frames at `positions`.
+    fn frame_positions(&self, frames: usize, positions: Option<&[usize]>) -> Result<Tensor> {
+        let Some(positions) = positions else {
+            return self.positions.narrow(1, 0, frames);
+        };
+        let table_len = self.positions.dim(1)?;
+        if positions.len() != frames {
+            candle_core::bail!(
+                "{} frame positions for {frames} frames",
+                positions.len()
+            )
+        }
+        if let Some(&beyond) = positions.iter().find(|&&p| p >= table_len) {
+            candle_core::bail!(
+                "frame position {beyond} is beyond the motion module's table of {table_len} \
+                 positions (motion_max_seq_length)"
+            )
+        }
+        let index: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let index = Tensor::from_vec(index, frames, self.positions.device())?;
+        self.positions.index_select(&index, 1)
     }
 }
 
@@ -140,7 +166,7 @@ impl TemporalTransformer {
         xs: &Tensor,
         frames: usize,
         scale: f64,
-        hook: &AttentionHook,
+        pass: &ForwardPass,
     ) -> Result<Tensor> {
         let (batch_frames, channels, height, width) = xs.dims4()?;
         if frames == 0 || batch_frames % frames != 0 {
@@ -163,9 +189,15 @@ impl TemporalTransformer {
             self.norm
                 .forward_to_rows(xs, frames)?
                 .reshape((batch * pixels, frames, channels))?;
+        let layout = TokenLayout {
+            videos: batch,
+            frames,
+            height,
+            width,
+        };
         let mut hidden = self.proj_in.forward(&rows)?;
         for block in &self.blocks {
-            hidden = block.forward(&hidden, hook)?;
+            hidden = block.forward(&hidden, pass, layout)?;
         }
         let hidden = hidden.reshape((batch, pixels, frames, channels))?;
         self.proj_out.forward_to_images_add(&hidden, xs, scale)

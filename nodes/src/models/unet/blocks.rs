@@ -7,31 +7,9 @@ use candle_core::{Result, Tensor};
 
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::transformer::{SpatialTransformer, SpatialTransformerConfig};
-use super::ActivationRecorder;
-use crate::models::attention::AttentionHook;
-use crate::models::motion::TemporalTransformer;
+use crate::models::call::ForwardPass;
+use crate::models::motion::MotionPatch;
 use candle_nn::VarBuilder;
-
-/// The motion modules of one block, with what they need to run.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct MotionStage<'a> {
-    pub modules: &'a [TemporalTransformer],
-    pub frames: usize,
-    pub scale: f64,
-}
-
-impl MotionStage<'_> {
-    fn apply(&self, index: usize, xs: &Tensor, hook: &AttentionHook) -> Result<Tensor> {
-        let module = self.modules.get(index).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "motion patch has {} modules for a block that needs at least {}",
-                self.modules.len(),
-                index + 1
-            ))
-        })?;
-        module.forward(xs, self.frames, self.scale, hook)
-    }
-}
 
 /// Everything a block's forward reads besides its input.
 #[derive(Clone, Copy)]
@@ -39,16 +17,31 @@ pub(crate) struct BlockInputs<'a> {
     /// SiLU of the time embedding, (N, T).
     pub temb_act: &'a Tensor,
     /// Text embeddings, (N, S, D).
-    pub context: &'a Tensor,
-    pub hook: &'a AttentionHook,
-    pub recorder: Option<&'a ActivationRecorder>,
+    pub text: &'a Tensor,
+    /// Frames per video: N = videos × frames.
+    pub frames: usize,
+    /// The motion patches, applied in order at every motion-module slot.
+    pub motion: &'a [MotionPatch<'a>],
+    pub pass: &'a ForwardPass<'a>,
 }
 
 impl BlockInputs<'_> {
-    fn record(&self, name: impl FnOnce() -> String, xs: &Tensor) {
-        if let Some(recorder) = self.recorder {
-            recorder.record(name(), xs);
+    fn observe(&self, point: impl FnOnce() -> String, xs: &Tensor) -> Result<()> {
+        self.pass.observe(point, xs)
+    }
+
+    fn spatial(&self, attention: &SpatialTransformer, xs: &Tensor) -> Result<Tensor> {
+        attention.forward(xs, self.text, self.pass, self.frames)
+    }
+
+    /// The motion-module slot `slot` (its diffusers path): every motion patch that has a module
+    /// there runs, in patch order.
+    fn temporal(&self, slot: &str, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for patch in self.motion {
+            xs = patch.apply(slot, &xs, self.frames, self.pass)?;
         }
+        Ok(xs)
     }
 }
 
@@ -136,21 +129,20 @@ impl DownBlock {
         &self,
         xs: &Tensor,
         inputs: &BlockInputs,
-        motion: Option<MotionStage>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let i = self.index;
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         let mut xs = xs.clone();
         for (j, resnet) in self.resnets.iter().enumerate() {
             xs = resnet.forward(&xs, inputs.temb_act)?;
-            inputs.record(|| format!("down_blocks.{i}.resnets.{j}"), &xs);
+            inputs.observe(|| format!("down_blocks.{i}.resnets.{j}"), &xs)?;
             if let Some(attention) = self.attentions.get(j) {
-                xs = attention.forward(&xs, inputs.context, inputs.hook)?;
-                inputs.record(|| format!("down_blocks.{i}.attentions.{j}"), &xs);
+                xs = inputs.spatial(attention, &xs)?;
+                inputs.observe(|| format!("down_blocks.{i}.attentions.{j}"), &xs)?;
             }
-            if let Some(stage) = &motion {
-                xs = stage.apply(j, &xs, inputs.hook)?;
-                inputs.record(|| format!("down_blocks.{i}.motion_modules.{j}"), &xs);
+            if !inputs.motion.is_empty() {
+                xs = inputs.temporal(&format!("down_blocks.{i}.motion_modules.{j}"), &xs)?;
+                inputs.observe(|| format!("down_blocks.{i}.motion_modules.{j}"), &xs)?;
             }
             skips.push(xs.clone());
         }
@@ -158,8 +150,18 @@ impl DownBlock {
             xs = downsampler.forward(&xs)?;
             skips.push(xs.clone());
         }
-        inputs.record(|| format!("down_blocks.{i}"), &xs);
+        inputs.observe(|| format!("down_blocks.{i}"), &xs)?;
         Ok((xs, skips))
+    }
+
+    /// The diffusers paths of the motion-module slots after each layer, with their channels.
+    pub(crate) fn motion_slots(&self) -> Vec<(String, usize)> {
+        (0..self.resnets.len())
+            .map(|j| {
+                let slot = format!("down_blocks.{}.motion_modules.{j}", self.index);
+                (slot, self.out_channels)
+            })
+            .collect()
     }
 }
 
@@ -168,6 +170,7 @@ impl DownBlock {
 pub struct MidBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<SpatialTransformer>,
+    channels: usize,
 }
 
 impl MidBlock {
@@ -190,6 +193,7 @@ impl MidBlock {
         Ok(Self {
             resnets,
             attentions,
+            channels,
         })
     }
 
@@ -198,22 +202,24 @@ impl MidBlock {
     }
 
     /// (N, C, H, W) → (N, C, H, W).
-    pub(crate) fn forward(
-        &self,
-        xs: &Tensor,
-        inputs: &BlockInputs,
-        motion: Option<MotionStage>,
-    ) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor, inputs: &BlockInputs) -> Result<Tensor> {
         let mut xs = self.resnets[0].forward(xs, inputs.temb_act)?;
         for (j, (attention, resnet)) in self.attentions.iter().zip(&self.resnets[1..]).enumerate() {
-            xs = attention.forward(&xs, inputs.context, inputs.hook)?;
-            if let Some(stage) = &motion {
-                xs = stage.apply(j, &xs, inputs.hook)?;
+            xs = inputs.spatial(attention, &xs)?;
+            if !inputs.motion.is_empty() {
+                xs = inputs.temporal(&format!("mid_block.motion_modules.{j}"), &xs)?;
             }
             xs = resnet.forward(&xs, inputs.temb_act)?;
         }
-        inputs.record(|| "mid_block".to_string(), &xs);
+        inputs.observe(|| "mid_block".to_string(), &xs)?;
         Ok(xs)
+    }
+
+    /// The diffusers paths of the motion-module slots, with their channels.
+    pub(crate) fn motion_slots(&self) -> Vec<(String, usize)> {
+        (0..self.attentions.len())
+            .map(|j| (format!("mid_block.motion_modules.{j}"), self.channels))
+            .collect()
     }
 }
 
@@ -224,6 +230,7 @@ pub struct UpBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<SpatialTransformer>,
     upsampler: Option<Upsample2D>,
+    out_channels: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -288,6 +295,7 @@ impl UpBlock {
             resnets,
             attentions,
             upsampler,
+            out_channels: cfg.out_channels,
         })
     }
 
@@ -302,7 +310,6 @@ impl UpBlock {
         xs: &Tensor,
         skips: &mut Vec<Tensor>,
         inputs: &BlockInputs,
-        motion: Option<MotionStage>,
     ) -> Result<Tensor> {
         let i = self.index;
         let mut xs = xs.clone();
@@ -312,10 +319,10 @@ impl UpBlock {
             })?;
             xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, inputs.temb_act)?;
             if let Some(attention) = self.attentions.get(j) {
-                xs = attention.forward(&xs, inputs.context, inputs.hook)?;
+                xs = inputs.spatial(attention, &xs)?;
             }
-            if let Some(stage) = &motion {
-                xs = stage.apply(j, &xs, inputs.hook)?;
+            if !inputs.motion.is_empty() {
+                xs = inputs.temporal(&format!("up_blocks.{i}.motion_modules.{j}"), &xs)?;
             }
         }
         if let Some(upsampler) = &self.upsampler {
@@ -327,7 +334,17 @@ impl UpBlock {
                 .dims4()?;
             xs = upsampler.forward(&xs, (height, width))?;
         }
-        inputs.record(|| format!("up_blocks.{i}"), &xs);
+        inputs.observe(|| format!("up_blocks.{i}"), &xs)?;
         Ok(xs)
+    }
+
+    /// The diffusers paths of the motion-module slots after each layer, with their channels.
+    pub(crate) fn motion_slots(&self) -> Vec<(String, usize)> {
+        (0..self.resnets.len())
+            .map(|j| {
+                let slot = format!("up_blocks.{}.motion_modules.{j}", self.index);
+                (slot, self.out_channels)
+            })
+            .collect()
     }
 }

@@ -82,7 +82,29 @@ impl<'a> From<&'a Tensor> for Timestep<'a> {
     }
 }
 
+/// Timesteps laid out for a batch of videos.
+#[derive(Debug, Clone)]
+pub enum PerFrame {
+    /// (batch,): one per video, shared by its frames.
+    PerVideo(Tensor),
+    /// (batch·frames,): one per frame, frame-major.
+    PerFrame(Tensor),
+}
+
 impl Timestep<'_> {
+    /// The timesteps of `batch` videos of `frames` frames: a scalar or a tensor of 1 or `batch`
+    /// values gives one per video; `batch·frames` values one per frame (frame-major).
+    pub fn per_frame(&self, batch: usize, frames: usize, device: &Device) -> Result<PerFrame> {
+        if let Timestep::Tensor(t) = self {
+            let count = t.elem_count();
+            if count == batch * frames && count != batch {
+                let t = t.to_device(device)?.to_dtype(DType::F32)?.flatten_all()?;
+                return Ok(PerFrame::PerFrame(t));
+            }
+        }
+        self.per_sample(batch, device).map(PerFrame::PerVideo)
+    }
+
     /// The timesteps as an f32 tensor of shape (batch,).
     pub fn per_sample(&self, batch: usize, device: &Device) -> Result<Tensor> {
         match self {

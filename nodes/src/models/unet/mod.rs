@@ -1,8 +1,9 @@
 //! The Stable Diffusion 1.x UNet (diffusers `UNet2DConditionModel`), run on videos as frames, with
 //! AnimateDiff motion modules applied as a patch (diffusers `UNetMotionModel` semantics).
 //!
-//! The UNet is frozen: the motion adapter is passed to [`UNet2DConditionModel::forward`] rather
-//! than baked into the model, so one loaded UNet serves any adapter, any motion scale, or none.
+//! The UNet is frozen: motion modules, attention processors and taps are passed to
+//! [`UNet2DConditionModel::forward`] as [`UNetPatches`] rather than baked into the model, so one
+//! loaded UNet serves any adapter, any motion scale, or none.
 //! Without motion modules every frame is denoised as an independent image.
 
 pub mod blocks;
@@ -12,22 +13,24 @@ pub mod linear;
 pub mod norm;
 pub mod resnet;
 pub mod transformer;
-mod winograd;
+
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::models::attention::AttentionHook;
-use crate::models::motion::{MotionAdapter, MotionPatch, TemporalTransformer};
-use blocks::{
-    BlockInputs, DownBlock, DownBlockConfig, MidBlock, MotionStage, UpBlock, UpBlockConfig,
+use crate::models::call::{
+    FeatureTap, ForwardPass, ForwardValues, GuidanceLayout, RunObserver, SamplingStep,
 };
+use crate::models::motion::{MotionAdapter, MotionPatch};
+use crate::models::weights::{self, NamedWeights};
+use blocks::{BlockInputs, DownBlock, DownBlockConfig, MidBlock, UpBlock, UpBlockConfig};
 use conv::Conv2d;
-pub use embeddings::Timestep;
+pub use embeddings::{PerFrame, Timestep};
 use embeddings::{timestep_features, TimestepEmbedding};
 use norm::GroupNorm;
 use resnet::ResnetConfig;
@@ -262,14 +265,6 @@ impl UNet2DConditionConfig {
     }
 }
 
-fn motion_stage(modules: &[TemporalTransformer], frames: usize, scale: f64) -> MotionStage<'_> {
-    MotionStage {
-        modules,
-        frames,
-        scale,
-    }
-}
-
 fn has_cross_attention(block_type: &str) -> Result<bool> {
     match block_type {
         "CrossAttnDownBlock2D"
@@ -278,42 +273,6 @@ fn has_cross_attention(block_type: &str) -> Result<bool> {
         | "CrossAttnUpBlockMotion" => Ok(true),
         "DownBlock2D" | "UpBlock2D" | "DownBlockMotion" | "UpBlockMotion" => Ok(false),
         other => candle_core::bail!("UNet config: block type {other:?} is not supported"),
-    }
-}
-
-/// Named activations captured during a forward pass, keyed by diffusers module path
-/// (`time_embedding`, `conv_in`, `down_blocks.0.resnets.0`, `down_blocks.0.attentions.0`,
-/// `down_blocks.0.motion_modules.0`, `down_blocks.i`, `mid_block`, `up_blocks.i`); all but
-/// `time_embedding` are (batch·frames, C, H, W).
-#[derive(Debug, Default)]
-pub struct ActivationRecorder {
-    activations: Mutex<HashMap<String, Tensor>>,
-}
-
-impl ActivationRecorder {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub(crate) fn record(&self, name: String, xs: &Tensor) {
-        if let Ok(mut activations) = self.activations.lock() {
-            activations.insert(name, xs.clone());
-        }
-    }
-
-    /// The recorded activation of module `name`, if the forward pass went through it.
-    pub fn get(&self, name: &str) -> Option<Tensor> {
-        self.activations.lock().ok()?.get(name).cloned()
-    }
-
-    /// Every recorded module path, sorted.
-    pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = match self.activations.lock() {
-            Ok(activations) => activations.keys().cloned().collect(),
-            Err(_) => Vec::new(),
-        };
-        names.sort();
-        names
     }
 }
 
@@ -328,12 +287,36 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     config: UNet2DConditionConfig,
+    /// Every weight the layers were built from, by checkpoint key (shared with the layers).
+    weights: Arc<NamedWeights>,
 }
 
 impl UNet2DConditionModel {
     /// Builds the UNet from diffusers-named weights (`conv_in.weight`, `down_blocks.0.…`). The
     /// attention layers report their paths relative to `vb`'s prefix.
     pub fn new(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
+        let (vb, recorded) = weights::recording(vb);
+        let mut unet = Self::build(vb, cfg)?;
+        unet.weights = Arc::new(recorded.take());
+        Ok(unet)
+    }
+
+    /// The same UNet with the weights of `replaced` (by checkpoint key) in place of its own;
+    /// every other weight is shared. Keys this UNet does not have are ignored (see
+    /// [`weights::matching`] to find them).
+    pub fn with_weights(&self, replaced: &Arc<NamedWeights>) -> Result<Self> {
+        let vb = weights::overlay(&self.weights, replaced, self.dtype(), self.device());
+        let mut unet = Self::build(vb, &self.config)?;
+        unet.weights = self.weights.clone();
+        Ok(unet)
+    }
+
+    /// Every weight by checkpoint key, as the model was built.
+    pub fn weights(&self) -> &NamedWeights {
+        &self.weights
+    }
+
+    fn build(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
         cfg.check_supported()?;
         let root = vb.prefix();
         let blocks = cfg.block_out_channels.len();
@@ -462,6 +445,7 @@ impl UNet2DConditionModel {
             conv_norm_out,
             conv_out,
             config: cfg.clone(),
+            weights: Arc::default(),
         })
     }
 
@@ -494,256 +478,227 @@ impl UNet2DConditionModel {
         self.conv_in.weight().device()
     }
 
-    /// Predicts the noise of a batch of videos.
+    /// Predicts the noise of a batch of videos: (B, C_out, F, H, W).
     ///
-    /// `sample`: (B, C, F, H, W) latents; `timestep`: one value for all videos or one per video;
-    /// `encoder_hidden_states`: (B·F, S, D), each video's text embedding repeated over its frames
-    /// (frame-major: row b·F + f). With `motion = None` the frames are independent images.
-    /// Every attention goes through `hook`. Returns (B, C_out, F, H, W).
-    pub fn forward<'t>(
-        &self,
-        sample: &Tensor,
-        timestep: impl Into<Timestep<'t>>,
-        encoder_hidden_states: &Tensor,
-        motion: Option<MotionPatch<'_>>,
-        hook: &AttentionHook,
-    ) -> Result<Tensor> {
-        self.forward_video(
-            sample,
-            timestep.into(),
-            encoder_hidden_states,
-            motion,
-            hook,
-            None,
-        )
-    }
-
-    /// [`Self::forward`], also capturing the activations listed on [`ActivationRecorder`].
-    pub fn forward_recorded<'t>(
-        &self,
-        sample: &Tensor,
-        timestep: impl Into<Timestep<'t>>,
-        encoder_hidden_states: &Tensor,
-        motion: Option<MotionPatch<'_>>,
-        hook: &AttentionHook,
-        recorder: &ActivationRecorder,
-    ) -> Result<Tensor> {
-        let timestep = timestep.into();
-        self.forward_video(
-            sample,
-            timestep,
-            encoder_hidden_states,
-            motion,
-            hook,
-            Some(recorder),
-        )
-    }
-
-    /// The plain image UNet: `sample` (N, C, H, W), `encoder_hidden_states` (N, S, D) →
-    /// (N, C_out, H, W).
-    pub fn forward_images<'t>(
-        &self,
-        sample: &Tensor,
-        timestep: impl Into<Timestep<'t>>,
-        encoder_hidden_states: &Tensor,
-        hook: &AttentionHook,
-    ) -> Result<Tensor> {
-        let (batch, _channels, _height, _width) = sample.dims4()?;
-        let timestep = timestep.into();
-        self.forward_frames(
-            sample,
-            batch,
-            1,
-            timestep,
-            encoder_hidden_states,
-            None,
-            hook,
-            None,
-        )
-    }
-
-    fn forward_video(
-        &self,
-        sample: &Tensor,
-        timestep: Timestep,
-        encoder_hidden_states: &Tensor,
-        motion: Option<MotionPatch>,
-        hook: &AttentionHook,
-        recorder: Option<&ActivationRecorder>,
-    ) -> Result<Tensor> {
+    /// Every attention goes through `patches.hook`; the motion patches run in order at each
+    /// motion-module slot (without any, the frames are independent images); the taps see the
+    /// activations at their named points.
+    pub fn forward(&self, inputs: &UNetInputs, patches: &UNetPatches) -> Result<Tensor> {
+        let sample = inputs.sample;
         let (batch, channels, frames, height, width) = sample.dims5()?;
-        let frames_first =
-            sample
-                .permute((0, 2, 1, 3, 4))?
-                .reshape((batch * frames, channels, height, width))?;
-        let out = self.forward_frames(
-            &frames_first,
-            batch,
+        if channels != self.config.in_channels {
+            candle_core::bail!(
+                "UNet expects {} input channels, got {channels}",
+                self.config.in_channels
+            )
+        }
+        let batch_frames = batch * frames;
+        let text = per_frame_text(inputs.text, batch, frames)?.to_dtype(sample.dtype())?;
+        for patch in patches.motion {
+            let max_frames = patch.adapter.config().motion_max_seq_length;
+            if frames > max_frames {
+                candle_core::bail!(
+                    "{frames} frames exceed the motion modules' maximum of {max_frames} \
+                     (motion_max_seq_length)"
+                )
+            }
+        }
+        if let Some(positions) = inputs.frame_positions {
+            if positions.len() != frames {
+                candle_core::bail!("{} frame positions for {frames} frames", positions.len())
+            }
+        }
+        let pass = ForwardPass {
+            hook: patches.hook,
+            step: inputs.step,
+            guidance: inputs.guidance,
+            frame_positions: inputs.frame_positions,
+            run: inputs.run,
+            values: ForwardValues::default(),
+            taps: patches.taps.to_vec(),
+        };
+
+        let device = sample.device();
+        let temb_act = match inputs.timestep.per_frame(batch, frames, device)? {
+            // One timestep per video: embed once per video, as diffusers does, then repeat.
+            PerFrame::PerVideo(timesteps) => {
+                let emb = self.time_embedding(&timesteps, sample.dtype())?;
+                pass.observe(|| "time_embedding".to_string(), &emb)?;
+                let temb_channels = emb.dim(1)?;
+                emb.silu()?
+                    .unsqueeze(1)?
+                    .broadcast_as((batch, frames, temb_channels))?
+                    .reshape((batch_frames, temb_channels))?
+            }
+            PerFrame::PerFrame(timesteps) => {
+                let emb = self.time_embedding(&timesteps, sample.dtype())?;
+                pass.observe(|| "time_embedding".to_string(), &emb)?;
+                emb.silu()?
+            }
+        };
+
+        let frames_first = sample
+            .permute((0, 2, 1, 3, 4))?
+            .reshape((batch_frames, channels, height, width))?;
+        let frames_first = if self.config.center_input_sample {
+            frames_first.affine(2.0, -1.0)?
+        } else {
+            frames_first
+        };
+        let mut xs = self.conv_in.forward(&frames_first)?;
+        pass.observe(|| "conv_in".to_string(), &xs)?;
+
+        let block_inputs = BlockInputs {
+            temb_act: &temb_act,
+            text: &text,
             frames,
-            timestep,
-            encoder_hidden_states,
-            motion,
-            hook,
-            recorder,
-        )?;
+            motion: patches.motion,
+            pass: &pass,
+        };
+        let mut skips = vec![xs.clone()];
+        for block in &self.down_blocks {
+            let (out, block_skips) = block.forward(&xs, &block_inputs)?;
+            xs = out;
+            skips.extend(block_skips);
+        }
+        if let Some(mid) = &self.mid_block {
+            xs = mid.forward(&xs, &block_inputs)?;
+        }
+        for block in &self.up_blocks {
+            xs = block.forward(&xs, &mut skips, &block_inputs)?;
+        }
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
+        let out = self.conv_out.forward(&xs)?;
         let out_channels = out.dim(1)?;
         out.reshape((batch, frames, out_channels, height, width))?
             .permute((0, 2, 1, 3, 4))?
             .contiguous()
     }
 
-    /// The UNet on (B·F, C, H, W) frames, frame-major within each of the B videos.
-    #[allow(clippy::too_many_arguments)]
-    fn forward_frames(
-        &self,
-        sample: &Tensor,
-        batch: usize,
-        frames: usize,
-        timestep: Timestep,
-        encoder_hidden_states: &Tensor,
-        motion: Option<MotionPatch>,
-        hook: &AttentionHook,
-        recorder: Option<&ActivationRecorder>,
-    ) -> Result<Tensor> {
-        let (batch_frames, in_channels, _height, _width) = sample.dims4()?;
-        if in_channels != self.config.in_channels {
-            candle_core::bail!(
-                "UNet expects {} input channels, got {in_channels}",
-                self.config.in_channels
-            )
-        }
-        let (context_rows, _tokens, _context_dim) = encoder_hidden_states.dims3()?;
-        if context_rows != batch_frames {
-            candle_core::bail!(
-                "encoder_hidden_states has {context_rows} rows; expected batch × frames = \
-                 {batch_frames} (repeat each video's embedding over its frames)"
-            )
-        }
-        if let Some(patch) = &motion {
-            self.check_motion(patch.adapter, frames)?;
-        }
-        let record = |name: &str, xs: &Tensor| {
-            if let Some(recorder) = recorder {
-                recorder.record(name.to_string(), xs)
-            }
-        };
-
-        let device = sample.device();
-        let timesteps = timestep.per_sample(batch, device)?;
+    /// The time embedding of (n,) timesteps, (n, T).
+    fn time_embedding(&self, timesteps: &Tensor, dtype: DType) -> Result<Tensor> {
         let features = timestep_features(
-            &timesteps,
+            timesteps,
             self.config.block_out_channels[0],
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
         )?;
-        let emb = self
-            .time_embedding
-            .forward(&features.to_dtype(sample.dtype())?)?;
-        record("time_embedding", &emb);
-        let temb_channels = emb.dim(1)?;
-        let temb_act = emb
-            .silu()?
-            .unsqueeze(1)?
-            .broadcast_as((batch, frames, temb_channels))?
-            .reshape((batch_frames, temb_channels))?;
-
-        let sample = if self.config.center_input_sample {
-            sample.affine(2.0, -1.0)?
-        } else {
-            sample.clone()
-        };
-        let mut xs = self.conv_in.forward(&sample)?;
-        record("conv_in", &xs);
-
-        let inputs = BlockInputs {
-            temb_act: &temb_act,
-            context: encoder_hidden_states,
-            hook,
-            recorder,
-        };
-        let mut skips = vec![xs.clone()];
-        for (i, block) in self.down_blocks.iter().enumerate() {
-            let motion = motion
-                .as_ref()
-                .map(|p| motion_stage(p.adapter.down_block(i), frames, p.scale));
-            let (out, block_skips) = block.forward(&xs, &inputs, motion)?;
-            xs = out;
-            skips.extend(block_skips);
-        }
-        if let Some(mid) = &self.mid_block {
-            let motion = motion.as_ref().and_then(|p| {
-                p.adapter
-                    .mid_block()
-                    .map(|modules| motion_stage(modules, frames, p.scale))
-            });
-            xs = mid.forward(&xs, &inputs, motion)?;
-        }
-        for (i, block) in self.up_blocks.iter().enumerate() {
-            let motion = motion
-                .as_ref()
-                .map(|p| motion_stage(p.adapter.up_block(i), frames, p.scale));
-            xs = block.forward(&xs, &mut skips, &inputs, motion)?;
-        }
-        let xs = self.conv_norm_out.forward_silu(&xs)?;
-        self.conv_out.forward(&xs)
+        self.time_embedding.forward(&features.to_dtype(dtype)?)
     }
 
-    /// Checks that `adapter` has a motion module for every slot it will be asked to fill.
-    fn check_motion(&self, adapter: &MotionAdapter, frames: usize) -> Result<()> {
-        let max_frames = adapter.config().motion_max_seq_length;
-        if frames > max_frames {
-            candle_core::bail!(
-                "{frames} frames exceed the motion modules' maximum of {max_frames} \
-                 (motion_max_seq_length)"
-            )
+    /// Every motion-module slot of this UNet (the diffusers path a motion module there has,
+    /// e.g. `down_blocks.0.motion_modules.1`), with the channels of the features there.
+    pub fn motion_slots(&self) -> Vec<(String, usize)> {
+        let mut slots: Vec<(String, usize)> = Vec::new();
+        for block in &self.down_blocks {
+            slots.extend(block.motion_slots());
         }
-        let mismatch = |block: String, have: usize, want: usize| -> Result<()> {
-            candle_core::bail!(
-                "motion adapter does not fit this UNet: {block} has {have} motion modules, \
-                 the UNet block has {want} layers"
-            )
-        };
-        let blocks = self.down_blocks.len();
-        if adapter.num_blocks() != blocks {
-            candle_core::bail!(
-                "motion adapter has {} blocks, the UNet has {blocks}",
-                adapter.num_blocks()
-            )
+        if let Some(mid) = &self.mid_block {
+            slots.extend(mid.motion_slots());
         }
-        for (i, block) in self.down_blocks.iter().enumerate() {
-            let have = adapter.down_block(i).len();
-            if have != block.layers() {
-                return mismatch(format!("down_blocks.{i}"), have, block.layers());
+        for block in &self.up_blocks {
+            slots.extend(block.motion_slots());
+        }
+        slots
+    }
+
+    /// Checks that every module of `adapter` has a slot in this UNet with its channel width.
+    pub fn check_motion(&self, adapter: &MotionAdapter) -> std::result::Result<(), String> {
+        let slots: HashMap<String, usize> = self.motion_slots().into_iter().collect();
+        for module in adapter.modules() {
+            match slots.get(module.path()) {
+                None => {
+                    return Err(format!(
+                        "the motion adapter has a module at {}, where this UNet has no motion-module \
+                         slot (slots: {} in all)",
+                        module.path(),
+                        slots.len()
+                    ))
+                }
+                Some(&channels) if channels != module.channels() => {
+                    return Err(format!(
+                        "the motion module at {} has {} channels, the UNet has {channels} there \
+                         (an SD 1.x motion module needs an SD 1.x checkpoint)",
+                        module.path(),
+                        module.channels()
+                    ))
+                }
+                Some(_) => {}
             }
-            let channels = block.out_channels();
-            if let Some(module) = adapter
-                .down_block(i)
-                .iter()
-                .find(|m| m.channels() != channels)
-            {
-                candle_core::bail!(
-                    "motion adapter does not fit this UNet: down_blocks.{i} motion modules have {} \
-                     channels, the UNet block has {channels}",
-                    module.channels()
-                )
-            }
-        }
-        for (i, block) in self.up_blocks.iter().enumerate() {
-            let have = adapter.up_block(i).len();
-            if have != block.layers() {
-                return mismatch(format!("up_blocks.{i}"), have, block.layers());
-            }
-        }
-        if let (Some(modules), Some(mid)) = (adapter.mid_block(), &self.mid_block) {
-            if modules.len() != mid.layers() {
-                return mismatch("mid_block".to_string(), modules.len(), mid.layers());
-            }
-        }
-        if adapter.mid_block().is_some() && self.mid_block.is_none() {
-            candle_core::bail!(
-                "motion adapter has a mid-block motion module; the UNet has no mid block"
-            )
         }
         Ok(())
     }
+}
+
+/// One call of the UNet: the latents and their conditioning, and what the call knows of the
+/// run around it.
+#[derive(Clone, Copy)]
+pub struct UNetInputs<'a> {
+    /// (B, C, F, H, W) latents, already scaled for the model.
+    pub sample: &'a Tensor,
+    /// One timestep for all, one per video (B) or one per frame (B·F, frame-major).
+    pub timestep: Timestep<'a>,
+    /// Text embeddings: one per video (B, S, D) or one per frame (B·F, S, D), frame-major.
+    pub text: &'a Tensor,
+    /// The position in the clip of each of the F frames, for the motion modules' position
+    /// table; `None` means 0, 1, …, F−1.
+    pub frame_positions: Option<&'a [usize]>,
+    pub step: Option<SamplingStep>,
+    pub guidance: GuidanceLayout,
+    /// The run's state, where processors record what they observe.
+    pub run: Option<&'a RunObserver>,
+}
+
+impl<'a> UNetInputs<'a> {
+    /// A call outside any sampling run.
+    pub fn new(sample: &'a Tensor, timestep: impl Into<Timestep<'a>>, text: &'a Tensor) -> Self {
+        Self {
+            sample,
+            timestep: timestep.into(),
+            text,
+            frame_positions: None,
+            step: None,
+            guidance: GuidanceLayout::default(),
+            run: None,
+        }
+    }
+}
+
+/// What one forward applies on top of the frozen UNet.
+#[derive(Clone, Copy)]
+pub struct UNetPatches<'a> {
+    pub hook: &'a AttentionHook,
+    /// Motion patches, run in this order at every motion-module slot.
+    pub motion: &'a [MotionPatch<'a>],
+    pub taps: &'a [&'a dyn FeatureTap],
+}
+
+impl<'a> UNetPatches<'a> {
+    /// Only the processors of `hook`: the image UNet.
+    pub fn attention(hook: &'a AttentionHook) -> Self {
+        Self {
+            hook,
+            motion: &[],
+            taps: &[],
+        }
+    }
+}
+
+/// Text embeddings as (B·F, S, D) rows, frame-major, from one per video or one per frame.
+fn per_frame_text(text: &Tensor, batch: usize, frames: usize) -> Result<Tensor> {
+    let (rows, tokens, width) = text.dims3()?;
+    if rows == batch * frames {
+        return Ok(text.clone());
+    }
+    if rows == batch {
+        return text
+            .unsqueeze(1)?
+            .broadcast_as((batch, frames, tokens, width))?
+            .reshape((batch * frames, tokens, width));
+    }
+    candle_core::bail!(
+        "text embeddings (encoder_hidden_states) have {rows} rows; expected one per video \
+         ({batch}) or one per frame (batch × frames = {})",
+        batch * frames
+    )
 }

@@ -1,15 +1,16 @@
 //! The spatial transformer of the UNet (diffusers `Transformer2DModel` with
 //! `BasicTransformerBlock`s), and the attention and feed-forward layers the motion modules share.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
-use candle_nn::{LayerNorm, Module, VarBuilder};
-use rayon::prelude::*;
+use candle_core::{Result, Tensor, D};
+use candle_nn::VarBuilder;
+
 
 use super::linear::{linear, linear_no_bias, Linear};
-use super::norm::GroupNorm;
-use crate::models::attention::{AttentionHook, AttentionKind};
-use crate::models::fused::{self, contiguous_f32};
-use crate::models::vector_math::geglu;
+use super::norm::{GroupNorm, LayerNorm};
+use crate::models::attention::{AttentionKind, AttentionSite, TokenLayout};
+use crate::models::call::ForwardPass;
+use crate::models::ops::{self as fused, geglu::Geglu};
+
 
 /// The diffusers module path of the layer that `vb` addresses, relative to the model root.
 pub(crate) fn module_path(vb: &VarBuilder, root: &str) -> String {
@@ -39,12 +40,12 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `context_dim` is the width of the keys' source: the query width for self-attention.
+    /// `keys_dim` is the width of what the keys are computed from: the query width for self-attention.
     pub fn new(
         vb: VarBuilder,
         root: &str,
         query_dim: usize,
-        context_dim: usize,
+        keys_dim: usize,
         heads: usize,
         head_dim: usize,
         kind: AttentionKind,
@@ -52,8 +53,8 @@ impl Attention {
         let inner = heads * head_dim;
         Ok(Self {
             to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_k: linear_no_bias(keys_dim, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(keys_dim, inner, vb.pp("to_v"))?,
             to_out: linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             heads,
             head_dim,
@@ -66,45 +67,54 @@ impl Attention {
         &self.path
     }
 
-    /// `xs`: (N, T, C); `context`: (N, S, D), or `None` for self-attention → (N, T, C).
+    /// `xs`: (N, T, C); `keys_from`: (N, S, D) for cross-attention, or `None` for
+    /// self-attention → (N, T, C). `layout` says how the N·T tokens lie in the video.
     pub fn forward(
         &self,
         xs: &Tensor,
-        context: Option<&Tensor>,
-        hook: &AttentionHook,
+        keys_from: Option<&Tensor>,
+        pass: &ForwardPass,
+        layout: TokenLayout,
     ) -> Result<Tensor> {
-        self.forward_with_residual(xs, context, hook, None)
+        self.forward_with_residual(xs, keys_from, pass, layout, None)
     }
 
-    /// `forward(xs, context) + residual`, the add folded into the output projection.
+    /// `forward(xs, keys_from) + residual`, the add folded into the output projection.
     pub fn forward_add(
         &self,
         xs: &Tensor,
-        context: Option<&Tensor>,
-        hook: &AttentionHook,
+        keys_from: Option<&Tensor>,
+        pass: &ForwardPass,
+        layout: TokenLayout,
         residual: &Tensor,
     ) -> Result<Tensor> {
-        self.forward_with_residual(xs, context, hook, Some(residual))
+        self.forward_with_residual(xs, keys_from, pass, layout, Some(residual))
     }
 
     fn forward_with_residual(
         &self,
         xs: &Tensor,
-        context: Option<&Tensor>,
-        hook: &AttentionHook,
+        keys_from: Option<&Tensor>,
+        pass: &ForwardPass,
+        layout: TokenLayout,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (batch, tokens, _channels) = xs.dims3()?;
-        let context = context.unwrap_or(xs);
-        let keys = context.dim(1)?;
+        let keys_from = keys_from.unwrap_or(xs);
+        let keys = keys_from.dim(1)?;
         let split_heads = |x: Tensor, len: usize| {
             x.reshape((batch, len, self.heads, self.head_dim))?
                 .transpose(1, 2)
         };
         let q = split_heads(self.to_q.forward(xs)?, tokens)?;
-        let k = split_heads(self.to_k.forward(context)?, keys)?;
-        let v = split_heads(self.to_v.forward(context)?, keys)?;
-        let out = hook.attend(&self.path, self.kind, &q, &k, &v)?;
+        let k = split_heads(self.to_k.forward(keys_from)?, keys)?;
+        let v = split_heads(self.to_v.forward(keys_from)?, keys)?;
+        let site = AttentionSite {
+            layer: &self.path,
+            kind: self.kind,
+            layout,
+        };
+        let out = pass.hook.attend(site, pass, &q, &k, &v)?;
         let out = out
             .transpose(1, 2)?
             .reshape((batch, tokens, self.heads * self.head_dim))?;
@@ -155,40 +165,8 @@ impl FeedForward {
     }
 }
 
-/// `a · gelu(b)` for `[a, b]` the two halves of the last dimension, in one pass (CPU, f32).
-struct Geglu;
-
-impl CustomOp1 for Geglu {
-    fn name(&self) -> &'static str {
-        "geglu"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut dims = layout.dims().to_vec();
-        let width = dims.last().copied().unwrap_or(0);
-        if width % 2 != 0 {
-            candle_core::bail!("geglu: odd projection width {width}")
-        }
-        let inner = width / 2;
-        let projected = contiguous_f32(storage, layout, "geglu input")?;
-        let mut out = vec![0f32; projected.len() / 2];
-        if inner > 0 {
-            out.par_chunks_mut(inner)
-                .zip(projected.par_chunks(width))
-                .for_each(|(dst, row)| {
-                    let (hidden, gate) = row.split_at(inner);
-                    geglu(dst, hidden, gate);
-                });
-        }
-        if let Some(last) = dims.last_mut() {
-            *last = inner;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
-    }
-}
-
 pub(crate) fn layer_norm(vb: VarBuilder, dim: usize) -> Result<LayerNorm> {
-    candle_nn::layer_norm(dim, 1e-5, vb)
+    LayerNorm::new(vb, dim, 1e-5)
 }
 
 /// Self-attention, cross-attention to the text, feed-forward; each pre-normed and residual.
@@ -230,14 +208,21 @@ impl BasicTransformerBlock {
         })
     }
 
-    /// `xs`: (N, T, C); `context`: (N, S, D) → (N, T, C).
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, hook: &AttentionHook) -> Result<Tensor> {
+    /// `xs`: (N, T, C); `text`: (N, S, D) → (N, T, C).
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        text: &Tensor,
+        pass: &ForwardPass,
+        layout: TokenLayout,
+    ) -> Result<Tensor> {
         let xs = self
             .attn1
-            .forward_add(&self.norm1.forward(xs)?, None, hook, xs)?;
+            .forward_add(&self.norm1.forward(xs)?, None, pass, layout, xs)?;
+        let normed = self.norm2.forward(&xs)?;
         let xs = self
             .attn2
-            .forward_add(&self.norm2.forward(&xs)?, Some(context), hook, &xs)?;
+            .forward_add(&normed, Some(text), pass, layout, &xs)?;
         self.ff.forward_add(&self.norm3.forward(&xs)?, &xs)
     }
 }
@@ -306,9 +291,21 @@ impl SpatialTransformer {
         })
     }
 
-    /// `xs`: (N, C, H, W); `context`: (N, S, D) → (N, C, H, W).
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, hook: &AttentionHook) -> Result<Tensor> {
+    /// `xs`: (N, C, H, W), N = videos × `frames`; `text`: (N, S, D) → (N, C, H, W).
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        text: &Tensor,
+        pass: &ForwardPass,
+        frames: usize,
+    ) -> Result<Tensor> {
         let (batch, channels, height, width) = xs.dims4()?;
+        let layout = TokenLayout {
+            videos: batch / frames.max(1),
+            frames,
+            height,
+            width,
+        };
         // Each image is its own group-norm sample: rows of one "frame".
         let tokens =
             self.norm
@@ -316,7 +313,7 @@ impl SpatialTransformer {
                 .reshape((batch, height * width, channels))?;
         let mut hidden = self.proj_in.forward(&tokens)?;
         for block in &self.blocks {
-            hidden = block.forward(&hidden, context, hook)?;
+            hidden = block.forward(&hidden, text, pass, layout)?;
         }
         let hidden = hidden.reshape((batch, height * width, 1, channels))?;
         self.proj_out.forward_to_images_add(&hidden, xs, 1.0)

@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::models::fused::{matmul, Strided};
+use super::{matmul, Strided};
 
 /// Transform-domain points per tile (4×4).
 const POINTS: usize = 16;
