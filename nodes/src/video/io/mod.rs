@@ -301,6 +301,7 @@ mod tests {
 
     use candle_core::Device;
 
+    use crate::test_util::max_abs_diff;
     use crate::video::TempDir;
 
     /// A smooth moving gradient: (frames, height, width, 3) in [0, 1].
@@ -363,14 +364,7 @@ mod tests {
         let (loaded, fps) = load_video(&path, &LoadOptions::default()).unwrap();
         assert_eq!(loaded.dims(), &[4, 16, 20, 3]);
         assert!((fps - 12.0).abs() < 1e-9, "fps {fps}");
-        let error = (&loaded - &clip)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let error = max_abs_diff(&loaded, &clip);
         assert!(error <= 0.5 / 255.0 + 1e-6, "APNG max abs error {error}");
         // Saving what was loaded reproduces the file's pixels exactly.
         let again = save_video(&loaded, &dir.0, "clip", VideoFormat::Png, 12.0, 0).unwrap();
