@@ -4,6 +4,7 @@
 //! plugins publish through `vdm-ffi`, and runs what the output nodes need. It knows nothing
 //! about diffusion: every node lives in a plugin.
 
+pub mod allocator;
 pub mod events;
 pub mod execute;
 pub mod object_info;

@@ -936,13 +936,7 @@ fn missing_positional_tables_are_filled_in() {
     let stored = &case.adapter[key];
     let (_, length, channels) = stored.dims3().unwrap();
     let computed = sinusoidal_table(length, channels).unwrap();
-    let diff = (computed - stored)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    let diff = diff.to_scalar::<f32>().unwrap();
+    let diff = common::max_abs_diff(&computed, stored);
     println!("sinusoidal table vs diffusers' buffer: max abs difference {diff:.3e}");
     assert!(diff < 1e-5);
 }

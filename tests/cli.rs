@@ -164,3 +164,42 @@ fn plugins_are_found_through_vdm_plugin_path() {
     let info: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert!(info.get("VideoSampler").is_some(), "{info}");
 }
+
+#[test]
+fn run_help_documents_the_allocator_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = vdm(&["run", "--help"], dir.path());
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("--no-retain-freed-memory"), "{help}");
+    assert!(help.contains("VDM_NO_RETAIN_FREED_MEMORY"), "{help}");
+    assert!(help.contains("freed memory"), "{help}");
+}
+
+#[test]
+fn run_without_retaining_freed_memory_still_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let workflow = write(dir.path(), "noise.json", &small_noise_workflow());
+    let by_flag = vdm(
+        &["run", &workflow, "--quiet", "--no-retain-freed-memory"],
+        dir.path(),
+    );
+    assert!(
+        by_flag.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_flag.stderr)
+    );
+    let by_env = Command::new(env!("CARGO_BIN_EXE_vdm"))
+        .args(["--plugins", plugin_dir().to_str().unwrap()])
+        .args(["run", &workflow, "--quiet"])
+        .current_dir(dir.path())
+        .env_remove("VDM_PLUGIN_PATH")
+        .env("VDM_NO_RETAIN_FREED_MEMORY", "1")
+        .output()
+        .expect("vdm runs");
+    assert!(
+        by_env.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_env.stderr)
+    );
+}

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use vdm_nodes::models::load::{open_vae, WeightMap};
 use vdm_nodes::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 
@@ -161,18 +162,6 @@ fn parity_vae_decode_video_pipeline() {
             common::assert_close("decoded_video", &video, expected, TOLERANCE);
         }
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Decoding and encoding a video a few frames at a time gives what one batch gives.

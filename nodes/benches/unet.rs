@@ -193,7 +193,7 @@ fn main() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
     let skip_2d = std::env::var("VDM_BENCH_SKIP_2D").is_ok_and(|v| v == "1");
-    // As the plugin does when the host loads it.
+    // As `vdm run` does by default.
     vdm_nodes::allocator::retain_freed_memory();
     let device = Device::Cpu;
     println!(

@@ -11,7 +11,11 @@
 use std::sync::Once;
 
 /// Switches glibc's allocator to serve large blocks from the heap and never to shrink it.
-/// Called once when the plugin is loaded; later calls do nothing. A no-op off glibc.
+/// The first call applies it; later calls do nothing. A no-op off glibc.
+///
+/// The plugin never calls it: the setting governs the whole process, so it is the choice of
+/// the program that owns the process (the `vdm` host applies its own copy for `vdm run`; an
+/// embedder or a benchmark calls this one).
 pub fn retain_freed_memory() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {

@@ -10,3 +10,6 @@ pub mod plugin;
 pub mod sampling;
 pub mod schedulers;
 pub mod video;
+
+#[cfg(test)]
+pub(crate) mod test_util;

@@ -16,7 +16,6 @@ use crate::node::{self, Context, Inputs, NodeFailure};
 
 #[export_root_module]
 pub fn plugin_root_module() -> PluginModRef {
-    crate::allocator::retain_freed_memory();
     PluginMod {
         interface_version,
         features,

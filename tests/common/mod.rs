@@ -77,6 +77,29 @@ pub fn errors(out: &Tensor, reference: &Tensor) -> (f64, f64) {
     (norm(&diff) / norm(&reference).max(1e-30), max)
 }
 
+/// The largest |a − b| over all elements, computed in f64 on the CPU so that tensors of any
+/// dtype and device compare alike. Panics, naming both shapes, when the shapes differ: a
+/// broadcast difference would hide the mismatch.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(
+        a.dims(),
+        b.dims(),
+        "max_abs_diff: shapes differ ({:?} vs {:?})",
+        a.dims(),
+        b.dims()
+    );
+    let as_f64 = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F64))
+            .unwrap_or_else(|err| panic!("max_abs_diff: cannot read a tensor as f64: {err}"))
+    };
+    (as_f64(a) - as_f64(b))
+        .and_then(|diff| diff.abs())
+        .and_then(|diff| diff.max_all())
+        .and_then(|max| max.to_scalar::<f64>())
+        .unwrap_or_else(|err| panic!("max_abs_diff: {err}"))
+}
+
 /// Asserts parity within relative error `tol`, printing both measures.
 pub fn assert_close(what: &str, out: &Tensor, reference: &Tensor, tol: f64) {
     let (rel, max) = errors(out, reference);

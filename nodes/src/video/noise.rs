@@ -297,6 +297,8 @@ fn assemble(
 mod tests {
     use super::*;
 
+    use crate::test_util::max_abs_diff;
+
     const BATCH: usize = 1;
     const CHANNELS: usize = 4;
     const SIDE: usize = 64;
@@ -444,14 +446,7 @@ mod tests {
             let short = noise(5, 8, mode, 0.4);
             let long = noise(5, 12, mode, 0.4);
             let prefix = long.narrow(2, 0, 8).unwrap();
-            let diff = (short - prefix)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&short, &prefix);
             assert_eq!(diff, 0.0, "{mode}: first 8 frames changed with clip length");
         }
     }

@@ -83,6 +83,8 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    use crate::test_util::max_abs_diff;
+
     fn pixel(image: &Tensor, n: usize, y: usize, x: usize) -> Vec<f32> {
         image
             .get(n)
@@ -119,14 +121,7 @@ mod tests {
             .unwrap();
         let frame = frame.squeeze(2).unwrap();
         let single = latent_to_rgb(&frame, 1, UpscaleFilter::Nearest).unwrap();
-        let diff = (rgb.get(4).unwrap() - single.get(0).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&rgb.get(4).unwrap(), &single.get(0).unwrap());
         assert_eq!(diff, 0.0);
     }
 

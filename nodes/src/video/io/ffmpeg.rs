@@ -1,0 +1,380 @@
+//! Finding and running `ffmpeg` and `ffprobe`: probing a video stream, decoding it to raw RGB
+//! frames and encoding frames to H.264 MP4.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+
+use super::load::FrameStack;
+use super::save::Rgb8Frames;
+use super::{io_error, FrameChoice, LoadOptions, MediaError, DEFAULT_FPS};
+
+/// The `ffmpeg` and `ffprobe` programs used for MP4/WebM/MOV/MKV (found on PATH by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ffmpeg {
+    pub ffmpeg: PathBuf,
+    pub ffprobe: PathBuf,
+}
+
+impl Default for Ffmpeg {
+    fn default() -> Self {
+        Self {
+            ffmpeg: PathBuf::from("ffmpeg"),
+            ffprobe: PathBuf::from("ffprobe"),
+        }
+    }
+}
+
+/// What the decoder needs to know about a video stream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct VideoStream {
+    width: u32,
+    height: u32,
+    fps: f64,
+}
+
+impl Ffmpeg {
+    /// Whether both programs can be started.
+    pub fn is_available(&self) -> bool {
+        [&self.ffmpeg, &self.ffprobe].iter().all(|program| {
+            Command::new(program)
+                .arg("-version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|status| status.success())
+                .unwrap_or(false)
+        })
+    }
+
+    fn spawn(program: &Path, command: &mut Command, purpose: &str) -> Result<Child, MediaError> {
+        command.spawn().map_err(|err| {
+            if err.kind() == std::io::ErrorKind::NotFound {
+                MediaError::FfmpegMissing {
+                    program: program.display().to_string(),
+                    purpose: purpose.to_string(),
+                }
+            } else {
+                MediaError::Io {
+                    path: program.to_path_buf(),
+                    source: err,
+                }
+            }
+        })
+    }
+
+    fn failure(program: &Path, path: &Path, message: String) -> MediaError {
+        MediaError::Ffmpeg {
+            program: program.display().to_string(),
+            path: path.to_path_buf(),
+            message,
+        }
+    }
+
+    fn probe(&self, path: &Path) -> Result<VideoStream, MediaError> {
+        let mut command = Command::new(&self.ffprobe);
+        command
+            .args(["-v", "error", "-select_streams", "v:0", "-show_streams"])
+            .args(["-of", "json"])
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = Self::spawn(&self.ffprobe, &mut command, "read videos")?;
+        let output = child.wait_with_output().map_err(io_error(&self.ffprobe))?;
+        let fail = |message: String| Self::failure(&self.ffprobe, path, message);
+        if !output.status.success() {
+            return Err(fail(
+                String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            ));
+        }
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .map_err(|e| fail(format!("unreadable ffprobe output: {e}")))?;
+        let stream = json
+            .get("streams")
+            .and_then(|s| s.get(0))
+            .ok_or_else(|| fail("the file has no video stream".to_string()))?;
+        let dimension = |key: &str| {
+            stream
+                .get(key)
+                .and_then(|v| v.as_u64())
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|&v| v > 0)
+                .ok_or_else(|| fail(format!("ffprobe reported no {key}")))
+        };
+        let (mut width, mut height) = (dimension("width")?, dimension("height")?);
+        // ffmpeg applies the rotation stored in the file when decoding, so a quarter turn swaps
+        // the sizes that ffprobe reports for the coded picture.
+        if quarter_turns(stream) % 2 == 1 {
+            std::mem::swap(&mut width, &mut height);
+        }
+        let fps = ["avg_frame_rate", "r_frame_rate"]
+            .iter()
+            .filter_map(|key| stream.get(*key).and_then(|v| v.as_str()))
+            .filter_map(parse_rate)
+            .next()
+            .unwrap_or(DEFAULT_FPS);
+        Ok(VideoStream { width, height, fps })
+    }
+
+    pub(super) fn decode(
+        &self,
+        path: &Path,
+        options: &LoadOptions,
+    ) -> Result<(FrameStack, f64), MediaError> {
+        let stream = self.probe(path)?;
+        let mut command = Command::new(&self.ffmpeg);
+        command
+            .args(["-v", "error", "-nostdin", "-i"])
+            .arg(path)
+            .args(["-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24"])
+            // Pins the output to the probed size, so a stream whose decoded size differs from
+            // what ffprobe reports is scaled instead of being cut into misaligned frames.
+            .args(["-s", &format!("{}x{}", stream.width, stream.height), "-"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = Self::spawn(&self.ffmpeg, &mut command, "read videos")?;
+        let stderr = drain(child.stderr.take());
+        let mut stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Self::failure(&self.ffmpeg, path, "no output pipe".to_string()))?;
+        let frame_len = stream.width as usize * stream.height as usize * 3;
+        let mut buffer = vec![0u8; frame_len];
+        let mut stack = FrameStack::new();
+        let mut stopped_early = false;
+        let mut read_error = None;
+        for index in 0.. {
+            match read_frame(&mut stdout, &mut buffer) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(err) => {
+                    read_error = Some(err);
+                    break;
+                }
+            }
+            match options.choose(index) {
+                FrameChoice::Skip => {}
+                FrameChoice::Take => {
+                    if let Err(err) = stack.push_u8(path, stream.width, stream.height, &buffer, 3) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(err);
+                    }
+                }
+                FrameChoice::Done => {
+                    stopped_early = true;
+                    break;
+                }
+            }
+        }
+        if stopped_early {
+            // Everything wanted is read; no need to decode the rest of a long video.
+            let _ = child.kill();
+        }
+        drop(stdout);
+        let status = child.wait().map_err(io_error(&self.ffmpeg))?;
+        let messages = stderr.join().unwrap_or_default();
+        if !stopped_early && !status.success() {
+            return Err(Self::failure(
+                &self.ffmpeg,
+                path,
+                messages.trim().to_string(),
+            ));
+        }
+        if let Some(err) = read_error {
+            return Err(Self::failure(&self.ffmpeg, path, err));
+        }
+        Ok((stack, stream.fps))
+    }
+
+    pub(super) fn encode_h264(
+        &self,
+        path: &Path,
+        rgb: &Rgb8Frames,
+        fps: f64,
+        loop_count: u32,
+    ) -> Result<(), MediaError> {
+        let mut command = Command::new(&self.ffmpeg);
+        command
+            .args([
+                "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+            ])
+            .args(["-s", &format!("{}x{}", rgb.width, rgb.height)])
+            .args(["-framerate", &fps.to_string(), "-i", "-"])
+            .args(["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"])
+            .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "19"])
+            .args(["-f", "mp4"])
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = Self::spawn(&self.ffmpeg, &mut command, "write MP4 videos")?;
+        let stderr = drain(child.stderr.take());
+        let mut write_error = None;
+        if let Some(mut stdin) = child.stdin.take() {
+            'copies: for _ in 0..=loop_count {
+                for pixels in rgb.iter() {
+                    if let Err(err) = stdin.write_all(pixels) {
+                        write_error = Some(err);
+                        break 'copies;
+                    }
+                }
+            }
+        }
+        let status = child.wait().map_err(io_error(&self.ffmpeg))?;
+        let messages = stderr.join().unwrap_or_default();
+        if !status.success() {
+            return Err(Self::failure(
+                &self.ffmpeg,
+                path,
+                messages.trim().to_string(),
+            ));
+        }
+        if let Some(err) = write_error {
+            return Err(Self::failure(&self.ffmpeg, path, err.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// Collects a child's stderr on a thread, so that a chatty child never blocks on a full pipe.
+fn drain(pipe: Option<std::process::ChildStderr>) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
+}
+
+/// Fills `buffer` with the next frame: Ok(false) at a clean end of stream.
+fn read_frame(reader: &mut impl Read, buffer: &mut [u8]) -> Result<bool, String> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => {
+                return Err(format!(
+                    "the decoded stream ended inside a frame ({filled} of {} bytes)",
+                    buffer.len()
+                ))
+            }
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    Ok(true)
+}
+
+/// "30000/1001" or "25" as frames per second; None for "0/0" and other non-rates.
+fn parse_rate(rate: &str) -> Option<f64> {
+    let value = match rate.split_once('/') {
+        Some((numerator, denominator)) => {
+            numerator.trim().parse::<f64>().ok()? / denominator.trim().parse::<f64>().ok()?
+        }
+        None => rate.trim().parse::<f64>().ok()?,
+    };
+    (value.is_finite() && value > 0.0).then_some(value)
+}
+
+/// Quarter turns of the display rotation ffprobe reports (side data or the older `rotate` tag).
+fn quarter_turns(stream: &serde_json::Value) -> i64 {
+    let from_side_data = stream
+        .get("side_data_list")
+        .and_then(|list| list.as_array())
+        .and_then(|list| {
+            list.iter()
+                .find_map(|entry| entry.get("rotation").and_then(|r| r.as_f64()))
+        });
+    let from_tag = stream
+        .get("tags")
+        .and_then(|tags| tags.get("rotate"))
+        .and_then(|r| r.as_str())
+        .and_then(|r| r.parse::<f64>().ok());
+    let degrees = from_side_data.or(from_tag).unwrap_or(0.0);
+    ((degrees / 90.0).round() as i64).rem_euclid(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::fs;
+
+    use crate::video::io::tests::{gradient_clip, mean_abs_diff, names_in};
+    use crate::video::io::{load_video, load_video_with, save_video, save_video_with, VideoFormat};
+    use crate::video::TempDir;
+
+    #[test]
+    fn frame_rates_from_ffprobe_output() {
+        assert_eq!(
+            parse_rate("30000/1001").map(|r| (r * 1000.0).round()),
+            Some(29970.0)
+        );
+        assert_eq!(parse_rate("0/0"), None);
+    }
+
+    #[test]
+    fn rotation_from_ffprobe_output() {
+        let side_data: serde_json::Value = serde_json::json!({"side_data_list": [{"side_data_type": "Display Matrix", "rotation": -90}]});
+        assert_eq!(quarter_turns(&side_data), 3);
+        let tag = serde_json::json!({"tags": {"rotate": "180"}});
+        assert_eq!(quarter_turns(&tag), 2);
+        assert_eq!(quarter_turns(&serde_json::json!({})), 0);
+    }
+
+    #[test]
+    fn missing_ffmpeg_is_reported_clearly() {
+        let dir = TempDir::new("noffmpeg");
+        let absent = Ffmpeg {
+            ffmpeg: PathBuf::from("vdm-no-such-ffmpeg"),
+            ffprobe: PathBuf::from("vdm-no-such-ffprobe"),
+        };
+        let clip = gradient_clip(2, 4, 4);
+        let err =
+            save_video_with(&clip, &dir.0, "clip", VideoFormat::Mp4, 8.0, 0, &absent).unwrap_err();
+        assert!(matches!(err, MediaError::FfmpegMissing { .. }), "{err}");
+        assert!(err.to_string().contains("install ffmpeg"), "{err}");
+        assert!(names_in(&dir.0).is_empty());
+        let video = dir.0.join("clip.mp4");
+        fs::write(&video, b"").unwrap();
+        let err = load_video_with(&video, &LoadOptions::default(), &absent).unwrap_err();
+        assert!(matches!(err, MediaError::FfmpegMissing { .. }), "{err}");
+    }
+
+    #[test]
+    fn mp4_round_trip_through_ffmpeg() {
+        let ffmpeg = Ffmpeg::default();
+        if !ffmpeg.is_available() {
+            eprintln!("skipping mp4_round_trip_through_ffmpeg: ffmpeg/ffprobe not on PATH");
+            return;
+        }
+        let dir = TempDir::new("mp4");
+        let clip = gradient_clip(6, 32, 48);
+        let path = save_video(&clip, &dir.0, "clip", VideoFormat::Mp4, 12.0, 0).unwrap();
+        assert_eq!(path.file_name().unwrap(), "clip_00001_.mp4");
+        let (loaded, fps) = load_video(&path, &LoadOptions::default()).unwrap();
+        assert_eq!(loaded.dims(), &[6, 32, 48, 3]);
+        assert!((fps - 12.0).abs() < 1e-6, "fps {fps}");
+        let error = mean_abs_diff(&loaded, &clip);
+        assert!(error < 0.03, "H.264 mean abs error {error}");
+        // Options cut decoding short; odd sizes are padded to even ones.
+        let options = LoadOptions {
+            frame_load_cap: 2,
+            skip_first_frames: 1,
+            select_every_nth: 2,
+        };
+        let (some, fps) = load_video(&path, &options).unwrap();
+        assert_eq!(some.dims(), &[2, 32, 48, 3]);
+        assert!((fps - 6.0).abs() < 1e-6);
+        let odd = gradient_clip(2, 7, 9);
+        let odd_path = save_video(&odd, &dir.0, "odd", VideoFormat::Mp4, 8.0, 1).unwrap();
+        let (odd_loaded, _) = load_video(&odd_path, &LoadOptions::default()).unwrap();
+        assert_eq!(odd_loaded.dims(), &[4, 8, 10, 3]);
+    }
+}
