@@ -44,6 +44,16 @@ fn io(case: &Path) -> HashMap<String, Tensor> {
 
 #[test]
 fn parity_text_encoder_outputs() {
+    parity_text_encoder_outputs_check();
+}
+
+/// The composed candle ops (the differentiable path) give diffusers' result too.
+#[test]
+fn parity_text_encoder_outputs_on_the_composed_path() {
+    vdm_nodes::models::ops::with_composed_ops(parity_text_encoder_outputs_check);
+}
+
+fn parity_text_encoder_outputs_check() {
     for case in common::cases("text_encoder") {
         let (config, model) = load_model(&case);
         let io = io(&case);

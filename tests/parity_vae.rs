@@ -50,6 +50,16 @@ fn io<'a>(tensors: &'a HashMap<String, Tensor>, case: &Path, name: &str) -> &'a 
 
 #[test]
 fn parity_vae_encode_decode() {
+    parity_vae_encode_decode_check();
+}
+
+/// The composed candle ops (the differentiable path) give diffusers' result too.
+#[test]
+fn parity_vae_encode_decode_on_the_composed_path() {
+    vdm_nodes::models::ops::with_composed_ops(parity_vae_encode_decode_check);
+}
+
+fn parity_vae_encode_decode_check() {
     for case in common::cases("vae") {
         println!("case {}", case.display());
         let (vae, io_tensors) = vae_case(&case);
@@ -149,6 +159,16 @@ fn pipeline_vae_path(case: &Path) -> PathBuf {
 /// which divides by scaling_factor and decodes the frames as one batch.
 #[test]
 fn parity_vae_decode_video_pipeline() {
+    parity_vae_decode_video_pipeline_check();
+}
+
+/// The composed candle ops (the differentiable path) give diffusers' result too.
+#[test]
+fn parity_vae_decode_video_pipeline_on_the_composed_path() {
+    vdm_nodes::models::ops::with_composed_ops(parity_vae_decode_video_pipeline_check);
+}
+
+fn parity_vae_decode_video_pipeline_check() {
     for kind in ["pipeline", "pipeline_freeinit"] {
         for case in common::cases(kind) {
             println!("case {}", case.display());

@@ -11,7 +11,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use super::unet::norm::LayerNorm;
 use serde::Deserialize;
 
 /// The activation of the CLIP feed-forward block, named as in transformers' `hidden_act`.
@@ -190,7 +192,7 @@ impl ClipAttention {
         let scores = q
             .matmul(&k.t()?.contiguous()?)?
             .broadcast_add(causal_mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = super::ops::softmax_last_dim(&scores)?;
         let attended = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -234,9 +236,9 @@ impl ClipEncoderLayer {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let eps = cfg.layer_norm_eps;
         Ok(Self {
-            layer_norm1: candle_nn::layer_norm(cfg.hidden_size, eps, vb.pp("layer_norm1"))?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), cfg.hidden_size, eps)?,
             self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
-            layer_norm2: candle_nn::layer_norm(cfg.hidden_size, eps, vb.pp("layer_norm2"))?,
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), cfg.hidden_size, eps)?,
             mlp: ClipMlp::new(vb.pp("mlp"), cfg)?,
         })
     }
@@ -292,11 +294,8 @@ impl ClipTextTransformer {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(layers_vb.pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = candle_nn::layer_norm(
-            cfg.hidden_size,
-            cfg.layer_norm_eps,
-            vb.pp("final_layer_norm"),
-        )?;
+        let final_layer_norm =
+            LayerNorm::new(vb.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?;
         Ok(Self {
             embeddings,
             layers,
