@@ -248,14 +248,7 @@ fn attention_hook_sees_every_layer_and_pass_through_is_bit_exact() {
     });
     let hook = AttentionHook::new().with_processor("", None, logging.clone());
     let hooked = forward(&case, sample, timestep, context, motion, &hook).unwrap();
-    let diff = (&plain - &hooked)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&plain, &hooked);
     assert_eq!(diff, 0.0, "a pass-through processor changed the output");
 
     let calls = logging.calls.lock().unwrap().clone();
@@ -294,14 +287,7 @@ fn attention_hook_sees_every_layer_and_pass_through_is_bit_exact() {
         Arc::new(Silence),
     );
     let changed = forward(&case, sample, timestep, context, motion, &silenced).unwrap();
-    let diff = (&plain - &changed)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&plain, &changed);
     assert!(
         diff > 0.0,
         "a processor on down_blocks.0.motion_modules.0 had no effect"

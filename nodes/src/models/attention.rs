@@ -216,7 +216,7 @@ impl AttentionHook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     /// A processor that only forwards to the default keeps results bit-for-bit.
     struct PassThrough;
@@ -246,11 +246,7 @@ mod tests {
         let plain = plain_hook.attend(site, &ForwardPass::new(&plain_hook), &q, &k, &v)?;
         let hook = AttentionHook::new().with_processor("", None, Arc::new(PassThrough));
         let hooked = hook.attend(site, &ForwardPass::new(&hook), &q, &k, &v)?;
-        let diff = (plain - hooked)?
-            .abs()?
-            .max_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
+        let diff = crate::test_util::max_abs_diff(&plain, &hooked);
         assert_eq!(diff, 0.0);
         Ok(())
     }
@@ -264,7 +260,7 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (1, 1, 70000, 4), &dev)?;
         let sliced = composed_scaled_dot_product(&q, &k, &v, 0.5)?;
         let whole = attention_probs(&q, &k, 0.5)?.matmul(&v.contiguous()?)?;
-        let diff = (sliced - whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = crate::test_util::max_abs_diff(&sliced, &whole);
         assert!(diff < 1e-6, "{diff}");
         Ok(())
     }
@@ -288,9 +284,9 @@ mod tests {
             let fused = scaled_dot_product(&q, &k, &v, 0.3)?;
             let composed = composed_scaled_dot_product(&q, &k, &v, 0.3)?;
             assert_eq!(fused.dims(), &[batch, heads, queries, head_dim]);
-            let diff = (fused - &composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = crate::test_util::max_abs_diff(&fused, &composed);
             let size = composed.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff <= 2e-6 * size.max(1.0), "{queries}×{keys}: {diff}");
+            assert!(diff <= 2e-6 * f64::from(size.max(1.0)), "{queries}×{keys}: {diff}");
         }
         Ok(())
     }

@@ -332,7 +332,7 @@ mod tests {
         let composed = (projected.narrow(D::Minus1, 0, 8)?
             * projected.narrow(D::Minus1, 8, 8)?.gelu_erf()?)?;
         assert_eq!(fused.dims(), &[3, 5, 8]);
-        let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = crate::test_util::max_abs_diff(&fused, &composed);
         assert!(diff < 1e-5, "{diff}");
         Ok(())
     }
