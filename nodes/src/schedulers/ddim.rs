@@ -256,3 +256,73 @@ impl Scheduler for DdimScheduler {
         &self.alphas_cumprod
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// `invert_step` then `step` with the same ε returns to the start: max |difference| at
+    /// most 1e-5 · max(1, max |x|) (float32 rounding, amplified by 1/√ᾱ at high noise).
+    fn assert_round_trip(scheduler: &DdimScheduler, from: Timestep, to: f64) -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 3, 8, 8), &Device::Cpu)?;
+        let eps = Tensor::randn(0f32, 1.0, (2, 4, 3, 8, 8), &Device::Cpu)?;
+        let noisier = scheduler.invert_step(&eps, from, to, &x)?.prev_sample;
+        let back = scheduler.step(&eps, to, from, &noisier)?.prev_sample;
+        let scale = x.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+        let err = (back - &x)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err <= 1e-5 * scale, "{from:?} → {to}: {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn inverting_then_stepping_returns_to_the_start() -> Result<()> {
+        for config in [
+            DdimSchedulerConfig::sd15(),
+            DdimSchedulerConfig {
+                timestep_spacing: TimestepSpacing::Linspace,
+                set_alpha_to_one: true,
+                ..DdimSchedulerConfig::sd15()
+            },
+        ] {
+            let scheduler = DdimScheduler::new(config)?;
+            let schedule = scheduler.timesteps(25)?;
+            for k in [0, 5, 12, 20, 24] {
+                let step = schedule.steps()[k];
+                assert_round_trip(&scheduler, step.prev_timestep, step.timestep)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn inversion_starts_before_the_first_step_at_the_final_alpha() -> Result<()> {
+        let scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
+        let schedule = scheduler.timesteps(25)?;
+        let last = schedule.steps()[24];
+        assert_eq!((last.timestep, last.prev_timestep), (1.0, Timestep::Final));
+        // ε = 0 leaves x₀ = x/√ᾱ_final, which the inversion rescales to √ᾱ_1·x₀.
+        let x = Tensor::ones((1, 4), candle_core::DType::F32, &Device::Cpu)?;
+        let noisier = scheduler
+            .invert_step(&x.zeros_like()?, Timestep::Final, 1.0, &x)?
+            .prev_sample;
+        let expected =
+            scheduler.alphas_cumprod()[1].sqrt() / scheduler.final_alpha_cumprod().sqrt();
+        let got = noisier.flatten_all()?.to_vec1::<f32>()?;
+        assert!(
+            got.iter().all(|&v| (v - expected).abs() < 1e-6),
+            "{got:?} vs {expected}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn steps_past_the_end_take_the_final_alpha() -> Result<()> {
+        let scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
+        let schedule = scheduler.timesteps(10)?;
+        let prev: Vec<Timestep> = schedule.steps().iter().map(|s| s.prev_timestep).collect();
+        assert_eq!(prev[0], Timestep::At(801.0));
+        assert_eq!(prev[9], Timestep::Final);
+        Ok(())
+    }
+}

@@ -311,3 +311,51 @@ impl Scheduler for EulerDiscreteScheduler {
         &self.alphas_cumprod
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn inverting_then_stepping_returns_to_the_start() -> Result<()> {
+        let scheduler = EulerDiscreteScheduler::new(EulerDiscreteSchedulerConfig::sd15())?;
+        let schedule = scheduler.timesteps(25)?;
+        for k in [0, 7, 24] {
+            let step = schedule.steps()[k];
+            let x = Tensor::randn(0f32, 1.0, (1, 4, 2, 8, 8), &Device::Cpu)?;
+            let eps = Tensor::randn(0f32, 1.0, (1, 4, 2, 8, 8), &Device::Cpu)?;
+            let noisier = scheduler
+                .invert_step(&eps, step.prev_timestep, step.timestep, &x)?
+                .prev_sample;
+            let back = scheduler
+                .step(&eps, step.timestep, step.prev_timestep, &noisier)?
+                .prev_sample;
+            // Euler samples are x₀ + σ·ε with σ up to ~14.6: the bound scales with the sample.
+            let scale = noisier.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+            let err = (back - &x)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err <= 1e-5 * scale, "step {k}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sigma_follows_the_timestep_passed_in() -> Result<()> {
+        let scheduler = EulerDiscreteScheduler::new(EulerDiscreteSchedulerConfig::sd15())?;
+        let schedule = scheduler.timesteps(25)?;
+        let sigmas = scheduler.sigmas(25)?;
+        for (step, &sigma) in schedule.steps().iter().zip(&sigmas) {
+            assert_eq!(scheduler.sigma_at(Timestep::At(step.timestep))?, sigma);
+        }
+        assert_eq!(scheduler.sigma_at(Timestep::Final)?, sigmas[25]);
+        let v_prediction = EulerDiscreteScheduler::new(EulerDiscreteSchedulerConfig {
+            prediction_type: PredictionType::VPrediction,
+            ..EulerDiscreteSchedulerConfig::sd15()
+        })?;
+        let x = Tensor::zeros((1, 4), DType::F32, &Device::Cpu)?;
+        assert!(v_prediction
+            .invert_step(&x, Timestep::Final, 999.0, &x)
+            .is_err());
+        Ok(())
+    }
+}
