@@ -227,7 +227,6 @@ impl Node for VideoSampler {
             ),
             None => sampler.sample(&settings, &sample_inputs),
         };
-        drop(sampler);
         let samples = match result {
             Ok(output) => output.latents,
             Err(_) if cancelled.get() => return Err(NodeFailure::cancelled()),

@@ -299,8 +299,9 @@ impl<'a> Sampler<'a> {
                 steps.total
             );
         }
+        let (batch, _, _, _, _) = latents.dims5()?;
         let guidance = settings.guidance();
-        let text = guided_text(text, latents.dim(0)?, guidance)?;
+        let text = guided_text(text, batch, guidance)?;
         let mut all_frames = AllFrames;
         let strategy: &mut dyn FrameStrategy = match &mut self.strategy {
             Some(strategy) => &mut **strategy,
@@ -706,6 +707,32 @@ mod tests {
                 assert_eq!(max_abs_diff(&kept, &case.noise.narrow(2, frame, 1)?)?, 0.0);
             }
         }
+        Ok(())
+    }
+
+    /// Counts its calls in the run observer.
+    struct CountsInRun;
+    impl NoisePredictor for CountsInRun {
+        fn predict(&self, request: &PredictRequest) -> Result<Tensor> {
+            let run = request
+                .run
+                .ok_or_else(|| candle_core::Error::Msg("no run observer".into()))?;
+            run.with::<usize, _>("calls", |calls| *calls += 1);
+            request.latents.zeros_like()
+        }
+        fn max_frames(&self) -> Option<usize> {
+            None
+        }
+    }
+
+    #[test]
+    fn predictions_record_in_the_observer_the_caller_passes() -> Result<()> {
+        let case = case((1, 4, 2, 2, 2))?;
+        let observer = RunObserver::new();
+        Sampler::new(&CountsInRun, &case.scheduler)
+            .with_observer(&observer)
+            .sample(&settings(3, 7.5), &case.inputs())?;
+        assert_eq!(observer.get::<usize>("calls"), Some(3));
         Ok(())
     }
 
