@@ -8,14 +8,18 @@ use std::cell::RefCell;
 use std::path::Path;
 
 use candle_core::{Result, Tensor};
-use vdm_nodes::sampling::{sample, NoisePredictor, SampleInputs, SampleSettings};
+use vdm_nodes::sampling::{
+    FrameSelection, FrameStrategy, NoisePredictor, PredictRequest, SampleInputs, SampleSettings,
+    Sampler, TextConditioning,
+};
 use vdm_nodes::schedulers::{DdimScheduler, DdimSchedulerConfig};
-use vdm_nodes::video::freeinit::{FilterKind, FreeInitConfig};
+use vdm_nodes::video::freeinit::{sample_with_freeinit, FilterKind, FreeInitConfig};
 
 struct Case {
     tensors: std::collections::HashMap<String, Tensor>,
     scheduler: DdimSchedulerConfig,
     settings: SampleSettings,
+    freeinit: Option<FreeInitConfig>,
 }
 
 fn load_case(dir: &Path) -> Case {
@@ -45,35 +49,62 @@ fn load_case(dir: &Path) -> Case {
             .expect("num_inference_steps") as usize,
         guidance_scale: p["guidance_scale"].as_f64().expect("guidance_scale"),
         strength: 1.0,
-        freeinit,
     };
     Case {
         tensors: common::load_tensors(&dir.join("io.safetensors")),
         scheduler,
         settings,
+        freeinit,
     }
 }
 
-fn run(case: &Case, predictor: &dyn NoisePredictor) -> Result<Tensor> {
+/// Every frame, through the gather-and-write-back path of the loop.
+struct EveryFrameAsSubset;
+
+impl FrameStrategy for EveryFrameAsSubset {
+    fn frames_to_evaluate(
+        &mut self,
+        _: &vdm_nodes::models::call::SamplingStep,
+        latents: &Tensor,
+    ) -> Result<FrameSelection> {
+        Ok(FrameSelection::Frames((0..latents.dim(2)?).collect()))
+    }
+}
+
+fn run_with(
+    case: &Case,
+    predictor: &dyn NoisePredictor,
+    strategy: Option<&mut dyn FrameStrategy>,
+) -> Result<Tensor> {
     let t = &case.tensors;
-    let mut scheduler = DdimScheduler::new(case.scheduler.clone())?;
-    let z_rand = t.get("freeinit.z_rand").cloned();
-    let mut fresh =
-        |_: usize| -> Result<Tensor> { Ok(z_rand.clone().expect("FreeInit case stores z_rand")) };
+    let scheduler = DdimScheduler::new(case.scheduler.clone())?;
     let inputs = SampleInputs {
         noise: &t["init_latents"],
         init_latents: None,
-        positive: &t["prompt_embeds"],
-        negative: &t["negative_prompt_embeds"],
-        fresh_noise: &mut fresh,
+        text: TextConditioning {
+            positive: &t["prompt_embeds"],
+            negative: &t["negative_prompt_embeds"],
+        },
     };
-    sample(
-        predictor,
-        &mut scheduler,
-        &case.settings,
-        inputs,
-        &mut |_, _| Ok(()),
-    )
+    let mut sampler = Sampler::new(predictor, &scheduler);
+    if let Some(strategy) = strategy {
+        sampler = sampler.with_strategy(strategy);
+    }
+    let output = match &case.freeinit {
+        Some(config) => {
+            let z_rand = t.get("freeinit.z_rand").cloned();
+            let mut fresh = |_: usize| -> Result<Tensor> {
+                Ok(z_rand.clone().expect("FreeInit case stores z_rand"))
+            };
+            sample_with_freeinit(&mut sampler, config, &case.settings, &inputs, &mut fresh)?
+        }
+        None => sampler.sample(&case.settings, &inputs)?,
+    };
+    Ok(output.latents)
+}
+
+fn run(case: &Case, predictor: &dyn NoisePredictor) -> Result<Tensor> {
+    run_with(case, predictor, None)
 }
 
 /// Returns diffusers' recorded UNet outputs in order, checking each input on the way.
@@ -83,13 +114,8 @@ struct Replay<'a> {
 }
 
 impl NoisePredictor for Replay<'_> {
-    fn predict(
-        &self,
-        latents: &Tensor,
-        timestep: f64,
-        _: &Tensor,
-        _: Option<usize>,
-    ) -> Result<Tensor> {
+    fn predict(&self, request: &PredictRequest) -> Result<Tensor> {
+        let (latents, timestep) = (request.latents, request.timestep);
         let mut call = self.call.borrow_mut();
         let t = &self.case.tensors;
         let expected_t = t["timesteps"].get(*call)?.to_scalar::<i64>()? as f64;
@@ -195,5 +221,26 @@ fn animatediff_pipeline_parity() {
                 1e-4,
             );
         }
+    }
+}
+
+/// Gathering every frame (positions 0..F) and writing the stepped frames back changes nothing:
+/// the fixture UNet gives bit-identical latents through both paths of the loop.
+#[test]
+fn every_frame_through_the_subset_path_matches_the_plain_loop_bit_for_bit() {
+    for dir in common::cases("pipeline") {
+        let case = load_case(&dir);
+        let unet = fixture_unet(&dir);
+        let plain = run(&case, &unet).unwrap();
+        let subset = run_with(&case, &unet, Some(&mut EveryFrameAsSubset)).unwrap();
+        let diff = (plain - subset)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "max abs difference between the two paths");
     }
 }

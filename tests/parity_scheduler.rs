@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use vdm_nodes::schedulers::{
-    load_config, DdimScheduler, EulerDiscreteScheduler, Scheduler, SchedulerKind,
+    load_config, DdimScheduler, EulerDiscreteScheduler, Scheduler, SchedulerKind, Timestep,
 };
 
 const TOLERANCE: f64 = 1e-4;
@@ -120,10 +120,14 @@ fn check_class_tables(case: &Path, variant: &Variant, steps: usize) {
             );
         }
         SchedulerKind::EulerDiscrete => {
-            let mut scheduler =
+            let scheduler =
                 EulerDiscreteScheduler::new(load_config(&config_path).unwrap()).unwrap();
-            scheduler.set_timesteps(steps).unwrap();
-            let sigmas: Vec<f64> = scheduler.sigmas().iter().map(|&s| f64::from(s)).collect();
+            let sigmas: Vec<f64> = scheduler
+                .sigmas(steps)
+                .unwrap()
+                .iter()
+                .map(|&s| f64::from(s))
+                .collect();
             common::assert_close(
                 &what("sigmas"),
                 &from_f64(&sigmas),
@@ -142,11 +146,11 @@ fn parity_scheduler_tables_and_steps() {
             let reference_timesteps = f64_vec(tensor(&variant, "timesteps"));
             let steps = reference_timesteps.len();
 
-            let mut scheduler = build(&case, &variant);
-            scheduler.set_timesteps(steps).unwrap();
+            let scheduler = build(&case, &variant);
+            let schedule = scheduler.timesteps(steps).unwrap();
             assert_eq!(
-                scheduler.timesteps(),
-                &reference_timesteps[..],
+                schedule.timesteps(),
+                reference_timesteps,
                 "{}",
                 what("timesteps")
             );
@@ -175,21 +179,24 @@ fn parity_scheduler_tables_and_steps() {
             );
             common::assert_close(
                 &what("init_noise_sigma"),
-                &from_f64(&[scheduler.init_noise_sigma()]),
+                &from_f64(&[scheduler
+                    .init_noise_sigma(schedule.first_timestep())
+                    .unwrap()]),
                 &from_f64(&f64_vec(tensor(&variant, "init_noise_sigma"))),
                 TOLERANCE,
             );
             check_class_tables(&case, &variant, steps);
 
             for k in step_indices(&variant) {
-                // A fresh scheduler per step, as the fixture was made.
-                let mut scheduler = build(&case, &variant);
-                scheduler.set_timesteps(steps).unwrap();
-                let t = scheduler.timesteps()[k];
+                // Each step on its own, as the fixture was made with a fresh scheduler per step.
+                let scheduled = schedule.steps()[k];
+                let t = scheduled.timestep;
                 let sample = tensor(&variant, &format!("step{k}.sample"));
                 let model_output = tensor(&variant, &format!("step{k}.model_output"));
                 let scaled = scheduler.scale_model_input(sample, t).unwrap();
-                let output = scheduler.step(model_output, t, sample).unwrap();
+                let output = scheduler
+                    .step(model_output, t, scheduled.prev_timestep, sample)
+                    .unwrap();
                 for (item, out) in [
                     ("scaled_model_input", &scaled),
                     ("prev_sample", &output.prev_sample),
@@ -214,15 +221,18 @@ fn parity_scheduler_trajectory() {
             let reference_samples = tensor(&variant, "traj.samples");
             assert_eq!(model_outputs.dim(0).unwrap(), steps, "{}", what("traj"));
 
-            let mut scheduler = build(&case, &variant);
-            scheduler.set_timesteps(steps).unwrap();
-            let mut x =
-                (tensor(&variant, "traj.initial_noise") * scheduler.init_noise_sigma()).unwrap();
+            let scheduler = build(&case, &variant);
+            let schedule = scheduler.timesteps(steps).unwrap();
+            let init_noise_sigma = scheduler
+                .init_noise_sigma(schedule.first_timestep())
+                .unwrap();
+            let mut x = (tensor(&variant, "traj.initial_noise") * init_noise_sigma).unwrap();
             let (mut inputs, mut samples) = (Vec::new(), Vec::new());
-            for (i, t) in scheduler.timesteps().to_vec().into_iter().enumerate() {
+            for (i, step) in schedule.steps().iter().enumerate() {
+                let t = step.timestep;
                 inputs.push(scheduler.scale_model_input(&x, t).unwrap());
                 x = scheduler
-                    .step(&model_outputs.i(i).unwrap(), t, &x)
+                    .step(&model_outputs.i(i).unwrap(), t, step.prev_timestep, &x)
                     .unwrap()
                     .prev_sample;
                 samples.push(x.clone());
@@ -249,23 +259,26 @@ fn parity_scheduler_trajectory() {
     }
 }
 
-/// set_timesteps resets the position, so a second run (FreeInit) repeats the first exactly.
+/// The scheduler keeps no state, so a second run (FreeInit) repeats the first exactly.
 #[test]
-fn scheduler_rerun_after_set_timesteps_repeats() {
+fn scheduler_rerun_repeats() {
     for case in common::cases("scheduler") {
         for variant in variants(&case) {
             let model_outputs = tensor(&variant, "traj.model_outputs");
             let steps = model_outputs.dim(0).unwrap();
-            let mut scheduler = build(&case, &variant);
+            let scheduler = build(&case, &variant);
             let mut finals = Vec::new();
             for _ in 0..2 {
-                scheduler.set_timesteps(steps).unwrap();
-                let mut x = (tensor(&variant, "traj.initial_noise") * scheduler.init_noise_sigma())
+                let schedule = scheduler.timesteps(steps).unwrap();
+                let init_noise_sigma = scheduler
+                    .init_noise_sigma(schedule.first_timestep())
                     .unwrap();
-                for (i, t) in scheduler.timesteps().to_vec().into_iter().enumerate() {
+                let mut x = (tensor(&variant, "traj.initial_noise") * init_noise_sigma).unwrap();
+                for (i, step) in schedule.steps().iter().enumerate() {
+                    let t = step.timestep;
                     let _ = scheduler.scale_model_input(&x, t).unwrap();
                     x = scheduler
-                        .step(&model_outputs.i(i).unwrap(), t, &x)
+                        .step(&model_outputs.i(i).unwrap(), t, step.prev_timestep, &x)
                         .unwrap()
                         .prev_sample;
                 }
@@ -284,11 +297,10 @@ fn scheduler_add_noise_matches_noise_level() {
     for case in common::cases("scheduler") {
         for variant in variants(&case) {
             let steps = tensor(&variant, "timesteps").dim(0).unwrap();
-            let mut scheduler = build(&case, &variant);
-            scheduler.set_timesteps(steps).unwrap();
+            let scheduler = build(&case, &variant);
+            let t = scheduler.timesteps(steps).unwrap().first_timestep();
             let original = tensor(&variant, "step0.sample");
             let noise = tensor(&variant, "step0.model_output");
-            let t = scheduler.timesteps()[0];
             let noisy = scheduler.add_noise(original, noise, t).unwrap();
             let expected = match SchedulerKind::from_class_name(&variant.class).unwrap() {
                 SchedulerKind::Ddim => {
@@ -331,33 +343,25 @@ fn scheduler_rejects_bad_settings() {
     assert!(error.contains("scheduler_config.json"), "{error}");
     assert!(SchedulerKind::from_class_name("LMSDiscreteScheduler").is_err());
 
-    let mut ddim = DdimScheduler::new(Default::default()).unwrap();
-    assert!(ddim.set_timesteps(0).is_err());
-    ddim.set_timesteps(10).unwrap();
+    let ddim = DdimScheduler::new(Default::default()).unwrap();
+    assert!(ddim.timesteps(0).is_err());
+    assert!(ddim.timesteps(1001).is_err());
     let x = Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap();
-    assert!(ddim.step(&x, 10.5, &x).is_err());
-    assert!(ddim.step(&x, 1000.0, &x).is_err());
-    let mut fresh_ddim = DdimScheduler::new(Default::default()).unwrap();
+    assert!(ddim.step(&x, 10.5, Timestep::Final, &x).is_err());
+    assert!(ddim.step(&x, 1000.0, Timestep::Final, &x).is_err());
+    assert!(ddim.step(&x, 999.0, Timestep::At(-1.0), &x).is_err());
+    assert!(ddim.invert_step(&x, Timestep::Final, 1000.0, &x).is_err());
+    let euler = EulerDiscreteScheduler::new(Default::default()).unwrap();
+    assert!(euler.timesteps(0).is_err());
     assert!(
-        fresh_ddim.step(&x, 999.0, &x).is_err(),
-        "DDIM step before set_timesteps"
-    );
-    let mut euler = EulerDiscreteScheduler::new(Default::default()).unwrap();
-    assert!(
-        euler.init_noise_sigma() > 1.0,
-        "Euler starts on the full training schedule"
-    );
-    euler.set_timesteps(10).unwrap();
-    for _ in 0..10 {
-        let t = euler.timesteps()[0];
-        let _ = euler.step(&x, t, &x);
-    }
-    assert!(
-        euler.step(&x, 0.0, &x).is_err(),
-        "step past the end of the schedule"
+        euler.init_noise_sigma(999.0).unwrap() > 1.0,
+        "Euler starts at σ_max"
     );
     assert!(
-        euler.scale_model_input(&x, 123.0).is_err(),
-        "timestep not in the schedule"
+        euler.step(&x, 999.5, Timestep::Final, &x).is_err(),
+        "timestep past the training schedule"
     );
+    assert!(euler.step(&x, 10.0, Timestep::At(-0.5), &x).is_err());
+    assert!(euler.scale_model_input(&x, 1000.0).is_err());
+    assert!(euler.add_noise(&x, &x, -1.0).is_err());
 }

@@ -289,7 +289,9 @@ fn time_sampling_steps(
     steps: usize,
 ) -> Result<()> {
     use vdm_nodes::models::patcher::PatchedUNet;
-    use vdm_nodes::sampling::{sample, SampleInputs, SampleSettings};
+    use vdm_nodes::sampling::{
+        SampleInputs, SampleSettings, Sampler, StepReport, TextConditioning,
+    };
     use vdm_nodes::schedulers::{DdimScheduler, DdimSchedulerConfig};
     let device = Device::Cpu;
     let model = PatchedUNet::new(unet.clone())
@@ -298,37 +300,33 @@ fn time_sampling_steps(
     let noise = Tensor::randn(0f32, 1.0, (1, 4, FRAMES, LATENT, LATENT), &device)?;
     let positive = Tensor::randn(0f32, 1.0, (1, 77, 768), &device)?;
     let negative = Tensor::randn(0f32, 1.0, (1, 77, 768), &device)?;
-    let mut scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
+    let scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
     let settings = SampleSettings {
         steps,
         guidance_scale: 7.5,
         strength: 1.0,
-        freeinit: None,
     };
-    let mut fresh =
-        |_: usize| -> Result<Tensor> { candle_core::bail!("no FreeInit in this benchmark") };
     let mut times = Vec::with_capacity(steps);
     let mut last = Instant::now();
     let inputs = SampleInputs {
         noise: &noise,
         init_latents: None,
-        positive: &positive,
-        negative: &negative,
-        fresh_noise: &mut fresh,
-    };
-    sample(
-        &model,
-        &mut scheduler,
-        &settings,
-        inputs,
-        &mut |step, total| {
-            let ms = last.elapsed().as_secs_f64() * 1e3;
-            println!("sampling step {step}/{total}: {ms:.0} ms");
-            times.push(ms);
-            last = Instant::now();
-            Ok(())
+        text: TextConditioning {
+            positive: &positive,
+            negative: &negative,
         },
-    )?;
+    };
+    let mut on_step = |report: &StepReport<'_>| {
+        let ms = last.elapsed().as_secs_f64() * 1e3;
+        let (done, total) = (report.step.index + 1, report.step.count);
+        println!("sampling step {done}/{total}: {ms:.0} ms");
+        times.push(ms);
+        last = Instant::now();
+        Ok(())
+    };
+    Sampler::new(&model, &scheduler)
+        .on_step(&mut on_step)
+        .sample(&settings, &inputs)?;
     println!(
         "sampling: median {:.0} ms per step over {steps} steps (1 video, guidance 7.5, DDIM)",
         median(&times)

@@ -5,13 +5,14 @@ use std::cell::Cell;
 use candle_core::{DType, Tensor};
 
 use crate::sampling::{
-    sample, ContextOptions, ContextWindows, NoisePredictor, SampleInputs, SampleSettings,
+    ContextOptions, ContextWindows, NoisePredictor, SampleInputs, SampleSettings, Sampler,
+    StepReport, TextConditioning,
 };
 use crate::schedulers::{
     DdimScheduler, DdimSchedulerConfig, EulerDiscreteScheduler, EulerDiscreteSchedulerConfig,
     Scheduler,
 };
-use crate::video::freeinit::{FilterKind, FreeInitConfig};
+use crate::video::freeinit::{sample_with_freeinit, FilterKind, FreeInitConfig};
 use crate::video::noise::{video_noise, NoiseMode};
 
 use super::objects::{Conditioning, Context as ContextObject, FreeInit, Model, Vae};
@@ -72,11 +73,11 @@ impl Node for VideoSampler {
             steps,
             guidance_scale: inputs.float("cfg")?,
             strength,
-            freeinit: inputs
-                .optional_object::<FreeInit>("freeinit")?
-                .map(|f| f.config),
         };
-        let mut scheduler: Box<dyn Scheduler> = match inputs.string("scheduler")? {
+        let freeinit = inputs
+            .optional_object::<FreeInit>("freeinit")?
+            .map(|f| f.config);
+        let scheduler: Box<dyn Scheduler> = match inputs.string("scheduler")? {
             "ddim" => Box::new(DdimScheduler::new(DdimSchedulerConfig::sd15())?),
             "euler" => Box::new(EulerDiscreteScheduler::new(
                 EulerDiscreteSchedulerConfig::sd15(),
@@ -198,8 +199,9 @@ impl Node for VideoSampler {
         };
         let init = (strength < 1.0).then_some(&latents);
         let cancelled = Cell::new(false);
-        let mut on_step = |step: usize, total: usize| -> candle_core::Result<()> {
-            ctx.progress(step as u64, total as u64, "sampling");
+        let mut on_step = |report: &StepReport<'_>| -> candle_core::Result<()> {
+            let step = report.step;
+            ctx.progress((step.index + 1) as u64, step.count as u64, "sampling");
             if ctx.check_cancelled().is_err() {
                 cancelled.set(true);
                 candle_core::bail!("cancelled");
@@ -209,19 +211,24 @@ impl Node for VideoSampler {
         let sample_inputs = SampleInputs {
             noise: &noise,
             init_latents: init,
-            positive: &positive,
-            negative: &negative,
-            fresh_noise: &mut fresh_noise,
+            text: TextConditioning {
+                positive: &positive,
+                negative: &negative,
+            },
         };
-        let result = sample(
-            predictor,
-            scheduler.as_mut(),
-            &settings,
-            sample_inputs,
-            &mut on_step,
-        );
+        let mut sampler = Sampler::new(predictor, scheduler.as_ref()).on_step(&mut on_step);
+        let result = match &freeinit {
+            Some(config) => sample_with_freeinit(
+                &mut sampler,
+                config,
+                &settings,
+                &sample_inputs,
+                &mut fresh_noise,
+            ),
+            None => sampler.sample(&settings, &sample_inputs),
+        };
         let samples = match result {
-            Ok(s) => s,
+            Ok(output) => output.latents,
             Err(_) if cancelled.get() => return Err(NodeFailure::cancelled()),
             Err(e) => return Err(NodeFailure::execution(e)),
         };

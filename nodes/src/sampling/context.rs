@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use candle_core::{Result, Tensor};
 
-use super::NoisePredictor;
+use super::{gather_frames, NoisePredictor, PredictRequest};
 
 /// How windows are placed over the frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,36 +176,44 @@ fn ordered_halving(value: u64) -> f64 {
     value.reverse_bits() as f64 / 2f64.powi(64)
 }
 
-/// A predictor that runs `inner` over context windows and blends the results.
+/// A predictor that runs `inner` over context windows and blends the results. Each window is
+/// evaluated as a clip of its own: its frames see positions 0, 1, …, len−1, as in
+/// AnimateDiff-Evolved; the step, guidance layout and run observer are passed on.
 pub struct ContextWindows<'a> {
     pub inner: &'a dyn NoisePredictor,
     pub options: ContextOptions,
 }
 
+impl ContextWindows<'_> {
+    /// The windows of `request`'s step, or `None` when one window covers every frame in order
+    /// and the request goes to `inner` as it is.
+    fn windows(&self, request: &PredictRequest) -> Result<Option<Vec<Vec<usize>>>> {
+        let (_, _, frames, _, _) = request.latents.dims5()?;
+        let windows = self
+            .options
+            .windows(frames, request.step.map_or(0, |s| s.index));
+        let whole_clip = windows.len() == 1 && windows[0].len() == frames;
+        Ok((!whole_clip).then_some(windows))
+    }
+}
+
 impl NoisePredictor for ContextWindows<'_> {
-    fn predict(
-        &self,
-        latents: &Tensor,
-        timestep: f64,
-        context: &Tensor,
-        step: Option<usize>,
-    ) -> Result<Tensor> {
+    fn predict(&self, request: &PredictRequest) -> Result<Tensor> {
+        let Some(windows) = self.windows(request)? else {
+            return self.inner.predict(request);
+        };
+        let latents = request.latents;
         let (_, _, frames, _, _) = latents.dims5()?;
-        let windows = self.options.windows(frames, step.unwrap_or(0));
-        if windows.len() == 1 && windows[0].len() == frames {
-            return self.inner.predict(latents, timestep, context, step);
-        }
         let device = latents.device();
         let mut sum = latents.zeros_like()?;
         let mut weight_sum = vec![0.0f64; frames];
         for window in &windows {
-            let index = Tensor::from_vec(
-                window.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                window.len(),
-                device,
-            )?;
-            let part = latents.index_select(&index, 2)?;
-            let eps = self.inner.predict(&part, timestep, context, step)?;
+            let part = gather_frames(latents, window)?;
+            let eps = self.inner.predict(&PredictRequest {
+                latents: &part,
+                frame_positions: None,
+                ..*request
+            })?;
             let weights = self.options.weights(window.len());
             let w = Tensor::from_vec(
                 weights.iter().map(|&v| v as f32).collect::<Vec<_>>(),
@@ -213,6 +221,11 @@ impl NoisePredictor for ContextWindows<'_> {
                 device,
             )?
             .to_dtype(eps.dtype())?;
+            let index = Tensor::from_vec(
+                window.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                window.len(),
+                device,
+            )?;
             sum = sum.index_add(&index, &eps.broadcast_mul(&w)?, 2)?;
             for (&f, &v) in window.iter().zip(&weights) {
                 weight_sum[f] += v;
@@ -229,11 +242,23 @@ impl NoisePredictor for ContextWindows<'_> {
     fn max_frames(&self) -> Option<usize> {
         None
     }
+
+    /// Every window's frames, overlaps counted once per window.
+    fn frame_evaluations(&self, request: &PredictRequest) -> Result<usize> {
+        let Some(windows) = self.windows(request)? else {
+            return self.inner.frame_evaluations(request);
+        };
+        let batch = request.latents.dim(0)?;
+        Ok(windows.iter().map(Vec::len).sum::<usize>() * batch)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
+
     use super::*;
+    use crate::models::call::SamplingStep;
     use candle_core::Device;
 
     fn options(schedule: ContextSchedule, closed_loop: bool) -> ContextOptions {
@@ -278,14 +303,8 @@ mod tests {
     /// A predictor acting on each frame alone: windows must then not change the result.
     struct PerFrame;
     impl NoisePredictor for PerFrame {
-        fn predict(
-            &self,
-            latents: &Tensor,
-            t: f64,
-            _: &Tensor,
-            _: Option<usize>,
-        ) -> Result<Tensor> {
-            (latents.sin()? * t)? + 0.5
+        fn predict(&self, request: &PredictRequest) -> Result<Tensor> {
+            (request.latents.sin()? * request.timestep)? + 0.5
         }
         fn max_frames(&self) -> Option<usize> {
             Some(8)
@@ -295,8 +314,17 @@ mod tests {
     #[test]
     fn blending_a_per_frame_predictor_changes_nothing() -> Result<()> {
         let latents = Tensor::randn(0f32, 1.0, (2, 4, 21, 3, 5), &Device::Cpu)?;
-        let context = Tensor::zeros((2, 1, 1), candle_core::DType::F32, &Device::Cpu)?;
-        let full = PerFrame.predict(&latents, 0.7, &context, None)?;
+        let text = Tensor::zeros((2, 1, 1), candle_core::DType::F32, &Device::Cpu)?;
+        let request = |step| PredictRequest {
+            latents: &latents,
+            timestep: 0.7,
+            text: &text,
+            step,
+            guidance: Default::default(),
+            frame_positions: None,
+            run: None,
+        };
+        let full = PerFrame.predict(&request(None))?;
         for schedule in [ContextSchedule::Static, ContextSchedule::Uniform] {
             for fuse in [ContextFuse::Flat, ContextFuse::Pyramid] {
                 let opts = ContextOptions {
@@ -307,11 +335,68 @@ mod tests {
                     inner: &PerFrame,
                     options: opts,
                 }
-                .predict(&latents, 0.7, &context, Some(3))?;
+                .predict(&request(Some(SamplingStep {
+                    index: 3,
+                    count: 5,
+                    timestep: 0.7,
+                })))?;
                 let err = (windowed - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(err < 1e-5, "{schedule:?} {fuse:?}: {err}");
             }
         }
+        Ok(())
+    }
+
+    /// What one window call saw: its frame positions, step index and frame count.
+    type WindowCall = (Option<Vec<usize>>, Option<usize>, usize);
+
+    /// Records the positions and steps each window call sees.
+    #[derive(Default)]
+    struct Positions {
+        seen: RefCell<Vec<WindowCall>>,
+    }
+    impl NoisePredictor for Positions {
+        fn predict(&self, request: &PredictRequest) -> Result<Tensor> {
+            self.seen.borrow_mut().push((
+                request.frame_positions.map(<[usize]>::to_vec),
+                request.step.map(|s| s.index),
+                request.latents.dim(2)?,
+            ));
+            request.latents.zeros_like()
+        }
+        fn max_frames(&self) -> Option<usize> {
+            Some(8)
+        }
+    }
+
+    #[test]
+    fn windows_see_positions_from_zero_and_the_step_and_are_counted() -> Result<()> {
+        let latents = Tensor::zeros((2, 1, 20, 1, 1), candle_core::DType::F32, &Device::Cpu)?;
+        let text = Tensor::zeros((2, 1, 1), candle_core::DType::F32, &Device::Cpu)?;
+        let positions: Vec<usize> = (0..20).collect();
+        let request = PredictRequest {
+            latents: &latents,
+            timestep: 1.0,
+            text: &text,
+            step: Some(SamplingStep {
+                index: 2,
+                count: 4,
+                timestep: 1.0,
+            }),
+            guidance: Default::default(),
+            frame_positions: Some(&positions),
+            run: None,
+        };
+        let inner = Positions::default();
+        let windows = ContextWindows {
+            inner: &inner,
+            options: options(ContextSchedule::Static, false),
+        };
+        windows.predict(&request)?;
+        let seen = inner.seen.borrow();
+        assert_eq!(seen.len(), 3);
+        assert!(seen.iter().all(|s| *s == (None, Some(2), 8)));
+        assert_eq!(windows.frame_evaluations(&request)?, 3 * 8 * 2);
         Ok(())
     }
 

@@ -1,11 +1,12 @@
-//! DDIM (Song et al. 2020), deterministic (η = 0), as diffusers' `DDIMScheduler`.
+//! DDIM (Song et al. 2020), deterministic (η = 0), as diffusers' `DDIMScheduler`, and its
+//! inversion, as `DDIMInverseScheduler`.
 
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
 use super::{
     divide, integer_timesteps, scale, train_index, BetaSchedule, NoiseScheduleConfig,
-    PredictionType, Scheduler, StepOutput, TimestepSpacing,
+    PredictionType, Schedule, ScheduledStep, Scheduler, StepOutput, Timestep, TimestepSpacing,
 };
 
 /// diffusers' `DDIMScheduler` configuration, with its defaults for missing keys. Note that these
@@ -67,19 +68,17 @@ impl DdimSchedulerConfig {
     }
 }
 
-/// Deterministic DDIM sampling.
+/// Deterministic DDIM sampling and inversion.
 #[derive(Debug, Clone)]
 pub struct DdimScheduler {
     config: DdimSchedulerConfig,
     alphas_cumprod: Vec<f32>,
-    /// ᾱ used after the last step, where `t − N//n` falls below 0.
+    /// ᾱ past the last step, where `t − N//n` falls below 0, and before the first step of an
+    /// inversion (diffusers' `final_alpha_cumprod` and `initial_alpha_cumprod`).
     final_alpha_cumprod: f32,
-    timesteps: Vec<f64>,
-    num_inference_steps: usize,
 }
 
 impl DdimScheduler {
-    /// Builds the training schedule; call [`Scheduler::set_timesteps`] before sampling.
     pub fn new(config: DdimSchedulerConfig) -> Result<Self> {
         if config.thresholding {
             candle_core::bail!("DDIM: thresholding is not supported");
@@ -98,18 +97,10 @@ impl DdimScheduler {
         } else {
             alphas_cumprod[0]
         };
-        // Until set_timesteps, the schedule lists every training timestep (as in diffusers),
-        // but stepping needs the inference step count and is refused.
-        let timesteps = (0..config.num_train_timesteps)
-            .rev()
-            .map(|t| t as f64)
-            .collect();
         Ok(Self {
             config,
             alphas_cumprod,
             final_alpha_cumprod,
-            timesteps,
-            num_inference_steps: 0,
         })
     }
 
@@ -120,56 +111,26 @@ impl DdimScheduler {
     pub fn final_alpha_cumprod(&self) -> f32 {
         self.final_alpha_cumprod
     }
-}
 
-impl Scheduler for DdimScheduler {
-    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let timesteps = integer_timesteps(
-            self.config.timestep_spacing,
-            self.config.num_train_timesteps,
-            num_inference_steps,
-            self.config.steps_offset,
-        )?;
-        self.timesteps = timesteps.into_iter().map(|t| t as f64).collect();
-        self.num_inference_steps = num_inference_steps;
-        Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
-    /// x₀ = (x − √(1−ᾱ_t)·ε) / √ᾱ_t, then x_prev = √ᾱ_prev·x₀ + √(1−ᾱ_prev)·ε with
-    /// prev = t − N//n: diffusers subtracts the leading-spacing stride whatever the spacing, so
-    /// with linspace spacing the step lands between scheduled timesteps, and so does this port.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: f64,
-        sample: &Tensor,
-    ) -> Result<StepOutput> {
-        if self.num_inference_steps == 0 {
-            candle_core::bail!("DDIM: step called before set_timesteps");
+    /// ᾱ at one end of a step.
+    fn alpha_cumprod_at(&self, timestep: Timestep) -> Result<f32> {
+        match timestep {
+            Timestep::At(t) => {
+                Ok(self.alphas_cumprod[train_index(t, self.config.num_train_timesteps)?])
+            }
+            Timestep::Final => Ok(self.final_alpha_cumprod),
         }
-        let train = self.config.num_train_timesteps;
-        let t = train_index(timestep, train)?;
-        let prev = t as i64 - (train / self.num_inference_steps) as i64;
-        let alpha_prod_t = self.alphas_cumprod[t];
-        let alpha_prod_prev = if prev >= 0 {
-            self.alphas_cumprod[prev as usize]
-        } else {
-            self.final_alpha_cumprod
-        };
-        let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
+    }
 
+    /// x₀ and ε from the model's prediction for `sample` at noise level ᾱ = `alpha_prod`,
+    /// x₀ clipped when the config asks for it.
+    fn original_and_noise(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        alpha_prod: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let (sqrt_alpha, sqrt_beta) = (alpha_prod.sqrt(), (1.0 - alpha_prod).sqrt());
         let (pred_original_sample, pred_epsilon) = match self.config.prediction_type {
             PredictionType::Epsilon => {
                 let x0 = divide(&(sample - scale(model_output, sqrt_beta)?)?, sqrt_alpha)?;
@@ -191,10 +152,95 @@ impl Scheduler for DdimScheduler {
         } else {
             pred_original_sample
         };
-        let direction = scale(&pred_epsilon, (1.0 - alpha_prod_prev).sqrt())?;
-        let prev_sample = (scale(&pred_original_sample, alpha_prod_prev.sqrt())? + direction)?;
+        Ok((pred_original_sample, pred_epsilon))
+    }
+
+    /// √ᾱ·x₀ + √(1−ᾱ)·ε: the sample at noise level ᾱ on the DDIM trajectory.
+    fn at_noise_level(x0: &Tensor, eps: &Tensor, alpha_prod: f32) -> Result<Tensor> {
+        let direction = scale(eps, (1.0 - alpha_prod).sqrt())?;
+        scale(x0, alpha_prod.sqrt())? + direction
+    }
+}
+
+impl Scheduler for DdimScheduler {
+    /// The integer timesteps of the spacing, each stepping to `t − N//n`: diffusers subtracts
+    /// the leading-spacing stride whatever the spacing, so with linspace spacing a step lands
+    /// between scheduled timesteps, and so does this port. Below 0 is [`Timestep::Final`].
+    fn timesteps(&self, num_inference_steps: usize) -> Result<Schedule> {
+        let train = self.config.num_train_timesteps;
+        let timesteps = integer_timesteps(
+            self.config.timestep_spacing,
+            train,
+            num_inference_steps,
+            self.config.steps_offset,
+        )?;
+        let stride = (train / num_inference_steps) as i64;
+        Schedule::new(
+            timesteps
+                .into_iter()
+                .map(|t| {
+                    let prev = t - stride;
+                    ScheduledStep {
+                        timestep: t as f64,
+                        prev_timestep: if prev >= 0 {
+                            Timestep::At(prev as f64)
+                        } else {
+                            Timestep::Final
+                        },
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    fn init_noise_sigma(&self, _first_timestep: f64) -> Result<f64> {
+        Ok(1.0)
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+
+    /// x₀ = (x − √(1−ᾱ_t)·ε) / √ᾱ_t, then x_prev = √ᾱ_prev·x₀ + √(1−ᾱ_prev)·ε.
+    fn step(
+        &self,
+        model_output: &Tensor,
+        timestep: f64,
+        prev_timestep: Timestep,
+        sample: &Tensor,
+    ) -> Result<StepOutput> {
+        let alpha_prod_t = self.alpha_cumprod_at(Timestep::At(timestep))?;
+        let alpha_prod_prev = self.alpha_cumprod_at(prev_timestep)?;
+        let (pred_original_sample, pred_epsilon) =
+            self.original_and_noise(model_output, sample, alpha_prod_t)?;
+        let prev_sample =
+            Self::at_noise_level(&pred_original_sample, &pred_epsilon, alpha_prod_prev)?;
         Ok(StepOutput {
             prev_sample,
+            pred_original_sample,
+        })
+    }
+
+    /// The same two formulas with the noise levels swapped: x₀ from the sample at the less
+    /// noisy `timestep`, then √ᾱ_next·x₀ + √(1−ᾱ_next)·ε. [`Timestep::Final`] as the start is
+    /// the level before the first step, `final_alpha_cumprod` (diffusers'
+    /// `initial_alpha_cumprod`: 1 with `set_alpha_to_one`, else ᾱ of timestep 0), the level
+    /// that [`Scheduler::step`] ends on.
+    fn invert_step(
+        &self,
+        model_output: &Tensor,
+        timestep: Timestep,
+        next_timestep: f64,
+        sample: &Tensor,
+    ) -> Result<StepOutput> {
+        let alpha_prod_t = self.alpha_cumprod_at(timestep)?;
+        let alpha_prod_next = self.alpha_cumprod_at(Timestep::At(next_timestep))?;
+        let (pred_original_sample, pred_epsilon) =
+            self.original_and_noise(model_output, sample, alpha_prod_t)?;
+        let next_sample =
+            Self::at_noise_level(&pred_original_sample, &pred_epsilon, alpha_prod_next)?;
+        Ok(StepOutput {
+            prev_sample: next_sample,
             pred_original_sample,
         })
     }
@@ -208,5 +254,75 @@ impl Scheduler for DdimScheduler {
 
     fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// `invert_step` then `step` with the same ε returns to the start: max |difference| at
+    /// most 1e-5 · max(1, max |x|) (float32 rounding, amplified by 1/√ᾱ at high noise).
+    fn assert_round_trip(scheduler: &DdimScheduler, from: Timestep, to: f64) -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 3, 8, 8), &Device::Cpu)?;
+        let eps = Tensor::randn(0f32, 1.0, (2, 4, 3, 8, 8), &Device::Cpu)?;
+        let noisier = scheduler.invert_step(&eps, from, to, &x)?.prev_sample;
+        let back = scheduler.step(&eps, to, from, &noisier)?.prev_sample;
+        let scale = x.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+        let err = (back - &x)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err <= 1e-5 * scale, "{from:?} → {to}: {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn inverting_then_stepping_returns_to_the_start() -> Result<()> {
+        for config in [
+            DdimSchedulerConfig::sd15(),
+            DdimSchedulerConfig {
+                timestep_spacing: TimestepSpacing::Linspace,
+                set_alpha_to_one: true,
+                ..DdimSchedulerConfig::sd15()
+            },
+        ] {
+            let scheduler = DdimScheduler::new(config)?;
+            let schedule = scheduler.timesteps(25)?;
+            for k in [0, 5, 12, 20, 24] {
+                let step = schedule.steps()[k];
+                assert_round_trip(&scheduler, step.prev_timestep, step.timestep)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn inversion_starts_before_the_first_step_at_the_final_alpha() -> Result<()> {
+        let scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
+        let schedule = scheduler.timesteps(25)?;
+        let last = schedule.steps()[24];
+        assert_eq!((last.timestep, last.prev_timestep), (1.0, Timestep::Final));
+        // ε = 0 leaves x₀ = x/√ᾱ_final, which the inversion rescales to √ᾱ_1·x₀.
+        let x = Tensor::ones((1, 4), candle_core::DType::F32, &Device::Cpu)?;
+        let noisier = scheduler
+            .invert_step(&x.zeros_like()?, Timestep::Final, 1.0, &x)?
+            .prev_sample;
+        let expected =
+            scheduler.alphas_cumprod()[1].sqrt() / scheduler.final_alpha_cumprod().sqrt();
+        let got = noisier.flatten_all()?.to_vec1::<f32>()?;
+        assert!(
+            got.iter().all(|&v| (v - expected).abs() < 1e-6),
+            "{got:?} vs {expected}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn steps_past_the_end_take_the_final_alpha() -> Result<()> {
+        let scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
+        let schedule = scheduler.timesteps(10)?;
+        let prev: Vec<Timestep> = schedule.steps().iter().map(|s| s.prev_timestep).collect();
+        assert_eq!(prev[0], Timestep::At(801.0));
+        assert_eq!(prev[9], Timestep::Final);
+        Ok(())
     }
 }

@@ -6,7 +6,8 @@ use serde::Deserialize;
 
 use super::{
     check_step_count, divide, numpy_arange_down, numpy_interp_index, numpy_linspace, scale,
-    BetaSchedule, NoiseScheduleConfig, PredictionType, Scheduler, StepOutput, TimestepSpacing,
+    BetaSchedule, NoiseScheduleConfig, PredictionType, Schedule, ScheduledStep, Scheduler,
+    StepOutput, Timestep, TimestepSpacing,
 };
 
 /// Where the last σ of the schedule sits (`final_sigmas_type`).
@@ -83,18 +84,12 @@ impl EulerDiscreteSchedulerConfig {
 pub struct EulerDiscreteScheduler {
     config: EulerDiscreteSchedulerConfig,
     alphas_cumprod: Vec<f32>,
-    /// σ of every training timestep, float32 as diffusers computes it.
-    train_sigmas: Vec<f32>,
-    timesteps: Vec<f64>,
-    /// The σ of every scheduled timestep plus the final σ (one more than `timesteps`).
-    sigmas: Vec<f32>,
-    /// The position in the schedule; found from the timestep on the first step of a run.
-    step_index: Option<usize>,
+    /// σ of every training timestep, float32 as diffusers computes it, widened to float64 for
+    /// `np.interp`.
+    train_sigmas: Vec<f64>,
 }
 
 impl EulerDiscreteScheduler {
-    /// Builds the training schedule; call [`Scheduler::set_timesteps`] before sampling (until
-    /// then the schedule is all training timesteps).
     pub fn new(config: EulerDiscreteSchedulerConfig) -> Result<Self> {
         let unsupported = [
             (config.use_karras_sigmas, "use_karras_sigmas"),
@@ -127,23 +122,14 @@ impl EulerDiscreteScheduler {
                 *last = 2f32.powi(-24);
             }
         }
-        let train_sigmas: Vec<f32> = alphas_cumprod
+        let train_sigmas = alphas_cumprod
             .iter()
-            .map(|&a| ((1.0 - a) / a).sqrt())
+            .map(|&a| f64::from(((1.0 - a) / a).sqrt()))
             .collect();
-        // Until set_timesteps, the schedule is every training timestep, as in diffusers.
-        let timesteps = (0..config.num_train_timesteps)
-            .rev()
-            .map(|t| t as f64)
-            .collect();
-        let sigmas = train_sigmas.iter().rev().copied().chain([0.0]).collect();
         Ok(Self {
             config,
             alphas_cumprod,
             train_sigmas,
-            timesteps,
-            sigmas,
-            step_index: None,
         })
     }
 
@@ -151,46 +137,12 @@ impl EulerDiscreteScheduler {
         &self.config
     }
 
-    /// σ of each scheduled timestep followed by the final σ.
-    pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
-    }
-
-    /// The schedule position of `timestep`: its first occurrence, or the second when it occurs
-    /// more than once (diffusers' `index_for_timestep`, so that img2img starting mid-schedule
-    /// does not skip a step).
-    fn index_for_timestep(&self, timestep: f64) -> Option<usize> {
-        let mut matches = self
-            .timesteps
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == timestep)
-            .map(|(i, _)| i);
-        let first = matches.next()?;
-        Some(matches.next().unwrap_or(first))
-    }
-
-    fn current_index(&self, timestep: f64) -> Result<usize> {
-        match self.step_index {
-            Some(index) if index < self.timesteps.len() => Ok(index),
-            Some(index) => candle_core::bail!(
-                "EulerDiscreteScheduler: step {index} is past the end of the {}-step schedule",
-                self.timesteps.len()
-            ),
-            None => self.index_for_timestep(timestep).ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "EulerDiscreteScheduler: timestep {timestep} is not in the schedule"
-                ))
-            }),
-        }
-    }
-}
-
-impl Scheduler for EulerDiscreteScheduler {
-    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
+    /// The timesteps of a schedule of `num_inference_steps`, float32 values as diffusers keeps
+    /// them.
+    fn scheduled_timesteps(&self, num_inference_steps: usize) -> Result<Vec<f32>> {
         let (train, n) = (self.config.num_train_timesteps, num_inference_steps);
         check_step_count(train, n)?;
-        let timesteps: Vec<f32> = match self.config.timestep_spacing {
+        Ok(match self.config.timestep_spacing {
             TimestepSpacing::Linspace => numpy_linspace(0.0, (train - 1) as f64, n)
                 .into_iter()
                 .rev()
@@ -209,52 +161,94 @@ impl Scheduler for EulerDiscreteScheduler {
                     .map(|t| t.round_ties_even() as f32 - 1.0)
                     .collect()
             }
-        };
-        // np.interp over the float32 σ table, evaluated in float64 and stored as float32.
-        let table: Vec<f64> = self.train_sigmas.iter().map(|&s| f64::from(s)).collect();
-        let mut sigmas: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| numpy_interp_index(f64::from(t), &table) as f32)
-            .collect();
-        sigmas.push(match self.config.final_sigmas_type {
+        })
+    }
+
+    /// σ of each scheduled timestep followed by the final σ, as diffusers' `sigmas` after
+    /// `set_timesteps(num_inference_steps)`.
+    pub fn sigmas(&self, num_inference_steps: usize) -> Result<Vec<f32>> {
+        self.scheduled_timesteps(num_inference_steps)?
+            .into_iter()
+            .map(|t| self.sigma_at(Timestep::At(f64::from(t))))
+            .chain([Ok(self.final_sigma())])
+            .collect()
+    }
+
+    /// σ of the last step's target.
+    fn final_sigma(&self) -> f32 {
+        match self.config.final_sigmas_type {
             FinalSigmas::Zero => 0.0,
-            FinalSigmas::SigmaMin => self.train_sigmas[0],
-        });
-        self.timesteps = timesteps.into_iter().map(f64::from).collect();
-        self.sigmas = sigmas;
-        self.step_index = None;
-        Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    /// σ_max for linspace and trailing spacing, √(σ_max²+1) for leading (diffusers' choice).
-    fn init_noise_sigma(&self) -> f64 {
-        let max_sigma = self.sigmas.iter().copied().fold(0f32, f32::max);
-        match self.config.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => f64::from(max_sigma),
-            TimestepSpacing::Leading => f64::from((max_sigma * max_sigma + 1.0).sqrt()),
+            FinalSigmas::SigmaMin => self.train_sigmas[0] as f32,
         }
     }
 
-    /// `sample / √(σ²+1)` with the σ of the current step.
+    /// σ at one end of a step: `np.interp` over the float32 training σ table, evaluated in
+    /// float64 and rounded to float32, exactly as `set_timesteps` builds the schedule's σ.
+    fn sigma_at(&self, timestep: Timestep) -> Result<f32> {
+        let t = match timestep {
+            Timestep::At(t) => t,
+            Timestep::Final => return Ok(self.final_sigma()),
+        };
+        let last = (self.config.num_train_timesteps - 1) as f64;
+        if !(0.0..=last).contains(&t) {
+            candle_core::bail!("EulerDiscreteScheduler: timestep {t} is outside [0, {last}]");
+        }
+        Ok(numpy_interp_index(t, &self.train_sigmas) as f32)
+    }
+}
+
+impl Scheduler for EulerDiscreteScheduler {
+    /// The spacing's timesteps, each stepping to the next one and the last to the final σ.
+    fn timesteps(&self, num_inference_steps: usize) -> Result<Schedule> {
+        let timesteps: Vec<f64> = self
+            .scheduled_timesteps(num_inference_steps)?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let targets = timesteps
+            .iter()
+            .skip(1)
+            .map(|&t| Timestep::At(t))
+            .chain([Timestep::Final]);
+        Schedule::new(
+            timesteps
+                .iter()
+                .zip(targets)
+                .map(|(&timestep, prev_timestep)| ScheduledStep {
+                    timestep,
+                    prev_timestep,
+                })
+                .collect(),
+        )
+    }
+
+    /// σ_max for linspace and trailing spacing, √(σ_max²+1) for leading (diffusers' choice),
+    /// σ_max being the σ of the first (noisiest) timestep.
+    fn init_noise_sigma(&self, first_timestep: f64) -> Result<f64> {
+        let max_sigma = self.sigma_at(Timestep::At(first_timestep))?;
+        Ok(match self.config.timestep_spacing {
+            TimestepSpacing::Linspace | TimestepSpacing::Trailing => f64::from(max_sigma),
+            TimestepSpacing::Leading => f64::from((max_sigma * max_sigma + 1.0).sqrt()),
+        })
+    }
+
+    /// `sample / √(σ²+1)` with the σ of `timestep`.
     fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor> {
-        let sigma = self.sigmas[self.current_index(timestep)?];
+        let sigma = self.sigma_at(Timestep::At(timestep))?;
         divide(sample, (sigma * sigma + 1.0).sqrt())
     }
 
-    /// x₀ from the prediction, then `x + (x − x₀)/σ · (σ_next − σ)`, in float32 whatever the
+    /// x₀ from the prediction, then `x + (x − x₀)/σ · (σ_prev − σ)`, in float32 whatever the
     /// sample's dtype; the result takes the model output's dtype.
     fn step(
-        &mut self,
+        &self,
         model_output: &Tensor,
         timestep: f64,
+        prev_timestep: Timestep,
         sample: &Tensor,
     ) -> Result<StepOutput> {
-        let index = self.current_index(timestep)?;
-        let (sigma, sigma_next) = (self.sigmas[index], self.sigmas[index + 1]);
+        let sigma = self.sigma_at(Timestep::At(timestep))?;
+        let sigma_prev = self.sigma_at(prev_timestep)?;
         let output_dtype = model_output.dtype();
         let sample = sample.to_dtype(DType::F32)?;
         let model_output = model_output.to_dtype(DType::F32)?;
@@ -268,35 +262,100 @@ impl Scheduler for EulerDiscreteScheduler {
             PredictionType::Sample => model_output.clone(),
         };
         let derivative = divide(&(&sample - &pred_original_sample)?, sigma)?;
-        let prev_sample = (&sample + scale(&derivative, sigma_next - sigma)?)?;
-        self.step_index = Some(index + 1);
+        let prev_sample = (&sample + scale(&derivative, sigma_prev - sigma)?)?;
         Ok(StepOutput {
             prev_sample: prev_sample.to_dtype(output_dtype)?,
             pred_original_sample: pred_original_sample.to_dtype(output_dtype)?,
         })
     }
 
-    /// `x₀ + σ·ε` with the σ of `timestep` in the schedule. A timestep outside the schedule
-    /// (diffusers raises there) takes σ interpolated from the training table, its true noise
-    /// level, so that FreeInit's t = N−1 works with every spacing.
+    /// `x + ε·(σ_next − σ)`: the Euler step run backwards along the same derivative ε, from
+    /// the σ of `timestep` ([`Timestep::Final`]: the final σ) up to the σ of `next_timestep`.
+    /// The derivative is ε itself, so only ε-prediction is supported (x₀- and v-prediction
+    /// would need σ > 0 at the start, which the final σ of 0 is not).
+    fn invert_step(
+        &self,
+        model_output: &Tensor,
+        timestep: Timestep,
+        next_timestep: f64,
+        sample: &Tensor,
+    ) -> Result<StepOutput> {
+        if self.config.prediction_type != PredictionType::Epsilon {
+            candle_core::bail!(
+                "EulerDiscreteScheduler: inversion supports epsilon prediction only, not {:?}",
+                self.config.prediction_type
+            );
+        }
+        let sigma = self.sigma_at(timestep)?;
+        let sigma_next = self.sigma_at(Timestep::At(next_timestep))?;
+        let output_dtype = model_output.dtype();
+        let sample = sample.to_dtype(DType::F32)?;
+        let model_output = model_output.to_dtype(DType::F32)?;
+        let pred_original_sample = (&sample - scale(&model_output, sigma)?)?;
+        let next_sample = (&sample + scale(&model_output, sigma_next - sigma)?)?;
+        Ok(StepOutput {
+            prev_sample: next_sample.to_dtype(output_dtype)?,
+            pred_original_sample: pred_original_sample.to_dtype(output_dtype)?,
+        })
+    }
+
+    /// `x₀ + σ·ε` with σ interpolated from the training table: the σ a schedule gives
+    /// `timestep` when it is scheduled, and its true noise level otherwise (diffusers raises
+    /// there), so that FreeInit's t = N−1 works with every spacing.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor> {
-        let sigma = match self.index_for_timestep(timestep) {
-            Some(index) => self.sigmas[index],
-            None => {
-                let last = (self.config.num_train_timesteps - 1) as f64;
-                if !(0.0..=last).contains(&timestep) {
-                    candle_core::bail!(
-                        "EulerDiscreteScheduler: timestep {timestep} is outside [0, {last}]"
-                    );
-                }
-                let table: Vec<f64> = self.train_sigmas.iter().map(|&s| f64::from(s)).collect();
-                numpy_interp_index(timestep, &table) as f32
-            }
-        };
+        let sigma = self.sigma_at(Timestep::At(timestep))?;
         original + scale(noise, sigma)?
     }
 
     fn alphas_cumprod(&self) -> &[f32] {
         &self.alphas_cumprod
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn inverting_then_stepping_returns_to_the_start() -> Result<()> {
+        let scheduler = EulerDiscreteScheduler::new(EulerDiscreteSchedulerConfig::sd15())?;
+        let schedule = scheduler.timesteps(25)?;
+        for k in [0, 7, 24] {
+            let step = schedule.steps()[k];
+            let x = Tensor::randn(0f32, 1.0, (1, 4, 2, 8, 8), &Device::Cpu)?;
+            let eps = Tensor::randn(0f32, 1.0, (1, 4, 2, 8, 8), &Device::Cpu)?;
+            let noisier = scheduler
+                .invert_step(&eps, step.prev_timestep, step.timestep, &x)?
+                .prev_sample;
+            let back = scheduler
+                .step(&eps, step.timestep, step.prev_timestep, &noisier)?
+                .prev_sample;
+            // Euler samples are x₀ + σ·ε with σ up to ~14.6: the bound scales with the sample.
+            let scale = noisier.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+            let err = (back - &x)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err <= 1e-5 * scale, "step {k}: {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sigma_follows_the_timestep_passed_in() -> Result<()> {
+        let scheduler = EulerDiscreteScheduler::new(EulerDiscreteSchedulerConfig::sd15())?;
+        let schedule = scheduler.timesteps(25)?;
+        let sigmas = scheduler.sigmas(25)?;
+        for (step, &sigma) in schedule.steps().iter().zip(&sigmas) {
+            assert_eq!(scheduler.sigma_at(Timestep::At(step.timestep))?, sigma);
+        }
+        assert_eq!(scheduler.sigma_at(Timestep::Final)?, sigmas[25]);
+        let v_prediction = EulerDiscreteScheduler::new(EulerDiscreteSchedulerConfig {
+            prediction_type: PredictionType::VPrediction,
+            ..EulerDiscreteSchedulerConfig::sd15()
+        })?;
+        let x = Tensor::zeros((1, 4), DType::F32, &Device::Cpu)?;
+        assert!(v_prediction
+            .invert_step(&x, Timestep::Final, 999.0, &x)
+            .is_err());
+        Ok(())
     }
 }

@@ -1,21 +1,24 @@
 //! Noise schedulers, ported from diffusers with its float32/float64 rounding where it shows.
 //!
 //! Every scheduler is built from the diffusers `scheduler_config.json` (a config struct with
-//! diffusers' defaults per scheduler class; unknown keys such as `_class_name` are ignored) and
-//! driven through [`Scheduler`] exactly like a diffusers scheduler:
+//! diffusers' defaults per scheduler class; unknown keys such as `_class_name` are ignored).
+//! A scheduler keeps no per-run state: [`Scheduler::timesteps`] returns the schedule, each step
+//! naming the timestep it denoises from and the one it goes to, and every other method takes
+//! the timesteps it works on, so one scheduler serves any number of runs, passes and subsets
+//! of frames at once:
 //!
 //! ```text
-//! scheduler.set_timesteps(n)?;
-//! let mut x = (noise * scheduler.init_noise_sigma())?;
-//! for &t in scheduler.timesteps().to_vec().iter() {
-//!     let input = scheduler.scale_model_input(&x, t)?;
-//!     let eps = unet(input, t)?;
-//!     x = scheduler.step(&eps, t, &x)?.prev_sample;
+//! let schedule = scheduler.timesteps(n)?;
+//! let mut x = (noise * scheduler.init_noise_sigma(schedule.first_timestep())?)?;
+//! for step in schedule.steps() {
+//!     let input = scheduler.scale_model_input(&x, step.timestep)?;
+//!     let eps = unet(input, step.timestep)?;
+//!     x = scheduler.step(&eps, step.timestep, step.prev_timestep, &x)?.prev_sample;
 //! }
 //! ```
 //!
-//! `step` takes `&mut self` because multistep solvers keep previous model outputs and all
-//! schedulers keep their position in the schedule; `set_timesteps` resets that state.
+//! Multistep solvers that need earlier model outputs would take them as arguments rather than
+//! keep them.
 
 use std::path::Path;
 
@@ -28,33 +31,127 @@ pub mod euler;
 pub use ddim::{DdimScheduler, DdimSchedulerConfig};
 pub use euler::{EulerDiscreteScheduler, EulerDiscreteSchedulerConfig};
 
-/// What one denoising step returns.
+/// What one denoising (or inversion) step returns.
 #[derive(Debug, Clone)]
 pub struct StepOutput {
-    /// The sample at the next (less noisy) timestep.
+    /// The sample at the timestep the step went to: the less noisy one for
+    /// [`Scheduler::step`], the noisier one for [`Scheduler::invert_step`].
     pub prev_sample: Tensor,
     /// The scheduler's estimate of the clean sample x₀ at this step.
     pub pred_original_sample: Tensor,
 }
 
-/// A diffusers-style noise scheduler. Timesteps are the values the UNet is conditioned on:
-/// integers for DDIM, fractional values for Euler's linspace spacing.
+/// One end of a step: a timestep, or the noise level past the last step of a schedule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Timestep {
+    /// A timestep the model is conditioned on: an integer training timestep for DDIM, possibly
+    /// fractional for Euler.
+    At(f64),
+    /// Past the end of the schedule: DDIM's `t − N//n < 0`, which takes `final_alpha_cumprod`
+    /// (1 with `set_alpha_to_one`, else ᾱ of timestep 0), and Euler's final σ (0 or σ_min).
+    /// An inversion starts from this same level, so inverting the last step undoes it.
+    Final,
+}
+
+impl Timestep {
+    /// The timestep, or `None` past the end.
+    pub fn value(self) -> Option<f64> {
+        match self {
+            Self::At(t) => Some(t),
+            Self::Final => None,
+        }
+    }
+}
+
+/// One step of a schedule: denoise from `timestep` to `prev_timestep` (diffusers' names: the
+/// previous timestep is the less noisy one).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScheduledStep {
+    pub timestep: f64,
+    pub prev_timestep: Timestep,
+}
+
+/// The steps of one sampling run, from the noisiest down.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    steps: Vec<ScheduledStep>,
+}
+
+impl Schedule {
+    /// A schedule of at least one step.
+    pub fn new(steps: Vec<ScheduledStep>) -> Result<Self> {
+        if steps.is_empty() {
+            candle_core::bail!("a schedule needs at least one step");
+        }
+        Ok(Self { steps })
+    }
+
+    pub fn steps(&self) -> &[ScheduledStep] {
+        &self.steps
+    }
+
+    /// The timesteps the model is conditioned on, in order.
+    pub fn timesteps(&self) -> Vec<f64> {
+        self.steps.iter().map(|s| s.timestep).collect()
+    }
+
+    /// The noisiest timestep, where sampling starts.
+    pub fn first_timestep(&self) -> f64 {
+        self.steps[0].timestep
+    }
+
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Always false: a schedule has at least one step.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// The last `count` steps (at least one), keeping where each goes: video-to-video runs the
+    /// tail of the full schedule (diffusers' `get_timesteps`).
+    pub fn tail(&self, count: usize) -> Self {
+        let count = count.clamp(1, self.steps.len());
+        Self {
+            steps: self.steps[self.steps.len() - count..].to_vec(),
+        }
+    }
+}
+
+/// A diffusers-style noise scheduler without per-run state. Timesteps are the values the UNet
+/// is conditioned on: integers for DDIM, fractional values for Euler's linspace spacing.
 pub trait Scheduler: Send + Sync + std::fmt::Debug {
-    /// Computes the schedule for `num_inference_steps` and resets any per-run state.
-    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
+    /// The schedule of `num_inference_steps` steps (diffusers' `set_timesteps`).
+    fn timesteps(&self, num_inference_steps: usize) -> Result<Schedule>;
 
-    /// The timesteps of the schedule, from the noisiest down.
-    fn timesteps(&self) -> &[f64];
-
-    /// The factor that turns unit Gaussian noise into the first sample.
-    fn init_noise_sigma(&self) -> f64;
+    /// The factor that turns unit Gaussian noise into the first sample of a schedule starting
+    /// at `first_timestep` (diffusers' `init_noise_sigma` after `set_timesteps`).
+    fn init_noise_sigma(&self, first_timestep: f64) -> Result<f64>;
 
     /// The UNet input for `sample` at `timestep` (Euler divides by √(σ²+1); DDIM returns it as is).
     fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
 
-    /// One denoising step from `sample` at `timestep`, given the model's prediction.
-    fn step(&mut self, model_output: &Tensor, timestep: f64, sample: &Tensor)
-        -> Result<StepOutput>;
+    /// One denoising step from `sample` at `timestep` to `prev_timestep`, given the model's
+    /// prediction.
+    fn step(
+        &self,
+        model_output: &Tensor,
+        timestep: f64,
+        prev_timestep: Timestep,
+        sample: &Tensor,
+    ) -> Result<StepOutput>;
+
+    /// One inversion step from `sample` at the less noisy `timestep` to the noisier
+    /// `next_timestep`, given the model's prediction (diffusers' `DDIMInverseScheduler`):
+    /// the exact reverse of [`Scheduler::step`] for the same prediction.
+    fn invert_step(
+        &self,
+        model_output: &Tensor,
+        timestep: Timestep,
+        next_timestep: f64,
+        sample: &Tensor,
+    ) -> Result<StepOutput>;
 
     /// Diffuses `original` to the noise level of `timestep` with `noise` (img2img, FreeInit).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: f64) -> Result<Tensor>;

@@ -2,11 +2,16 @@
 //! last training timestep with the original noise, keep its low spatio-temporal frequencies,
 //! take the high frequencies from fresh noise, and sample again. Matches diffusers'
 //! `FreeInitMixin` (`enable_free_init`), plus the original repository's box filter.
+//!
+//! FreeInit wraps the sampling loop ([`sample_with_freeinit`]): each pass is a plain run of
+//! [`Sampler::denoise`], and the passes count their steps on as one run.
 
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Result, Tensor};
 use rustfft::{num_complex::Complex64, FftDirection, FftPlanner};
+
+use crate::sampling::{SampleInputs, SampleOutput, SampleSettings, Sampler, StepRange};
 
 /// The low-pass filter's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,14 +73,83 @@ impl Default for FreeInitConfig {
 }
 
 impl FreeInitConfig {
+    /// Sampling passes in all: `iterations`, at least one.
+    pub fn passes(&self) -> usize {
+        self.iterations.max(1)
+    }
+
     /// Inference steps of pass `iteration` (0-based) for a schedule of `steps`.
     pub fn steps_for_iteration(&self, steps: usize, iteration: usize) -> usize {
         if self.fast_sampling {
-            ((steps as f64 / self.iterations as f64 * (iteration + 1) as f64) as usize).max(1)
+            ((steps as f64 / self.passes() as f64 * (iteration + 1) as f64) as usize).max(1)
         } else {
             steps
         }
     }
+
+    /// The settings of pass `iteration`: `settings` with that pass's step count.
+    pub fn pass_settings(&self, settings: &SampleSettings, iteration: usize) -> SampleSettings {
+        SampleSettings {
+            steps: self.steps_for_iteration(settings.steps, iteration),
+            ..*settings
+        }
+    }
+}
+
+/// Samples with FreeInit, as diffusers' `FreeInitMixin`: the first pass is a plain run; each
+/// later pass diffuses the previous result to the last training timestep with the first
+/// pass's starting latents, keeps its low frequencies, takes the high ones from
+/// `fresh_noise(pass)`, and runs the loop again from there (without a second scaling by
+/// `init_noise_sigma`). Step indices, the step count reported to the callback, and the frame
+/// evaluations run on across passes.
+pub fn sample_with_freeinit(
+    sampler: &mut Sampler<'_>,
+    config: &FreeInitConfig,
+    settings: &SampleSettings,
+    inputs: &SampleInputs<'_>,
+    fresh_noise: &mut dyn FnMut(usize) -> Result<Tensor>,
+) -> Result<SampleOutput> {
+    settings.validate()?;
+    let passes = config.passes();
+    let total = (0..passes)
+        .map(|pass| config.pass_settings(settings, pass).steps_run())
+        .sum();
+    let initial_latents = sampler.start_latents(
+        &config.pass_settings(settings, 0),
+        inputs.noise,
+        inputs.init_latents,
+    )?;
+    let last_train_timestep = sampler.scheduler().alphas_cumprod().len().saturating_sub(1) as f64;
+    let mut latents = initial_latents.clone();
+    let (mut steps, mut frame_evaluations) = (0, 0);
+    for pass in 0..passes {
+        if pass > 0 {
+            let z_t =
+                sampler
+                    .scheduler()
+                    .add_noise(&latents, &initial_latents, last_train_timestep)?;
+            let z_rand = fresh_noise(pass)?;
+            latents = mix_frequencies(&z_t, &z_rand, config)?;
+        }
+        let range = StepRange {
+            first: steps,
+            total,
+        };
+        let output = sampler.denoise(
+            &config.pass_settings(settings, pass),
+            inputs.text,
+            latents,
+            range,
+        )?;
+        steps += output.steps;
+        frame_evaluations += output.frame_evaluations;
+        latents = output.latents;
+    }
+    Ok(SampleOutput {
+        latents,
+        frame_evaluations,
+        steps,
+    })
 }
 
 /// The low-pass mask over (frames, height, width) in centred (fftshift-ed) frequency order,
@@ -277,6 +351,83 @@ mod tests {
             assert!((centre - 1.0).abs() < 1e-12, "{kind:?} centre {centre}");
             assert!(corner < 0.05, "{kind:?} corner {corner}");
         }
+    }
+
+    /// ε = 0: DDIM only rescales, so the passes' bookkeeping is visible.
+    struct Zero;
+    impl crate::sampling::NoisePredictor for Zero {
+        fn predict(&self, request: &crate::sampling::PredictRequest) -> Result<Tensor> {
+            request.latents.zeros_like()
+        }
+        fn max_frames(&self) -> Option<usize> {
+            None
+        }
+    }
+
+    #[test]
+    fn passes_count_their_steps_on_and_one_pass_is_the_plain_loop() -> Result<()> {
+        use crate::sampling::{StepReport, TextConditioning};
+        use crate::schedulers::{DdimScheduler, DdimSchedulerConfig};
+        let dev = Device::Cpu;
+        let noise = Tensor::randn(0f32, 1.0, (1, 4, 4, 4, 4), &dev)?;
+        let text = Tensor::zeros((1, 2, 3), DType::F32, &dev)?;
+        let scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
+        let inputs = SampleInputs {
+            noise: &noise,
+            init_latents: None,
+            text: TextConditioning {
+                positive: &text,
+                negative: &text,
+            },
+        };
+        let settings = SampleSettings {
+            steps: 6,
+            guidance_scale: 7.5,
+            strength: 1.0,
+        };
+        let config = FreeInitConfig {
+            iterations: 3,
+            fast_sampling: true,
+            ..FreeInitConfig::default()
+        };
+        let mut seen = Vec::new();
+        let mut on_step = |r: &StepReport<'_>| {
+            seen.push((r.step.index, r.step.count));
+            Ok(())
+        };
+        let mut fresh_calls = Vec::new();
+        let mut fresh = |pass: usize| {
+            fresh_calls.push(pass);
+            Tensor::randn(0f32, 1.0, (1, 4, 4, 4, 4), &dev)
+        };
+        let mut sampler = Sampler::new(&Zero, &scheduler).on_step(&mut on_step);
+        let output = sample_with_freeinit(&mut sampler, &config, &settings, &inputs, &mut fresh)?;
+        drop(sampler);
+        // Fast sampling: 2, 4 and 6 steps.
+        assert_eq!(seen, (0..12).map(|s| (s, 12)).collect::<Vec<_>>());
+        assert_eq!(fresh_calls, [1, 2]);
+        assert_eq!(output.steps, 12);
+        assert_eq!(output.frame_evaluations, 12 * 4 * 2);
+
+        let single = FreeInitConfig {
+            iterations: 1,
+            ..config
+        };
+        let mut unused = |_: usize| -> Result<Tensor> { candle_core::bail!("one pass only") };
+        let wrapped = sample_with_freeinit(
+            &mut Sampler::new(&Zero, &scheduler),
+            &single,
+            &settings,
+            &inputs,
+            &mut unused,
+        )?;
+        let plain = Sampler::new(&Zero, &scheduler).sample(&settings, &inputs)?;
+        let diff = (wrapped.latents - plain.latents)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
     }
 
     #[test]
