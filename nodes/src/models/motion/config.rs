@@ -144,7 +144,7 @@ impl MotionAdapterConfig {
         let block = |level: usize, modules: usize, depth: &Depth, name: &str| {
             let channels = self.block_out_channels[level];
             let heads = heads[level];
-            if heads == 0 || channels % heads != 0 {
+            if heads == 0 || !channels.is_multiple_of(heads) {
                 candle_core::bail!(
                     "motion adapter config: {heads} attention heads do not divide the {channels} \
                      channels of block {level}"
