@@ -11,9 +11,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use vdm_nodes::models::load::{
-    open_vae, open_weights, sinusoidal_table, AnimateDiffVersion, DiffusersPipeline, LoadError,
-    MotionAdapterWeights, MotionModuleFormat, SingleFileCheckpoint, SingleFileLayout, WeightMap,
+    open_vae, open_weights, AnimateDiffVersion, DiffusersPipeline, LoadError, MotionAdapterWeights,
+    MotionModuleFormat, SingleFileCheckpoint, SingleFileLayout, WeightMap,
 };
+use vdm_nodes::models::motion::positions::{position_frequencies, sinusoidal_positions};
+use vdm_nodes::models::motion::{MotionAdapterConfig, DEFAULT_MOTION_HEADS};
+use vdm_nodes::models::unet::PerBlock;
 use vdm_nodes::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 
 // ---------------------------------------------------------------------------------------------
@@ -767,27 +770,39 @@ fn parity_vae_from_single_file_checkpoint() {
 // ---------------------------------------------------------------------------------------------
 // Motion modules
 
+/// The config derived from the weights lays out the same modules as the fixture's config.json
+/// (the layout resolves uniform and per-block spellings alike); heads keep the default.
 fn assert_derived_config(what: &str, loaded: &MotionAdapterWeights, expected: &serde_json::Value) {
-    let config = serde_json::to_value(&loaded.config).unwrap();
-    for field in [
-        "block_out_channels",
-        "motion_layers_per_block",
-        "use_motion_mid_block",
-        "motion_max_seq_length",
-        "motion_transformer_layers_per_block",
-    ] {
-        assert_eq!(config[field], expected[field], "{what}: {field}");
-    }
-    if loaded.config.use_motion_mid_block {
-        for field in [
-            "motion_mid_block_layers_per_block",
-            "motion_transformer_layers_per_mid_block",
-        ] {
-            assert_eq!(config[field], expected[field], "{what}: {field}");
-        }
-    }
+    let expected: MotionAdapterConfig = serde_json::from_value(expected.clone()).unwrap();
+    let derived = &loaded.config;
     assert_eq!(
-        loaded.config.motion_num_attention_heads, 8,
+        derived.block_out_channels, expected.block_out_channels,
+        "{what}"
+    );
+    assert_eq!(
+        derived.use_motion_mid_block, expected.use_motion_mid_block,
+        "{what}"
+    );
+    assert_eq!(
+        derived.motion_max_seq_length, expected.motion_max_seq_length,
+        "{what}"
+    );
+    // Heads cannot be read off weights: compare channels and depths.
+    let modules = |config: &MotionAdapterConfig| {
+        let layout = config.layout().unwrap();
+        let blocks = layout
+            .down_blocks
+            .iter()
+            .chain(&layout.mid_block)
+            .chain(&layout.up_blocks);
+        blocks
+            .map(|b| (b.channels, b.depths.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(modules(derived), modules(&expected), "{what}: modules");
+    assert_eq!(
+        derived.motion_num_attention_heads,
+        PerBlock::All(DEFAULT_MOTION_HEADS),
         "{what}: default heads"
     );
 }
@@ -842,7 +857,7 @@ fn diffusers_motion_adapter_file_and_folder() {
             &half,
         );
         let loaded = MotionAdapterWeights::open(&folder).unwrap();
-        let expected_config: vdm_nodes::models::load::MotionAdapterConfig =
+        let expected_config: MotionAdapterConfig =
             serde_json::from_value(case.adapter_config.clone()).unwrap();
         assert_eq!(loaded.config, expected_config);
         assert_same_weights("fp16 motion adapter folder", &loaded.weights, &half);
@@ -880,7 +895,10 @@ fn synthetic_sd15_module(mid: bool, table: Option<usize>) -> HashMap<String, Ten
         );
         if let Some(length) = table {
             for a in 0..2 {
-                let pe = sinusoidal_table(length, c).unwrap();
+                let pe = sinusoidal_positions(length, c, &dev)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
                 out.insert(format!("{block}.attention_blocks.{a}.pos_encoder.pe"), pe);
             }
         }
@@ -917,11 +935,11 @@ fn animatediff_release_told_apart_from_keys() {
         assert_eq!(loaded.config.block_out_channels, vec![8, 16, 16, 16]);
         assert_eq!(loaded.config.motion_max_seq_length, length);
         assert_eq!(loaded.config.use_motion_mid_block, mid);
-        assert_eq!(loaded.config.motion_layers_per_block, 2);
+        assert_eq!(loaded.config.motion_layers_per_block, PerBlock::All(2));
     }
 }
 
-/// Files without positional tables get diffusers' table, which equals the stored one.
+/// Files without positional tables get diffusers' table.
 #[test]
 fn missing_positional_tables_are_filled_in() {
     let dir = tempfile::tempdir().unwrap();
@@ -930,15 +948,118 @@ fn missing_positional_tables_are_filled_in() {
     let loaded = MotionAdapterWeights::open(&path).unwrap();
     let key = "down_blocks.0.motion_modules.0.transformer_blocks.0.pos_embed.pe";
     assert_eq!(loaded.weights.shape(key), Some(&[1, 32, 8][..]));
+    let filled = loaded.weights.load(key, DType::F32, &Device::Cpu).unwrap();
+    let computed = sinusoidal_positions(32, 8, &Device::Cpu).unwrap();
+    assert!(bits(&filled.squeeze(0).unwrap()) == bits(&computed));
+}
 
+/// Distance in units in the last place between two finite f32 values.
+fn ulps(a: f32, b: f32) -> u32 {
+    // Maps the floats onto a line of integers ordered like the values (−0 and +0 adjacent).
+    let ordered = |x: f32| {
+        let bits = x.to_bits() as i32;
+        if bits < 0 {
+            i32::MIN - bits
+        } else {
+            bits
+        }
+    };
+    (ordered(a) as i64 - ordered(b) as i64).unsigned_abs() as u32
+}
+
+/// f32 spacing at `x` (the distance to the next float away from zero).
+fn ulp_of(x: f32) -> f32 {
+    let x = x.abs();
+    f32::from_bits(x.to_bits() + 1) - x
+}
+
+/// The frame-position table against every `pos_embed.pe` buffer diffusers stored in the
+/// fixtures (its `SinusoidalPositionalEmbedding`, computed in f32 by torch).
+///
+/// Element by element the table is within 1 ulp of diffusers' wherever both round the
+/// frequency `ω_i` alike. torch's `exp` does not round as libm's does at near ties (the
+/// 64-channel table's `ω_3 = exp(−0.8634694)` is one ulp higher in torch), and a frequency
+/// one ulp apart moves the angle at position `p` by `p·ulp(ω_i)`, and the product's rounding
+/// then may fall the other way too; so the bound per element is
+/// `ulp(value) + ulp(angle) + p·ulp(ω_i)`: the table is diffusers' up to one ulp in each
+/// frequency, each angle and each value.
+#[test]
+fn sinusoidal_positions_match_diffusers_within_one_ulp() {
+    let mut tables = 0;
+    let (mut beyond_one_ulp, mut elements, mut max_abs) = (0, 0, 0f32);
+    for case in unet_cases() {
+        for (key, stored) in case
+            .adapter
+            .iter()
+            .filter(|(k, _)| k.ends_with(".pos_embed.pe"))
+        {
+            let (_, length, channels) = stored.dims3().unwrap();
+            let computed = sinusoidal_positions(length, channels, &Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let stored = stored.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+            let frequencies = position_frequencies(channels);
+            for (p, (row, stored_row)) in computed.iter().zip(&stored).enumerate() {
+                for (c, (&value, &expected)) in row.iter().zip(stored_row).enumerate() {
+                    let difference = (value - expected).abs();
+                    let frequency = frequencies[c / 2];
+                    let angle = p as f32 * frequency;
+                    let bound = ulp_of(expected) + ulp_of(angle) + p as f32 * ulp_of(frequency);
+                    assert!(
+                        difference <= bound,
+                        "{}: {key}[{p}, {c}] = {value:e}, diffusers {expected:e} ({} ulp)",
+                        case.dir.display(),
+                        ulps(value, expected)
+                    );
+                    beyond_one_ulp += usize::from(ulps(value, expected) > 1);
+                    elements += 1;
+                    max_abs = max_abs.max(difference);
+                }
+            }
+            tables += 1;
+        }
+    }
+    println!(
+        "{tables} stored tables: {beyond_one_ulp} of {elements} values more than 1 ulp from \
+         diffusers' (all from one frequency), max abs difference {max_abs:.3e}"
+    );
+    assert!(tables > 0, "the fixtures hold no pos_embed.pe tables");
+}
+
+/// Where torch and libm round every frequency alike (the 32-channel tables), the table is
+/// within 1 ulp of diffusers' in every value.
+#[test]
+fn sinusoidal_positions_within_one_ulp_when_frequencies_agree() {
     let case = unet_cases().remove(0);
     let key = "down_blocks.0.motion_modules.0.transformer_blocks.0.pos_embed.pe";
     let stored = &case.adapter[key];
     let (_, length, channels) = stored.dims3().unwrap();
-    let computed = sinusoidal_table(length, channels).unwrap();
-    let diff = common::max_abs_diff(&computed, stored);
-    println!("sinusoidal table vs diffusers' buffer: max abs difference {diff:.3e}");
-    assert!(diff < 1e-5);
+    assert_eq!(
+        channels,
+        32,
+        "{}: {key} is not the 32-channel table",
+        case.dir.display()
+    );
+    let computed = sinusoidal_positions(length, channels, &Device::Cpu).unwrap();
+    let computed = computed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let stored = stored.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let worst = computed
+        .iter()
+        .zip(&stored)
+        .map(|(&a, &b)| ulps(a, b))
+        .max()
+        .unwrap();
+    let exact = computed
+        .iter()
+        .zip(&stored)
+        .filter(|(a, b)| a.to_bits() == b.to_bits())
+        .count();
+    println!(
+        "32-channel table: {exact} of {} values bit-identical, worst {worst} ulp",
+        stored.len()
+    );
+    assert!(worst <= 1, "{key}: up to {worst} ulp from diffusers'");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ mod common;
 use candle_core::{DType, Device};
 use vdm_nodes::models::attention::AttentionHook;
 use vdm_nodes::models::motion::{MotionAdapter, MotionAdapterConfig, MotionPatch};
-use vdm_nodes::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetInputs, UNetPatches};
+use vdm_nodes::models::unet::{
+    UNet2DConditionConfig, UNet2DConditionModel, UNetInputs, UNetPatches,
+};
 
 fn cuda() -> Option<Device> {
     match Device::new_cuda(0) {

@@ -60,7 +60,11 @@ fn randomize(varmap: &VarMap, rng: &mut Lcg) -> Result<()> {
 
 /// For every variable of `varmap`: autograd's gradient of `loss` is non-zero, and matches the
 /// central difference (L(θ+h) − L(θ−h)) / 2h at a few elements.
-fn check_gradients(varmap: &VarMap, loss: impl Fn() -> Result<Tensor>, rng: &mut Lcg) -> Result<()> {
+fn check_gradients(
+    varmap: &VarMap,
+    loss: impl Fn() -> Result<Tensor>,
+    rng: &mut Lcg,
+) -> Result<()> {
     let grads = loss()?.backward()?;
     let vars = varmap.data().lock().unwrap().clone();
     let mut names: Vec<&String> = vars.keys().collect();
@@ -214,7 +218,10 @@ fn a_trainable_temporal_projection_gets_a_gradient_through_the_unet() -> Result<
         .expect("the fixture's motion adapter has the projection");
     let trainable = Var::from_tensor(&frozen)?;
     let patched = model
-        .with_weights(BTreeMap::from([(key.to_string(), trainable.as_tensor().clone())]))
+        .with_weights(BTreeMap::from([(
+            key.to_string(),
+            trainable.as_tensor().clone(),
+        )]))
         .map_err(candle_core::Error::Msg)?;
 
     let io = common::load_tensors(&dir.join("io.safetensors"));

@@ -148,7 +148,15 @@ fn check_case(case_name: &str) {
         .unwrap();
         common::assert_close("out", &out, &case.io["out"], TOLERANCE);
 
-        let out_float = forward(&case, sample, &case.io["timestep_float"], context, motion, &hook).unwrap();
+        let out_float = forward(
+            &case,
+            sample,
+            &case.io["timestep_float"],
+            context,
+            motion,
+            &hook,
+        )
+        .unwrap();
         common::assert_close(
             "out_timestep_float",
             &out_float,
@@ -242,7 +250,15 @@ fn attention_hook_sees_every_layer_and_pass_through_is_bit_exact() {
     let context = &case.io["encoder_hidden_states"];
     let timestep = &case.io["timestep"];
 
-    let plain = forward(&case, sample, timestep, context, motion, &AttentionHook::new()).unwrap();
+    let plain = forward(
+        &case,
+        sample,
+        timestep,
+        context,
+        motion,
+        &AttentionHook::new(),
+    )
+    .unwrap();
     let logging = Arc::new(Logging {
         calls: Mutex::new(BTreeSet::new()),
     });

@@ -11,10 +11,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use vdm_nodes::models::attention::{
     AttentionCall, AttentionKind, AttentionProcessor, ScaledDotProduct,
 };
-use vdm_nodes::models::call::{
-    FeatureTap, ForwardPass, GuidanceLayout, RunObserver, SamplingStep,
-};
-use vdm_nodes::models::motion::{MotionAdapter, MotionAdapterConfig, ModuleGate};
+use vdm_nodes::models::call::{FeatureTap, ForwardPass, GuidanceLayout, RunObserver, SamplingStep};
+use vdm_nodes::models::motion::{ModuleGate, MotionAdapter, MotionAdapterConfig};
 use vdm_nodes::models::patcher::{MotionModules, Patch, PatchedUNet, UNetInputs};
 use vdm_nodes::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
@@ -105,10 +103,16 @@ fn explicit_positions_and_per_frame_timesteps_match_the_defaults() -> Result<()>
         frame_positions: Some(&positions),
         ..f.inputs()
     };
-    assert_eq!(common::max_abs_diff(&plain, &f.model.forward(&inputs)?), 0.0);
+    assert_eq!(
+        common::max_abs_diff(&plain, &f.model.forward(&inputs)?),
+        0.0
+    );
 
     // The same timestep for every frame, given frame by frame.
-    let t = f.io["timestep"].to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?[0];
+    let t = f.io["timestep"]
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?[0];
     let per_frame = Tensor::full(t, batch * frames, &Device::Cpu)?;
     let inputs = UNetInputs {
         timestep: (&per_frame).into(),
@@ -158,10 +162,16 @@ fn weight_overrides_replace_by_checkpoint_key_and_leave_the_base_alone() -> Resu
     let unet_key = "conv_in.weight";
     let same = BTreeMap::from([
         (key.to_string(), f.adapter.weights()[key].clone()),
-        (unet_key.to_string(), f.model.base().weights()[unet_key].clone()),
+        (
+            unet_key.to_string(),
+            f.model.base().weights()[unet_key].clone(),
+        ),
     ]);
     let rebuilt = f.model.with_weights(same).unwrap();
-    assert_eq!(common::max_abs_diff(&plain, &rebuilt.forward(&f.inputs())?), 0.0);
+    assert_eq!(
+        common::max_abs_diff(&plain, &rebuilt.forward(&f.inputs())?),
+        0.0
+    );
 
     // A changed motion-module weight changes the output; the base model is untouched.
     let doubled = (f.adapter.weights()[key].clone() * 2.0)?;
@@ -170,7 +180,10 @@ fn weight_overrides_replace_by_checkpoint_key_and_leave_the_base_alone() -> Resu
         .with_weights(BTreeMap::from([(key.to_string(), doubled)]))
         .unwrap();
     assert!(common::max_abs_diff(&plain, &changed.forward(&f.inputs())?) > 1e-4);
-    assert_eq!(common::max_abs_diff(&plain, &f.model.forward(&f.inputs())?), 0.0);
+    assert_eq!(
+        common::max_abs_diff(&plain, &f.model.forward(&f.inputs())?),
+        0.0
+    );
 
     let unknown = BTreeMap::from([(
         "down_blocks.9.nothing.weight".to_string(),
@@ -178,7 +191,8 @@ fn weight_overrides_replace_by_checkpoint_key_and_leave_the_base_alone() -> Resu
     )]);
     let err = f.model.with_weights(unknown).unwrap_err();
     assert!(err.contains("down_blocks.9.nothing.weight"), "{err}");
-    let misshapen = BTreeMap::from([(key.to_string(), Tensor::zeros(3, DType::F32, &Device::Cpu)?)]);
+    let misshapen =
+        BTreeMap::from([(key.to_string(), Tensor::zeros(3, DType::F32, &Device::Cpu)?)]);
     let err = f.model.with_weights(misshapen).unwrap_err();
     assert!(err.contains(key) && err.contains("shape"), "{err}");
     Ok(())
@@ -249,7 +263,10 @@ fn processors_see_the_call_context_and_record_into_the_run() -> Result<()> {
     };
     let out = model.forward(&inputs)?;
     // Observing changes nothing.
-    assert_eq!(common::max_abs_diff(&out, &f.model.forward(&f.inputs())?), 0.0);
+    assert_eq!(
+        common::max_abs_diff(&out, &f.model.forward(&f.inputs())?),
+        0.0
+    );
 
     let down = "down_blocks.0.motion_modules.0.transformer_blocks.0.attn1";
     let up = "up_blocks.0.motion_modules.0.transformer_blocks.0.attn1";
@@ -261,7 +278,10 @@ fn processors_see_the_call_context_and_record_into_the_run() -> Result<()> {
     assert_eq!(seen_up.step, Some(step));
     assert_eq!(seen_up.guidance, Some(GuidanceLayout::UncondThenCond));
     let (_, _, frames, height, width) = f.io["sample"].dims5()?;
-    assert_eq!((seen_down.frames, seen_down.pixels), (frames, height * width));
+    assert_eq!(
+        (seen_down.frames, seen_down.pixels),
+        (frames, height * width)
+    );
     // up_blocks.0 runs at half resolution.
     assert_eq!(seen_up.pixels, (height / 2) * (width / 2));
 

@@ -20,7 +20,9 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use vdm_nodes::models::attention::AttentionHook;
 use vdm_nodes::models::motion::{MotionAdapter, MotionAdapterConfig, MotionPatch};
-use vdm_nodes::models::unet::{UNetInputs, UNetPatches, UNet2DConditionConfig, UNet2DConditionModel};
+use vdm_nodes::models::unet::{
+    UNet2DConditionConfig, UNet2DConditionModel, UNetInputs, UNetPatches,
+};
 
 const BATCH: usize = 2;
 const FRAMES: usize = 8;
@@ -248,9 +250,10 @@ fn main() -> Result<()> {
     }
     if !skip_2d {
         // Each frame as a one-frame video: the image UNet on the 16 frames.
-        let images = sample
-            .permute((0, 2, 1, 3, 4))?
-            .reshape((BATCH * FRAMES, 4, 1, LATENT, LATENT))?;
+        let images =
+            sample
+                .permute((0, 2, 1, 3, 4))?
+                .reshape((BATCH * FRAMES, 4, 1, LATENT, LATENT))?;
         let seconds = time_forward("UNet forward (16 frames as images)", runs, || {
             unet.forward(
                 &UNetInputs::new(&images, 501.0, &context),

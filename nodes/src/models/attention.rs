@@ -13,7 +13,6 @@ use candle_core::{Result, Tensor, D};
 
 use super::call::{ForwardPass, SamplingStep};
 
-
 /// What an attention layer attends over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AttentionKind {
@@ -286,7 +285,10 @@ mod tests {
             assert_eq!(fused.dims(), &[batch, heads, queries, head_dim]);
             let diff = crate::test_util::max_abs_diff(&fused, &composed);
             let size = composed.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff <= 2e-6 * f64::from(size.max(1.0)), "{queries}×{keys}: {diff}");
+            assert!(
+                diff <= 2e-6 * f64::from(size.max(1.0)),
+                "{queries}×{keys}: {diff}"
+            );
         }
         Ok(())
     }

@@ -80,7 +80,11 @@ impl RunObserver {
     }
 
     /// Runs `f` on the value of type `T` under `key`, made with `T::default()` on first use.
-    pub fn with<T: Default + Send + 'static, R>(&self, key: &str, f: impl FnOnce(&mut T) -> R) -> R {
+    pub fn with<T: Default + Send + 'static, R>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> R {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = slots
             .entry((TypeId::of::<T>(), key.to_string()))

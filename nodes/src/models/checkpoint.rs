@@ -174,26 +174,13 @@ impl std::fmt::Debug for MotionModuleFile {
 /// diffusers MotionAdapter folder or file.
 pub fn open_motion_module(path: &Path) -> Result<MotionModuleFile, CheckpointError> {
     let file = MotionAdapterWeights::open(path)?;
-    // The loader describes the uniform layouts files use; the model's config type also admits
-    // per-block values. Both speak diffusers' field names.
-    let json = serde_json::to_value(&file.config).map_err(|e| CheckpointError::Build {
-        path: path.to_owned(),
-        component: "motion module config",
-        message: e.to_string(),
-    })?;
-    let config: MotionAdapterConfig =
-        serde_json::from_value(json).map_err(|e| CheckpointError::Build {
-            path: path.to_owned(),
-            component: "motion module config",
-            message: e.to_string(),
-        })?;
     let description = match file.version {
         Some(version) => format!("AnimateDiff {version:?}, {:?} format", file.format),
         None => format!("{:?} format", file.format),
     };
     Ok(MotionModuleFile {
         path: path.to_owned(),
-        config,
+        config: file.config,
         description,
         weights: file.weights,
     })

@@ -294,8 +294,11 @@ impl ClipTextTransformer {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(layers_vb.pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm =
-            LayerNorm::new(vb.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?;
+        let final_layer_norm = LayerNorm::new(
+            vb.pp("final_layer_norm"),
+            cfg.hidden_size,
+            cfg.layer_norm_eps,
+        )?;
         Ok(Self {
             embeddings,
             layers,

@@ -101,7 +101,10 @@ impl PatchedUNet {
 
     /// Whether motion modules for UNet channels `motion_channels` (per block) can fit this UNet:
     /// checked from a config before any weight is read.
-    pub fn check_motion_channels(&self, motion_channels: &[usize]) -> std::result::Result<(), String> {
+    pub fn check_motion_channels(
+        &self,
+        motion_channels: &[usize],
+    ) -> std::result::Result<(), String> {
         let unet_channels = &self.base.config().block_out_channels;
         if unet_channels.as_slice() != motion_channels {
             return Err(format!(
@@ -157,9 +160,10 @@ impl PatchedUNet {
             kind,
             processor,
         };
-        patched.hook = patched
-            .hook
-            .with_processor(binding.prefix.clone(), kind, binding.processor.clone());
+        patched.hook =
+            patched
+                .hook
+                .with_processor(binding.prefix.clone(), kind, binding.processor.clone());
         patched.patches.push(Patch::Attention(binding));
         patched
     }

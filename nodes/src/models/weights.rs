@@ -62,7 +62,10 @@ pub fn recording(vb: VarBuilder<'_>) -> (VarBuilder<'_>, Recorded) {
         inner: vb,
         seen: seen.clone(),
     };
-    (VarBuilder::from_backend(Box::new(backend), dtype, device), seen)
+    (
+        VarBuilder::from_backend(Box::new(backend), dtype, device),
+        seen,
+    )
 }
 
 struct Overlay {

@@ -12,99 +12,16 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
-use serde::{Deserialize, Deserializer, Serialize};
+use candle_core::Device;
 
 use super::diffusers::{open_folder_weights, DiffusersComponent};
 use super::error::{LoadError, LoadResult};
 use super::formats::open_weights;
 use super::ldm::{describe_keys, distinct_indices, split_index};
 use super::weights::WeightMap;
-
-/// A diffusers `MotionAdapter` config (`config.json`), with diffusers' defaults.
-///
-/// Per-block values that diffusers also accepts as lists are read as one number and must then
-/// be the same for every block.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MotionAdapterConfig {
-    #[serde(default = "default_block_out_channels")]
-    pub block_out_channels: Vec<usize>,
-    #[serde(default = "default_two", deserialize_with = "uniform")]
-    pub motion_layers_per_block: usize,
-    #[serde(default = "default_one", deserialize_with = "uniform")]
-    pub motion_transformer_layers_per_block: usize,
-    #[serde(default = "default_one")]
-    pub motion_mid_block_layers_per_block: usize,
-    #[serde(default = "default_one", deserialize_with = "uniform")]
-    pub motion_transformer_layers_per_mid_block: usize,
-    #[serde(default = "default_heads", deserialize_with = "uniform")]
-    pub motion_num_attention_heads: usize,
-    #[serde(default = "default_thirty_two")]
-    pub motion_norm_num_groups: usize,
-    #[serde(default = "default_thirty_two")]
-    pub motion_max_seq_length: usize,
-    #[serde(default = "default_true")]
-    pub use_motion_mid_block: bool,
-    #[serde(default)]
-    pub conv_in_channels: Option<usize>,
-}
-
-fn default_block_out_channels() -> Vec<usize> {
-    vec![320, 640, 1280, 1280]
-}
-fn default_one() -> usize {
-    1
-}
-fn default_two() -> usize {
-    2
-}
-fn default_heads() -> usize {
-    DEFAULT_MOTION_HEADS
-}
-fn default_thirty_two() -> usize {
-    32
-}
-fn default_true() -> bool {
-    true
-}
-
-/// AnimateDiff's motion modules all use 8 heads; the weights cannot tell the count.
-pub const DEFAULT_MOTION_HEADS: usize = 8;
-
-impl Default for MotionAdapterConfig {
-    fn default() -> Self {
-        Self {
-            block_out_channels: default_block_out_channels(),
-            motion_layers_per_block: 2,
-            motion_transformer_layers_per_block: 1,
-            motion_mid_block_layers_per_block: 1,
-            motion_transformer_layers_per_mid_block: 1,
-            motion_num_attention_heads: DEFAULT_MOTION_HEADS,
-            motion_norm_num_groups: 32,
-            motion_max_seq_length: 32,
-            use_motion_mid_block: true,
-            conv_in_channels: None,
-        }
-    }
-}
-
-fn uniform<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrPerBlock {
-        One(usize),
-        PerBlock(Vec<usize>),
-    }
-    match OneOrPerBlock::deserialize(deserializer)? {
-        OneOrPerBlock::One(n) => Ok(n),
-        OneOrPerBlock::PerBlock(values) => match values.split_first() {
-            Some((&first, rest)) if rest.iter().all(|&v| v == first) => Ok(first),
-            _ => Err(serde::de::Error::custom(format!(
-                "per-block values {values:?} differ; only uniform values are supported"
-            ))),
-        },
-    }
-}
+use crate::models::motion::config::per_block;
+use crate::models::motion::positions::sinusoidal_positions;
+use crate::models::motion::{Depth, MotionAdapterConfig, MotionBlockLayout};
 
 /// Which original AnimateDiff release a motion module is, told apart as the AnimateDiff tools
 /// do: v2 alone has a mid-block motion module; without one, a 32-frame positional table is v3
@@ -150,7 +67,7 @@ pub struct MotionAdapterWeights {
     pub version: Option<AnimateDiffVersion>,
     /// From `config.json` when the folder has one, otherwise derived from the weights
     /// (channels from shapes, layer counts from keys, the table length from `pos_embed.pe`,
-    /// heads [`DEFAULT_MOTION_HEADS`]).
+    /// heads [`DEFAULT_MOTION_HEADS`](crate::models::motion::DEFAULT_MOTION_HEADS)).
     pub config: MotionAdapterConfig,
     /// Every transformer block carries its `pos_embed.pe` table.
     pub weights: WeightMap,
@@ -257,17 +174,47 @@ pub fn animatediff_key_to_diffusers(key: &str) -> Option<String> {
     Some(format!("{module}.transformer_blocks.{block}.{renamed}"))
 }
 
+/// The motion modules of one block as the weights lay them out: the transformer blocks of
+/// each module (`<prefix>M.transformer_blocks.T.…`), and the channels of the first module.
+struct BlockInWeights {
+    depths: Vec<usize>,
+    channels: Option<usize>,
+}
+
+fn block_in_weights(weights: &WeightMap, prefix: &str) -> BlockInWeights {
+    let block = weights.strip_prefix(prefix);
+    let depths = distinct_indices(&block, "")
+        .into_iter()
+        .map(|m| {
+            distinct_indices(&block.strip_prefix(&format!("{m}.")), "transformer_blocks.").len()
+        })
+        .collect();
+    let first = block.strip_prefix("0.");
+    let channels = match first
+        .shape("norm.weight")
+        .or_else(|| first.shape("proj_in.bias"))
+    {
+        Some(&[channels]) => Some(channels),
+        _ => None,
+    };
+    BlockInWeights { depths, channels }
+}
+
 /// Reads a `MotionAdapter` config off diffusers-named weights: channels from the GroupNorm
-/// shapes, layer counts from the module and transformer-block indices, the positional table
-/// length from `pos_embed.pe` (32 when no table is stored); heads and norm groups cannot be
-/// read off weights and keep diffusers' defaults.
+/// shapes, module and transformer-block counts per block from the indices (uniform values as
+/// one number, differing ones as per-block lists, as diffusers writes them), the positional
+/// table length from `pos_embed.pe` (32 when no table is stored); heads and norm groups cannot
+/// be read off weights and keep diffusers' defaults. The up blocks must mirror the down blocks
+/// as diffusers' `MotionAdapter` builds them.
 pub fn derive_motion_adapter_config(
     path: &Path,
     weights: &WeightMap,
 ) -> LoadResult<MotionAdapterConfig> {
     let unrecognised = |found: String| LoadError::UnrecognisedFormat {
         path: path.to_path_buf(),
-        expected: "motion modules with the same layer counts in every down block".into(),
+        expected: "motion modules laid out as diffusers' MotionAdapter: down blocks 0, 1, … \
+                   with modules 0, 1, …, each up block one module more than its down block"
+            .into(),
         found,
     };
     let levels = distinct_indices(weights, "down_blocks.");
@@ -275,40 +222,21 @@ pub fn derive_motion_adapter_config(
         return Err(unrecognised(format!("down blocks {levels:?}")));
     }
     let mut block_out_channels = Vec::with_capacity(levels.len());
-    let mut layer_counts = BTreeSet::new();
-    let mut transformer_counts = BTreeSet::new();
+    let mut layer_counts = Vec::with_capacity(levels.len());
+    let mut depths = Vec::with_capacity(levels.len());
     for level in &levels {
-        let block = weights.strip_prefix(&format!("down_blocks.{level}.motion_modules."));
-        let modules = distinct_indices(&block, "");
-        layer_counts.insert(modules.len());
-        let module = block.strip_prefix("0.");
-        transformer_counts.insert(distinct_indices(&module, "transformer_blocks.").len());
-        let channels = module
-            .shape("norm.weight")
-            .or_else(|| module.shape("proj_in.bias"));
-        match channels {
-            Some(&[channels]) => block_out_channels.push(channels),
-            _ => {
-                return Err(unrecognised(format!(
-                    "no `down_blocks.{level}.motion_modules.0.norm.weight` vector"
-                )))
-            }
-        }
+        let prefix = format!("down_blocks.{level}.motion_modules.");
+        let block = block_in_weights(weights, &prefix);
+        let Some(channels) = block.channels else {
+            return Err(unrecognised(format!("no `{prefix}0.norm.weight` vector")));
+        };
+        block_out_channels.push(channels);
+        layer_counts.push(block.depths.len());
+        depths.push(Depth::from_depths(block.depths));
     }
-    let single = |counts: &BTreeSet<usize>, what: &str| match counts.iter().collect::<Vec<_>>()[..]
-    {
-        [&n] => Ok(n),
-        _ => Err(unrecognised(format!(
-            "{what} counts {counts:?} across down blocks"
-        ))),
-    };
-    let motion_layers_per_block = single(&layer_counts, "motion module")?;
-    let motion_transformer_layers_per_block = single(&transformer_counts, "transformer block")?;
 
-    let mid = weights.strip_prefix("mid_block.motion_modules.");
-    let mid_modules = distinct_indices(&mid, "");
-    let use_motion_mid_block = !mid_modules.is_empty();
-    let mid_transformers = distinct_indices(&mid.strip_prefix("0."), "transformer_blocks.").len();
+    let mid = block_in_weights(weights, "mid_block.motion_modules.");
+    let use_motion_mid_block = !mid.depths.is_empty();
 
     let motion_max_seq_length = weights
         .keys()
@@ -316,16 +244,41 @@ pub fn derive_motion_adapter_config(
         .find_map(|k| weights.shape(k).and_then(|s| s.get(1).copied()))
         .unwrap_or(32);
 
-    Ok(MotionAdapterConfig {
+    let config = MotionAdapterConfig {
         block_out_channels,
-        motion_layers_per_block,
-        motion_transformer_layers_per_block,
-        motion_mid_block_layers_per_block: mid_modules.len().max(1),
-        motion_transformer_layers_per_mid_block: mid_transformers.max(1),
+        motion_layers_per_block: per_block(layer_counts),
+        motion_transformer_layers_per_block: per_block(depths),
+        motion_mid_block_layers_per_block: mid.depths.len().max(1),
+        motion_transformer_layers_per_mid_block: if use_motion_mid_block {
+            Depth::from_depths(mid.depths)
+        } else {
+            Depth::All(1)
+        },
         motion_max_seq_length,
         use_motion_mid_block,
         ..MotionAdapterConfig::default()
-    })
+    };
+    let layout = config.layout().map_err(|e| unrecognised(e.to_string()))?;
+    for (i, expected) in layout.up_blocks.iter().enumerate() {
+        let found = block_in_weights(weights, &format!("up_blocks.{i}.motion_modules."));
+        if found.depths != expected.depths || found.channels != Some(expected.channels) {
+            return Err(unrecognised(format!(
+                "up block {i}: transformer blocks per module {:?}, channels {:?}; the down \
+                 blocks imply {}",
+                found.depths,
+                found.channels,
+                describe_block(expected)
+            )));
+        }
+    }
+    Ok(config)
+}
+
+fn describe_block(block: &MotionBlockLayout) -> String {
+    format!(
+        "transformer blocks per module {:?}, channels {}",
+        block.depths, block.channels
+    )
 }
 
 /// Adds the sinusoidal `pos_embed.pe` table to every transformer block that lacks one (pruned
@@ -344,8 +297,9 @@ fn with_position_tables(mut weights: WeightMap, max_seq_length: usize) -> LoadRe
         let Some(&[channels]) = weights.shape(&format!("{block}norm1.weight")) else {
             continue;
         };
-        let table =
-            sinusoidal_table(max_seq_length, channels).map_err(|source| LoadError::Tensor {
+        let table = sinusoidal_positions(max_seq_length, channels, &Device::Cpu)
+            .and_then(|table| table.unsqueeze(0))
+            .map_err(|source| LoadError::Tensor {
                 origin: weights.origin().to_string(),
                 key: key.clone(),
                 source: Box::new(source),
@@ -353,23 +307,6 @@ fn with_position_tables(mut weights: WeightMap, max_seq_length: usize) -> LoadRe
         weights.insert(key, table);
     }
     Ok(weights)
-}
-
-/// The (1, length, channels) table `pe[p, 2i] = sin(p·w_i)`, `pe[p, 2i+1] = cos(p·w_i)`,
-/// `w_i = 10000^(-2i/channels)`, as diffusers' `SinusoidalPositionalEmbedding` builds it.
-pub fn sinusoidal_table(length: usize, channels: usize) -> candle_core::Result<Tensor> {
-    let mut values = vec![0f32; length * channels];
-    for position in 0..length {
-        for i in (0..channels).step_by(2) {
-            let frequency = (-(10000f64.ln()) * i as f64 / channels as f64).exp();
-            let angle = position as f64 * frequency;
-            values[position * channels + i] = angle.sin() as f32;
-            if i + 1 < channels {
-                values[position * channels + i + 1] = angle.cos() as f32;
-            }
-        }
-    }
-    Tensor::from_vec(values, (1, length, channels), &Device::Cpu)
 }
 
 #[cfg(test)]
@@ -421,20 +358,5 @@ mod tests {
                 "{original}"
             );
         }
-    }
-
-    #[test]
-    fn config_reads_per_block_lists() {
-        let config: MotionAdapterConfig = serde_json::from_str(
-            r#"{"block_out_channels": [320, 640], "motion_layers_per_block": [2, 2],
-                "motion_num_attention_heads": 8}"#,
-        )
-        .unwrap();
-        assert_eq!(config.motion_layers_per_block, 2);
-        assert_eq!(config.motion_max_seq_length, 32);
-        assert!(serde_json::from_str::<MotionAdapterConfig>(
-            r#"{"motion_layers_per_block": [1, 2]}"#
-        )
-        .is_err());
     }
 }

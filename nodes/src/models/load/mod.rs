@@ -27,8 +27,7 @@ mod weights;
 
 pub use animatediff::{
     animatediff_key_to_diffusers, convert_animatediff_motion_module, derive_motion_adapter_config,
-    sinusoidal_table, AnimateDiffVersion, MotionAdapterConfig, MotionAdapterWeights,
-    MotionModuleFormat, DEFAULT_MOTION_HEADS,
+    AnimateDiffVersion, MotionAdapterWeights, MotionModuleFormat,
 };
 pub use diffusers::{DiffusersComponent, DiffusersPipeline, TokenizerFiles, WEIGHT_FILE_NAMES};
 pub use error::{LoadError, LoadResult, LISTED_KEYS};

@@ -1,88 +1,20 @@
 //! AnimateDiff motion modules (diffusers `MotionAdapter`), applied to the frozen UNet as a patch.
 
+pub mod config;
 pub mod positions;
 pub mod transformer;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use serde::Deserialize;
 
 use std::sync::Arc;
 
 use crate::models::call::ForwardPass;
 use crate::models::weights::{self, NamedWeights};
-use crate::models::unet::PerBlock;
+pub use config::{
+    Depth, MotionAdapterConfig, MotionAdapterLayout, MotionBlockLayout, DEFAULT_MOTION_HEADS,
+};
 pub use transformer::{TemporalTransformer, TemporalTransformerBlock, TemporalTransformerConfig};
-
-/// Transformer depth of the motion modules of one block: one value for all, or one per module.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum Depth {
-    PerModule(Vec<usize>),
-    All(usize),
-}
-
-impl Depth {
-    fn expand(&self, modules: usize, name: &str) -> Result<Vec<usize>> {
-        match self {
-            Depth::All(depth) => Ok(vec![*depth; modules]),
-            Depth::PerModule(depths) if depths.len() == modules => Ok(depths.clone()),
-            Depth::PerModule(depths) => candle_core::bail!(
-                "motion adapter config `{name}` has {} depths for {modules} motion modules",
-                depths.len()
-            ),
-        }
-    }
-}
-
-/// diffusers' `MotionAdapter` config (`motion_adapter/config.json`), with its defaults (the
-/// AnimateDiff v2/v3 layout).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct MotionAdapterConfig {
-    pub block_out_channels: Vec<usize>,
-    pub motion_layers_per_block: PerBlock<usize>,
-    pub motion_transformer_layers_per_block: PerBlock<Depth>,
-    pub motion_mid_block_layers_per_block: usize,
-    pub motion_transformer_layers_per_mid_block: Depth,
-    pub motion_num_attention_heads: PerBlock<usize>,
-    /// Ignored when the adapter is applied: the modules' GroupNorm uses the UNet's
-    /// `norm_num_groups`, as `UNetMotionModel` does.
-    pub motion_norm_num_groups: usize,
-    /// Length of the frame-position table, the most frames one window may have (24 for v1/v2
-    /// checkpoints of 16 frames, 32 for v3).
-    pub motion_max_seq_length: usize,
-    pub use_motion_mid_block: bool,
-    /// Set by PIA-style adapters that replace the UNet's `conv_in`; not supported.
-    pub conv_in_channels: Option<usize>,
-}
-
-impl Default for MotionAdapterConfig {
-    fn default() -> Self {
-        Self {
-            block_out_channels: vec![320, 640, 1280, 1280],
-            motion_layers_per_block: PerBlock::All(2),
-            motion_transformer_layers_per_block: PerBlock::All(Depth::All(1)),
-            motion_mid_block_layers_per_block: 1,
-            motion_transformer_layers_per_mid_block: Depth::All(1),
-            motion_num_attention_heads: PerBlock::All(8),
-            motion_norm_num_groups: 32,
-            motion_max_seq_length: 32,
-            use_motion_mid_block: true,
-            conv_in_channels: None,
-        }
-    }
-}
-
-impl MotionAdapterConfig {
-    /// Reads a diffusers `config.json`.
-    pub fn from_json_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-        serde_json::from_str(&text)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
-    }
-}
 
 /// The motion modules of every UNet block, addressed as in diffusers' `MotionAdapter` state dict
 /// (`down_blocks.N.motion_modules.M.…`, `mid_block.motion_modules.0.…`, `up_blocks.N.…`).
@@ -97,18 +29,25 @@ pub struct MotionAdapter {
     unet_norm_num_groups: usize,
 }
 
+/// The motion modules of one block (`<block>.motion_modules.M.…`), one per depth in `block`.
 fn motion_modules(
     vb: VarBuilder,
     root: &str,
-    count: usize,
-    depths: &[usize],
-    base: TemporalTransformerConfig,
+    block: &MotionBlockLayout,
+    groups: usize,
+    max_frames: usize,
 ) -> Result<Vec<TemporalTransformer>> {
-    (0..count)
-        .map(|m| {
+    block
+        .depths
+        .iter()
+        .enumerate()
+        .map(|(m, &depth)| {
             let cfg = TemporalTransformerConfig {
-                depth: depths[m],
-                ..base
+                channels: block.channels,
+                heads: block.heads,
+                depth,
+                groups,
+                max_frames,
             };
             TemporalTransformer::new(vb.pp("motion_modules").pp(m), root, &cfg)
         })
@@ -159,69 +98,25 @@ impl MotionAdapter {
             )
         }
         let root = vb.prefix();
-        let blocks = cfg.block_out_channels.len();
-        let channels = &cfg.block_out_channels;
-        let layers = cfg
-            .motion_layers_per_block
-            .expand(blocks, "motion_layers_per_block")?;
-        let heads = cfg
-            .motion_num_attention_heads
-            .expand(blocks, "motion_num_attention_heads")?;
-        let depths = cfg
-            .motion_transformer_layers_per_block
-            .expand(blocks, "motion_transformer_layers_per_block")?;
-        let module_cfg = |level: usize| TemporalTransformerConfig {
-            channels: channels[level],
-            heads: heads[level],
-            depth: 1,
-            groups: unet_norm_num_groups,
-            max_frames: cfg.motion_max_seq_length,
+        let layout = cfg.layout()?;
+        let groups = unet_norm_num_groups;
+        let max_frames = cfg.motion_max_seq_length;
+        let blocks = |name: &str, layouts: &[MotionBlockLayout]| {
+            layouts
+                .iter()
+                .enumerate()
+                .map(|(i, block)| {
+                    motion_modules(vb.pp(name).pp(i), &root, block, groups, max_frames)
+                })
+                .collect::<Result<Vec<_>>>()
         };
-
-        let mut down_blocks = Vec::with_capacity(blocks);
-        for level in 0..blocks {
-            let name = "motion_transformer_layers_per_block";
-            let block_depths = depths[level].expand(layers[level], name)?;
-            let vb_block = vb.pp("down_blocks").pp(level);
-            down_blocks.push(motion_modules(
-                vb_block,
-                &root,
-                layers[level],
-                &block_depths,
-                module_cfg(level),
-            )?);
-        }
-        let mid_block = if cfg.use_motion_mid_block {
-            let count = cfg.motion_mid_block_layers_per_block;
-            let mid_depths = cfg
-                .motion_transformer_layers_per_mid_block
-                .expand(count, "motion_transformer_layers_per_mid_block")?;
-            let vb_mid = vb.pp("mid_block");
-            Some(motion_modules(
-                vb_mid,
-                &root,
-                count,
-                &mid_depths,
-                module_cfg(blocks - 1),
-            )?)
-        } else {
-            None
-        };
-        let mut up_blocks = Vec::with_capacity(blocks);
-        for i in 0..blocks {
-            let level = blocks - 1 - i;
-            let count = layers[level] + 1;
-            let name = "motion_transformer_layers_per_block";
-            let block_depths = depths[level].expand(count, name)?;
-            let vb_block = vb.pp("up_blocks").pp(i);
-            up_blocks.push(motion_modules(
-                vb_block,
-                &root,
-                count,
-                &block_depths,
-                module_cfg(level),
-            )?);
-        }
+        let down_blocks = blocks("down_blocks", &layout.down_blocks)?;
+        let mid_block = layout
+            .mid_block
+            .as_ref()
+            .map(|block| motion_modules(vb.pp("mid_block"), &root, block, groups, max_frames))
+            .transpose()?;
+        let up_blocks = blocks("up_blocks", &layout.up_blocks)?;
         Ok(Self {
             down_blocks,
             mid_block,
@@ -319,7 +214,13 @@ impl<'a> MotionPatch<'a> {
 
     /// Runs this patch's module for `slot` on `xs` ((B·F, C, H, W) of `frames`-frame videos),
     /// or returns `xs` when the adapter has no module there.
-    pub fn apply(&self, slot: &str, xs: &Tensor, frames: usize, pass: &ForwardPass) -> Result<Tensor> {
+    pub fn apply(
+        &self,
+        slot: &str,
+        xs: &Tensor,
+        frames: usize,
+        pass: &ForwardPass,
+    ) -> Result<Tensor> {
         let Some(module) = self.adapter.module(slot) else {
             return Ok(xs.clone());
         };

@@ -4,13 +4,22 @@
 
 use candle_core::{Device, Result, Tensor};
 
-/// The (max_len, dim) position table, computed in f32 step by step as diffusers does.
-pub fn sinusoidal_positions(max_len: usize, dim: usize, device: &Device) -> Result<Tensor> {
+/// The frequencies `ω_i` of channel pairs `(2i, 2i+1)`, rounded as diffusers computes them in
+/// f32: `exp(f32(2i) · f32(−ln(10000)/dim))`.
+pub fn position_frequencies(dim: usize) -> Vec<f32> {
     let scale = (-(10000f64.ln()) / dim as f64) as f32;
-    let frequencies: Vec<f32> = (0..dim)
+    (0..dim)
         .step_by(2)
         .map(|i| (i as f32 * scale).exp())
-        .collect();
+        .collect()
+}
+
+/// The (max_len, dim) position table, computed in f32 step by step as diffusers does
+/// (frequency, then `f32(p) · ω_i`, then sin and cos of that f32 angle). Rounding each step in
+/// f32 rather than computing in f64 is what reproduces diffusers' stored `pos_embed.pe`: the
+/// angle's own f32 rounding shifts the sine by many ulps near its zeros.
+pub fn sinusoidal_positions(max_len: usize, dim: usize, device: &Device) -> Result<Tensor> {
+    let frequencies = position_frequencies(dim);
     let mut table = vec![0f32; max_len * dim];
     for (position, row) in table.chunks_mut(dim).enumerate() {
         for (i, frequency) in frequencies.iter().enumerate() {

@@ -93,10 +93,7 @@ impl TemporalTransformerBlock {
         };
         let table_len = self.positions.dim(1)?;
         if positions.len() != frames {
-            candle_core::bail!(
-                "{} frame positions for {frames} frames",
-                positions.len()
-            )
+            candle_core::bail!("{} frame positions for {frames} frames", positions.len())
         }
         if let Some(&beyond) = positions.iter().find(|&&p| p >= table_len) {
             candle_core::bail!(

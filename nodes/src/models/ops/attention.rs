@@ -14,8 +14,8 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
-use super::{matmul, Strided};
 use super::vector_math::{dot, softmax_in_place};
+use super::{matmul, Strided};
 
 /// Score buffer per task: 64 Ki floats (256 KiB) stay in a core's L2 cache.
 const SCORE_BLOCK: usize = 64 * 1024;

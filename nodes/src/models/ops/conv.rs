@@ -281,4 +281,3 @@ fn convolve_group(
         }
     }
 }
-

@@ -37,4 +37,3 @@ impl CustomOp1 for Geglu {
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
-

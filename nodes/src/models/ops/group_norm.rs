@@ -220,4 +220,3 @@ fn operands<'a>(
     }
     Ok((xs, weight, bias))
 }
-

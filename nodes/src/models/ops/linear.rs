@@ -221,4 +221,3 @@ impl CustomOp3 for ToImages<'_> {
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
-

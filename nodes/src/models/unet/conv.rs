@@ -6,12 +6,8 @@
 //! re-lays out the whole kernel on every call, gathers its tiles element by element and adds the
 //! bias in a separate pass. Elsewhere (CUDA, half precision, training) candle's conv2d runs.
 
-
-
 use candle_core::{Result, Tensor};
 use candle_nn::{Conv2dConfig, Module, VarBuilder};
-
-
 
 use crate::models::ops::{self as fused, conv::Im2ColConv};
 

@@ -7,8 +7,10 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-
-use crate::models::ops::{self as fused, linear::{FusedLinear, ToImages}};
+use crate::models::ops::{
+    self as fused,
+    linear::{FusedLinear, ToImages},
+};
 
 #[derive(Debug, Clone)]
 pub struct Linear {

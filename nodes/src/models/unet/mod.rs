@@ -14,7 +14,6 @@ pub mod norm;
 pub mod resnet;
 pub mod transformer;
 
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -30,8 +29,8 @@ use crate::models::motion::{MotionAdapter, MotionPatch};
 use crate::models::weights::{self, NamedWeights};
 use blocks::{BlockInputs, DownBlock, DownBlockConfig, MidBlock, UpBlock, UpBlockConfig};
 use conv::Conv2d;
-pub use embeddings::{PerFrame, Timestep};
 use embeddings::{timestep_features, TimestepEmbedding};
+pub use embeddings::{PerFrame, Timestep};
 use norm::GroupNorm;
 use resnet::ResnetConfig;
 use transformer::SpatialTransformerConfig;
@@ -537,9 +536,10 @@ impl UNet2DConditionModel {
             }
         };
 
-        let frames_first = sample
-            .permute((0, 2, 1, 3, 4))?
-            .reshape((batch_frames, channels, height, width))?;
+        let frames_first =
+            sample
+                .permute((0, 2, 1, 3, 4))?
+                .reshape((batch_frames, channels, height, width))?;
         let frames_first = if self.config.center_input_sample {
             frames_first.affine(2.0, -1.0)?
         } else {
@@ -607,14 +607,12 @@ impl UNet2DConditionModel {
         let slots: HashMap<String, usize> = self.motion_slots().into_iter().collect();
         for module in adapter.modules() {
             match slots.get(module.path()) {
-                None => {
-                    return Err(format!(
-                        "the motion adapter has a module at {}, where this UNet has no motion-module \
+                None => return Err(format!(
+                    "the motion adapter has a module at {}, where this UNet has no motion-module \
                          slot (slots: {} in all)",
-                        module.path(),
-                        slots.len()
-                    ))
-                }
+                    module.path(),
+                    slots.len()
+                )),
                 Some(&channels) if channels != module.channels() => {
                     return Err(format!(
                         "the motion module at {} has {} channels, the UNet has {channels} there \

@@ -8,9 +8,10 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-
-use crate::models::ops::{self as fused, group_norm::{FusedGroupNorm, GroupNormToRows}};
-
+use crate::models::ops::{
+    self as fused,
+    group_norm::{FusedGroupNorm, GroupNormToRows},
+};
 
 /// `nn.GroupNorm(groups, channels, eps)` with affine weight and bias, over (N, C, ...) inputs.
 #[derive(Debug, Clone)]

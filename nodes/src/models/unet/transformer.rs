@@ -4,13 +4,11 @@
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-
 use super::linear::{linear, linear_no_bias, Linear};
 use super::norm::{GroupNorm, LayerNorm};
 use crate::models::attention::{AttentionKind, AttentionSite, TokenLayout};
 use crate::models::call::ForwardPass;
 use crate::models::ops::{self as fused, geglu::Geglu};
-
 
 /// The diffusers module path of the layer that `vb` addresses, relative to the model root.
 pub(crate) fn module_path(vb: &VarBuilder, root: &str) -> String {
