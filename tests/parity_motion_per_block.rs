@@ -65,6 +65,16 @@ fn unet_motion_forward(
 
 #[test]
 fn per_block_motion_adapter_matches_diffusers() {
+    per_block_motion_adapter_check();
+}
+
+/// The composed candle ops (the differentiable path) give diffusers' result too.
+#[test]
+fn per_block_motion_adapter_matches_diffusers_on_the_composed_path() {
+    vdm_nodes::models::ops::with_composed_ops(per_block_motion_adapter_check);
+}
+
+fn per_block_motion_adapter_check() {
     let dir = fixture_dir();
     let unet = load_unet(&dir);
     let module = open_motion_module(&dir.join("motion_adapter"))

@@ -209,6 +209,16 @@ fn fixture_unet(case_dir: &Path) -> vdm_nodes::models::patcher::PatchedUNet {
 
 #[test]
 fn animatediff_pipeline_parity() {
+    animatediff_pipeline_check();
+}
+
+/// The composed candle ops (the differentiable path) give diffusers' pipeline result too.
+#[test]
+fn animatediff_pipeline_parity_on_the_composed_path() {
+    vdm_nodes::models::ops::with_composed_ops(animatediff_pipeline_check);
+}
+
+fn animatediff_pipeline_check() {
     for name in ["pipeline", "pipeline_freeinit"] {
         for dir in common::cases(name) {
             let case = load_case(&dir);
