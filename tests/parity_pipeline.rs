@@ -254,3 +254,41 @@ fn every_frame_through_the_subset_path_matches_the_plain_loop_bit_for_bit() {
         assert_eq!(diff, 0.0, "max abs difference between the two paths");
     }
 }
+
+/// One DDIM inversion step and one denoising step with the same ε of the tiny UNet return to
+/// the start; with ε evaluated again at the noisier latents (what an inversion followed by
+/// sampling does), the round trip is approximate and its error is printed.
+#[test]
+fn ddim_inversion_then_step_returns_to_the_start_on_the_tiny_model() -> Result<()> {
+    use vdm_nodes::models::patcher::UNetInputs;
+    use vdm_nodes::schedulers::{Scheduler, Timestep};
+    let dir = &common::cases("pipeline")[0];
+    let case = load_case(dir);
+    let unet = fixture_unet(dir);
+    let scheduler = DdimScheduler::new(case.scheduler.clone())?;
+    let t = &case.tensors;
+    let text = &t["prompt_embeds"];
+    // Latents at the noise level of 251, stepping up to 501.
+    let start = (&t["init_latents"] * 0.5)?;
+    let eps = unet.forward(&UNetInputs::new(&start, 251.0, text))?;
+    let noisier = scheduler
+        .invert_step(&eps, Timestep::At(251.0), 501.0, &start)?
+        .prev_sample;
+    let back = scheduler
+        .step(&eps, 501.0, Timestep::At(251.0), &noisier)?
+        .prev_sample;
+    let scale = common::max_abs_diff(&start, &start.zeros_like()?).max(1.0);
+    let error = common::max_abs_diff(&back, &start);
+    println!("inversion round trip with the same ε: max abs error {error:.3e}");
+    assert!(error <= 1e-5 * scale, "{error}");
+
+    let eps_again = unet.forward(&UNetInputs::new(&noisier, 501.0, text))?;
+    let resampled = scheduler
+        .step(&eps_again, 501.0, Timestep::At(251.0), &noisier)?
+        .prev_sample;
+    let (relative, max) = common::errors(&resampled, &start);
+    println!(
+        "inversion then sampling with ε evaluated again: relative error {relative:.3e}, max abs {max:.3e}"
+    );
+    Ok(())
+}

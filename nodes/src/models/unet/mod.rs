@@ -607,12 +607,14 @@ impl UNet2DConditionModel {
         let slots: HashMap<String, usize> = self.motion_slots().into_iter().collect();
         for module in adapter.modules() {
             match slots.get(module.path()) {
-                None => return Err(format!(
+                None => {
+                    return Err(format!(
                     "the motion adapter has a module at {}, where this UNet has no motion-module \
                          slot (slots: {} in all)",
                     module.path(),
                     slots.len()
-                )),
+                ))
+                }
                 Some(&channels) if channels != module.channels() => {
                     return Err(format!(
                         "the motion module at {} has {} channels, the UNet has {channels} there \
