@@ -5,10 +5,13 @@
 //!   and (through `ffmpeg`) MP4/WebM/MOV/MKV; the output naming shared by every saving node.
 //! - [`preview`]: cheap latent-to-RGB previews without the VAE.
 //! - [`latent_file`]: ComfyUI-compatible `.latent` files.
+//! - [`motion`]: dense optical flow between frames, the clip's motion amplitude, flow
+//!   previews and motion files.
 
 pub mod freeinit;
 pub mod io;
 pub mod latent_file;
+pub mod motion;
 pub mod noise;
 pub mod preview;
 

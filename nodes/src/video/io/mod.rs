@@ -85,6 +85,8 @@ pub enum MediaError {
     Prefix { prefix: String, reason: String },
     #[error("latent file {}: {message}", path.display())]
     LatentFile { path: PathBuf, message: String },
+    #[error("motion file {}: {message}", path.display())]
+    MotionFile { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
