@@ -129,6 +129,71 @@ fn noise_preview_workflow_runs() {
         .unwrap();
 }
 
+#[test]
+fn motion_estimate_workflow_writes_motion_and_a_flow_preview() {
+    let dir = tempfile::tempdir().unwrap();
+    let video = dir.path().join("moving.gif");
+    common::write_moving_texture_gif(&video, 4, (64, 48), (2, 1));
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/motion-estimate.json"),
+    )
+    .unwrap();
+    let mut wf = Workflow::parse(&text).unwrap();
+    adapt(&mut wf, &video, 0);
+    let out = dir.path().join("out");
+    let set = plugins();
+    let summary = Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", out.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&wf)
+        .unwrap_or_else(|e| panic!("motion-estimate: {e}"));
+
+    let motion_path = summary.ui["3"]["motion"][0]["fullpath"]
+        .as_str()
+        .map(PathBuf::from)
+        .expect("a saved motion file");
+    assert_eq!(
+        motion_path.extension().and_then(|e| e.to_str()),
+        Some("safetensors")
+    );
+    let field = vdm_nodes::video::motion::load_motion(&motion_path).unwrap();
+    assert_eq!(field.flow.dims(), &[3, 2, 48, 64]);
+    assert_eq!(field.magnitude.dims(), &[3, 48, 64]);
+    // The texture moves (2, 1) px per frame: check the median flow away from the borders.
+    for (channel, truth) in [(0, 2.0f32), (1, 1.0)] {
+        let interior = field
+            .flow
+            .narrow(1, channel, 1)
+            .and_then(|t| t.narrow(2, 10, 28))
+            .and_then(|t| t.narrow(3, 10, 44))
+            .and_then(|t| t.flatten_all())
+            .unwrap();
+        let mut values = interior.to_vec1::<f32>().unwrap();
+        values.sort_by(f32::total_cmp);
+        let median = values[values.len() / 2];
+        println!("motion-estimate: median flow channel {channel} = {median:.3} (true {truth})");
+        assert!((median - truth).abs() < 0.25, "channel {channel}: {median}");
+    }
+    let expected_amplitude = 5f32.sqrt() / (0.05 * 48.0);
+    assert!(
+        (field.amplitude - expected_amplitude).abs() < 0.2 * expected_amplitude,
+        "amplitude {} (about {expected_amplitude} expected)",
+        field.amplitude
+    );
+
+    let preview = summary.ui["4"]["videos"][0]["fullpath"]
+        .as_str()
+        .map(PathBuf::from)
+        .expect("a saved flow preview");
+    let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+        std::fs::File::open(&preview).unwrap(),
+    ))
+    .unwrap();
+    let decoded = decoder.into_frames().collect_frames().unwrap();
+    assert_eq!(decoded.len(), 3, "one preview frame per frame pair");
+    assert_eq!(decoded[0].buffer().dimensions(), (64, 48));
+}
+
 fn expect_node_error(
     wf: serde_json::Value,
     models: &common::TinyModels,

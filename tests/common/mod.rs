@@ -238,3 +238,36 @@ pub fn write_tiny_tokenizer(dir: &std::path::Path) {
     }
     std::fs::write(dir.join("merges.txt"), text).unwrap();
 }
+
+/// Writes a grey GIF of `frames` frames of a smooth texture (a sum of sinusoids of wavelengths
+/// 12–26 px) that moves by `step` whole pixels per frame, so the true flow is `step` everywhere
+/// the content stays in view.
+pub fn write_moving_texture_gif(
+    path: &std::path::Path,
+    frames: u32,
+    (width, height): (u32, u32),
+    step: (i32, i32),
+) {
+    const WAVES: [(f32, f32, f32); 5] = [
+        (0.52, 0.11, 0.3),
+        (-0.17, 0.41, 1.9),
+        (0.29, -0.33, 4.0),
+        (0.08, 0.24, 2.6),
+        (0.36, 0.30, 5.1),
+    ];
+    let file = std::fs::File::create(path).unwrap();
+    let mut encoder = image::codecs::gif::GifEncoder::new(file);
+    for f in 0..frames as i32 {
+        let (dx, dy) = ((step.0 * f) as f32, (step.1 * f) as f32);
+        let img = image::RgbaImage::from_fn(width, height, |x, y| {
+            let (sx, sy) = (x as f32 - dx, y as f32 - dy);
+            let sum: f32 = WAVES
+                .iter()
+                .map(|(kx, ky, phase)| (kx * sx + ky * sy + phase).sin())
+                .sum();
+            let grey = (127.5 + 127.5 * sum / WAVES.len() as f32).round() as u8;
+            image::Rgba([grey, grey, grey, 255])
+        });
+        encoder.encode_frame(image::Frame::new(img)).unwrap();
+    }
+}

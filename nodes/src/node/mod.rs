@@ -6,6 +6,7 @@
 
 mod latent;
 mod models;
+mod motion;
 mod noise;
 pub mod objects;
 mod sampler;
@@ -38,6 +39,7 @@ pub fn registry() -> &'static [Box<dyn Node>] {
         nodes.extend(noise::nodes());
         nodes.extend(latent::nodes());
         nodes.extend(video_io::nodes());
+        nodes.extend(motion::nodes());
         nodes.extend(models::nodes());
         nodes.extend(sampler::nodes());
         nodes

@@ -13,6 +13,7 @@ use crate::models::tokenizer::ClipTokenizer;
 use crate::models::vae::AutoencoderKL;
 use crate::sampling::ContextOptions;
 use crate::video::freeinit::FreeInitConfig;
+use crate::video::motion::MotionField;
 
 use super::PluginType;
 
@@ -150,6 +151,12 @@ pub struct Context {
     pub options: ContextOptions,
 }
 
+/// A `MOTION`: the dense forward flow of a clip, its magnitude and the clip amplitude.
+#[derive(Debug, Clone)]
+pub struct Motion {
+    pub field: MotionField,
+}
+
 macro_rules! plugin_type {
     ($t:ty, $tag:literal, |$s:ident| $describe:expr) => {
         impl PluginObject for $t {
@@ -177,6 +184,11 @@ plugin_type!(Conditioning, "CONDITIONING", |c| format!(
 ));
 plugin_type!(FreeInit, "FREEINIT", |f| format!("{:?}", f.config));
 plugin_type!(Context, "CONTEXT_OPTIONS", |c| format!("{:?}", c.options));
+plugin_type!(Motion, "MOTION", |m| format!(
+    "flow {:?}, amplitude {:.4}",
+    m.field.flow.dims(),
+    m.field.amplitude
+));
 
 /// A host tensor to a CPU candle tensor (f16/bf16 are widened to f32).
 pub fn host_to_tensor(t: &HostTensor) -> Result<Tensor, String> {
