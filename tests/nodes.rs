@@ -34,6 +34,9 @@ fn descriptors_round_trip_through_the_abi() {
         "LatentPreview",
         "SaveLatent",
         "LoadLatent",
+        "MotionEstimator",
+        "SaveMotion",
+        "LoadMotion",
     ] {
         assert!(
             names.contains(&expected),
@@ -297,4 +300,118 @@ fn lengthening_a_clip_keeps_its_first_frames() {
     let long = noise_through_plugin(&set, "progressive", 0.6, 9);
     let prefix = long.narrow(2, 0, 4).unwrap();
     assert_eq!(common::max_abs_diff(&short, &prefix), 0.0);
+}
+
+/// Runs `wf` and returns the error of node `node`, checking that it names `input`.
+fn node_error(
+    set: &PluginSet,
+    wf: serde_json::Value,
+    out: &Path,
+    node: &str,
+    input: &str,
+) -> String {
+    let result = Executor::new(set, &vdm::events::Silent)
+        .with_setting("output_dir", out.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&Workflow::from_json(wf).unwrap());
+    match result {
+        Err(RunError::Node(e)) => {
+            assert_eq!(e.node_id.as_str(), node, "{e}");
+            let named = e.input.clone().into_option().map(|s| s.into_string());
+            assert_eq!(named.as_deref(), Some(input), "{e}");
+            e.message.into_string()
+        }
+        other => panic!("expected an error of node {node}, got {other:?}"),
+    }
+}
+
+#[test]
+fn motion_round_trips_through_save_and_load_motion_bit_exact() {
+    let set = plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let video = dir.path().join("moving.gif");
+    common::write_moving_texture_gif(&video, 3, (40, 32), (1, 0));
+    let saved = run(
+        &set,
+        json!({
+            "1": {"class_type": "LoadVideo", "inputs": {"video": video.to_string_lossy()}},
+            "2": {"class_type": "MotionEstimator", "inputs": {"images": ["1", 0]}},
+            "3": {"class_type": "SaveMotion", "inputs": {"motion": ["2", 0], "filename_prefix": "first"}}
+        }),
+        dir.path(),
+    );
+    let first = saved.ui["3"]["motion"][0]["fullpath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let reloaded = run(
+        &set,
+        json!({
+            "1": {"class_type": "LoadMotion", "inputs": {"motion": first}},
+            "2": {"class_type": "SaveMotion", "inputs": {"motion": ["1", 0], "filename_prefix": "second"}}
+        }),
+        dir.path(),
+    );
+    let second = reloaded.ui["2"]["motion"][0]["fullpath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (a, b) = (
+        vdm_nodes::video::motion::load_motion(Path::new(&first)).unwrap(),
+        vdm_nodes::video::motion::load_motion(Path::new(&second)).unwrap(),
+    );
+    assert_eq!(a.flow.dims(), &[2, 2, 32, 40]);
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values.iter().map(|v| v.to_bits()).collect()
+    };
+    assert_eq!(bits(&a.flow), bits(&b.flow));
+    assert_eq!(bits(&a.magnitude), bits(&b.magnitude));
+    assert_eq!(a.amplitude.to_bits(), b.amplitude.to_bits());
+    assert!(a.amplitude > 0.0);
+}
+
+#[test]
+fn motion_errors_name_the_node_and_input() {
+    let set = plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let video = dir.path().join("moving.gif");
+    common::write_moving_texture_gif(&video, 2, (24, 24), (1, 0));
+    let message = node_error(
+        &set,
+        json!({
+            "1": {"class_type": "LoadVideo", "inputs": {"video": video.to_string_lossy(), "frame_load_cap": 1}},
+            "2": {"class_type": "MotionEstimator", "inputs": {"images": ["1", 0]}},
+            "3": {"class_type": "SaveMotion", "inputs": {"motion": ["2", 0], "filename_prefix": "x"}}
+        }),
+        dir.path(),
+        "2",
+        "images",
+    );
+    assert!(message.contains("at least 2 frames, got 1"), "{message}");
+
+    // A latent file is safetensors too, but not motion.
+    let latent = run(
+        &set,
+        json!({
+            "1": noise_node(json!({"frames": 2})),
+            "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "latent"}}
+        }),
+        dir.path(),
+    );
+    let latent_path = latent.ui["2"]["latents"][0]["fullpath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let message = node_error(
+        &set,
+        json!({
+            "1": {"class_type": "LoadMotion", "inputs": {"motion": latent_path}},
+            "2": {"class_type": "SaveMotion", "inputs": {"motion": ["1", 0], "filename_prefix": "x"}}
+        }),
+        dir.path(),
+        "1",
+        "motion",
+    );
+    assert!(message.contains("no `flow` tensor"), "{message}");
 }
