@@ -60,6 +60,19 @@ pub enum MotionError {
     Layout(Vec<usize>),
     #[error("frames of {width}×{height} are too small; motion needs at least 2×2 pixels")]
     TooSmall { width: usize, height: usize },
+    #[error("a plane of {width}×{height} pixels needs {} values and at least 2×2 pixels, got {values} values", width * height)]
+    PlaneSize {
+        width: usize,
+        height: usize,
+        values: usize,
+    },
+    #[error("frames of different sizes: {current:?} and {next:?}")]
+    SizeMismatch {
+        current: (usize, usize),
+        next: (usize, usize),
+    },
+    #[error("{0}")]
+    Field(String),
     #[error("unknown motion method {0:?}: expected lucas-kanade")]
     UnknownMethod(String),
     #[error(transparent)]
@@ -123,22 +136,43 @@ pub struct MotionField {
     pub amplitude: f32,
 }
 
-/// A single-channel image, row-major.
+/// A single-channel image, row-major, of at least 2×2 pixels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plane {
-    pub width: usize,
-    pub height: usize,
-    pub data: Vec<f32>,
+    width: usize,
+    height: usize,
+    data: Vec<f32>,
 }
 
 impl Plane {
-    pub fn new(width: usize, height: usize, data: Vec<f32>) -> Self {
-        debug_assert_eq!(data.len(), width * height);
+    /// A `width`×`height` plane of `data` (row-major), which must hold exactly that many
+    /// values; both sides must be at least 2 pixels.
+    pub fn new(width: usize, height: usize, data: Vec<f32>) -> Result<Self, MotionError> {
+        if width < 2 || height < 2 || data.len() != width * height {
+            return Err(MotionError::PlaneSize {
+                width,
+                height,
+                values: data.len(),
+            });
+        }
+        Ok(Self::from_parts(width, height, data))
+    }
+
+    /// For sizes this module derived itself (pyramid levels of a checked plane).
+    fn from_parts(width: usize, height: usize, data: Vec<f32>) -> Self {
         Self {
             width,
             height,
             data,
         }
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    pub fn height(&self) -> usize {
+        self.height
     }
 
     /// Bilinear sample at (x, y); positions outside the image take the nearest edge value.
@@ -166,7 +200,7 @@ impl Plane {
             let row = &blurred[2 * y * self.width..];
             data.extend((0..width).map(|x| row[2 * x]));
         }
-        Plane::new(width, height, data)
+        Plane::from_parts(width, height, data)
     }
 }
 
@@ -192,8 +226,8 @@ impl Flow {
     /// This (coarser) flow at twice the resolution, `width`×`height`, in that level's pixels.
     /// Pixel 2c of the finer level is pixel c of this one (see [`Plane::downsample`]).
     fn upsample(&self, width: usize, height: usize) -> Flow {
-        let coarse_x = Plane::new(self.width, self.height, self.x.clone());
-        let coarse_y = Plane::new(self.width, self.height, self.y.clone());
+        let coarse_x = Plane::from_parts(self.width, self.height, self.x.clone());
+        let coarse_y = Plane::from_parts(self.width, self.height, self.y.clone());
         let mut fine = Flow::zeros(width, height);
         for y in 0..height {
             for x in 0..width {
@@ -212,7 +246,7 @@ fn luminance(rgb: &[f32], width: usize, height: usize) -> Plane {
         .chunks_exact(3)
         .map(|p| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2])
         .collect();
-    Plane::new(width, height, data)
+    Plane::from_parts(width, height, data)
 }
 
 /// Correlates `src` (row-major `width`×`height`) with `kernel` (odd length) along rows, then
@@ -360,11 +394,21 @@ fn pyramid_flow(current: &[Plane], next: &[Plane], config: &LucasKanadeConfig) -
 
 /// Dense forward flow from `current` to `next` (same size): a point at p in `current` is at
 /// p + flow(p) in `next`.
-pub fn dense_flow(current: &Plane, next: &Plane, config: &LucasKanadeConfig) -> Flow {
+pub fn dense_flow(
+    current: &Plane,
+    next: &Plane,
+    config: &LucasKanadeConfig,
+) -> Result<Flow, MotionError> {
+    if (current.width, current.height) != (next.width, next.height) {
+        return Err(MotionError::SizeMismatch {
+            current: (current.width, current.height),
+            next: (next.width, next.height),
+        });
+    }
     let levels = effective_levels(config.levels, current.width, current.height);
     let current = pyramid(current.clone(), levels);
     let next = pyramid(next.clone(), levels);
-    pyramid_flow(&current, &next, config)
+    Ok(pyramid_flow(&current, &next, config))
 }
 
 /// The clip amplitude m of flows of `width`×`height` frames (see the module documentation).
@@ -445,6 +489,7 @@ pub fn motion_field(
 /// down), saturation 1, value the magnitude divided by the clip's [`PREVIEW_PERCENTILE`]
 /// magnitude and clipped at 1. A still clip is black.
 pub fn flow_preview(field: &MotionField) -> Result<Tensor, MotionError> {
+    field.validate().map_err(MotionError::Field)?;
     let (pairs, _, height, width) = field.flow.dims4()?;
     let flow = field.flow.flatten_all()?.to_vec1::<f32>()?;
     let magnitude = field.magnitude.flatten_all()?.to_vec1::<f32>()?;
@@ -694,7 +739,7 @@ mod tests {
                     self.at(x, y)
                 })
                 .collect();
-            Plane::new(size, size, data)
+            Plane::new(size, size, data).unwrap()
         }
     }
 
@@ -729,7 +774,7 @@ mod tests {
             let first = texture.render(size, |x, y| (x, y));
             // The content at p in the first frame shows at p + d in the second.
             let second = texture.render(size, |x, y| (x - dx, y - dy));
-            let flow = dense_flow(&first, &second, &LucasKanadeConfig::default());
+            let flow = dense_flow(&first, &second, &LucasKanadeConfig::default()).unwrap();
             let error = median_error(&flow, 12, |_, _| (dx, dy));
             println!("translation ({dx}, {dy}): median end-point error {error:.4} px");
             assert!(error < 0.25, "({dx}, {dy}): median error {error}");
@@ -748,7 +793,7 @@ mod tests {
             let (rx, ry) = (x - centre, y - centre);
             (cos * rx + sin * ry + centre, -sin * rx + cos * ry + centre)
         });
-        let flow = dense_flow(&first, &second, &LucasKanadeConfig::default());
+        let flow = dense_flow(&first, &second, &LucasKanadeConfig::default()).unwrap();
         let error = median_error(&flow, 12, |x, y| {
             let (rx, ry) = (x - centre, y - centre);
             (cos * rx - sin * ry - rx, sin * rx + cos * ry - ry)
@@ -823,6 +868,13 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, MotionError::TooFewFrames(1)), "{err}");
         assert!(FlowMethod::from_str("farneback").is_err());
+        assert!(Plane::new(2, 2, vec![0.0; 3]).is_err());
+        let (small, large) = (
+            Plane::new(2, 2, vec![0.0; 4]).unwrap(),
+            Plane::new(3, 2, vec![0.0; 6]).unwrap(),
+        );
+        let config = LucasKanadeConfig::default();
+        assert!(dense_flow(&small, &large, &config).is_err());
     }
 
     #[test]
