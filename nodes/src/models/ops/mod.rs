@@ -85,21 +85,10 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 /// backward; candle's kernel has none).
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if xs.is_contiguous() && no_gradient(&[xs, weight, bias]) {
-        return candle_nn::ops::layer_norm(xs, weight, bias, eps as f32);
+        candle_nn::ops::layer_norm(xs, weight, bias, eps as f32)
+    } else {
+        candle_nn::ops::layer_norm_slow(xs, weight, bias, eps as f32)
     }
-    let width = xs.dim(D::Minus1)?;
-    let internal = match xs.dtype() {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    };
-    let x = xs.to_dtype(internal)?;
-    let centred = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / width as f64)?)?;
-    let variance = (centred.sqr()?.sum_keepdim(D::Minus1)? / width as f64)?;
-    let normed = centred.broadcast_div(&(variance + eps)?.sqrt()?)?;
-    normed
-        .to_dtype(xs.dtype())?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)
 }
 
 /// The f32 values of `storage` that `layout` addresses, which must be contiguous.
