@@ -168,12 +168,17 @@ impl AttentionHook {
         kind: Option<AttentionKind>,
         processor: Arc<dyn AttentionProcessor>,
     ) -> Self {
-        self.bindings.push(ProcessorBinding {
+        self.push(ProcessorBinding {
             prefix: prefix.into(),
             kind,
             processor,
         });
         self
+    }
+
+    /// Adds `binding` after the others, so it wins over them where both match.
+    pub fn push(&mut self, binding: ProcessorBinding) {
+        self.bindings.push(binding);
     }
 
     pub fn bindings(&self) -> &[ProcessorBinding] {

@@ -115,14 +115,24 @@ impl PatchedUNet {
         Ok(())
     }
 
-    /// The same UNet with one more patch.
+    /// The same UNet with one more patch. Processors and taps change nothing already
+    /// resolved, so only motion modules and weight overrides resolve the patches again.
     pub fn with_patch(&self, patch: Patch) -> std::result::Result<Self, String> {
-        if let Patch::Motion(m) = &patch {
-            self.base.check_motion(&m.adapter)?;
+        let mut patched = self.clone();
+        match &patch {
+            Patch::Attention(binding) => patched.hook.push(binding.clone()),
+            Patch::Tap(tap) => patched.taps.push(tap.clone()),
+            Patch::Motion(_) | Patch::Weights(_) => {
+                if let Patch::Motion(m) = &patch {
+                    self.base.check_motion(&m.adapter)?;
+                }
+                let mut patches = self.patches.clone();
+                patches.push(patch);
+                return Self::resolve(self.base.clone(), patches).map_err(|e| e.to_string());
+            }
         }
-        let mut patches = self.patches.clone();
-        patches.push(patch);
-        Self::resolve(self.base.clone(), patches).map_err(|e| e.to_string())
+        patched.patches.push(patch);
+        Ok(patched)
     }
 
     /// The same UNet with `adapter`'s motion modules in place of any motion modules applied
@@ -160,10 +170,7 @@ impl PatchedUNet {
             kind,
             processor,
         };
-        patched.hook =
-            patched
-                .hook
-                .with_processor(binding.prefix.clone(), kind, binding.processor.clone());
+        patched.hook.push(binding.clone());
         patched.patches.push(Patch::Attention(binding));
         patched
     }
@@ -184,9 +191,7 @@ impl PatchedUNet {
         for patch in &patches {
             match patch {
                 Patch::Motion(m) => motion.push(m.clone()),
-                Patch::Attention(b) => {
-                    hook = hook.with_processor(b.prefix.clone(), b.kind, b.processor.clone())
-                }
+                Patch::Attention(binding) => hook.push(binding.clone()),
                 Patch::Tap(tap) => taps.push(tap.clone()),
                 Patch::Weights(w) => replaced.extend(w.iter().map(|(k, t)| (k.clone(), t.clone()))),
             }
