@@ -11,13 +11,10 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use vdm_nodes::models::attention::AttentionHook;
 use vdm_nodes::models::call::ForwardPass;
-use vdm_nodes::models::motion::{
-    MotionAdapter, MotionAdapterConfig, TemporalTransformer, TemporalTransformerConfig,
-};
+use vdm_nodes::models::motion::{TemporalTransformer, TemporalTransformerConfig};
 use vdm_nodes::models::patcher::{PatchedUNet, UNetInputs};
 use vdm_nodes::models::unet::resnet::{ResnetBlock2D, ResnetConfig};
 use vdm_nodes::models::unet::transformer::{SpatialTransformer, SpatialTransformerConfig};
-use vdm_nodes::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
 /// A deterministic generator of test values (no dependence on candle's global RNG state).
 struct Lcg(u64);
@@ -192,22 +189,7 @@ fn motion_module_gradients_match_finite_differences() -> Result<()> {
 #[test]
 fn a_trainable_temporal_projection_gets_a_gradient_through_the_unet() -> Result<()> {
     let dir = &common::cases("unet_motion_mid")[0];
-    let device = Device::Cpu;
-    let unet_cfg = UNet2DConditionConfig::from_json_file(&dir.join("unet_config.json"))?;
-    let adapter_cfg = MotionAdapterConfig::from_json_file(&dir.join("motion_adapter_config.json"))?;
-    let unet = UNet2DConditionModel::from_safetensors(
-        &[dir.join("unet.safetensors")],
-        &unet_cfg,
-        DType::F32,
-        &device,
-    )?;
-    let adapter = MotionAdapter::from_safetensors(
-        &[dir.join("motion_adapter.safetensors")],
-        &adapter_cfg,
-        unet_cfg.norm_num_groups,
-        DType::F32,
-        &device,
-    )?;
+    let (unet, adapter) = common::unet_and_motion_adapter(dir);
     let model = PatchedUNet::new(Arc::new(unet))
         .with_motion(Arc::new(adapter), 1.0)
         .map_err(candle_core::Error::Msg)?;

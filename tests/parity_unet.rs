@@ -12,11 +12,9 @@ use vdm_nodes::models::attention::{
     AttentionCall, AttentionHook, AttentionKind, AttentionProcessor, ScaledDotProduct,
 };
 use vdm_nodes::models::call::{ActivationRecorder, FeatureTap};
-use vdm_nodes::models::motion::{MotionAdapter, MotionAdapterConfig, MotionPatch};
+use vdm_nodes::models::motion::{MotionAdapter, MotionPatch};
 use vdm_nodes::models::ops::with_composed_ops;
-use vdm_nodes::models::unet::{
-    Timestep, UNet2DConditionConfig, UNet2DConditionModel, UNetInputs, UNetPatches,
-};
+use vdm_nodes::models::unet::{Timestep, UNet2DConditionModel, UNetInputs, UNetPatches};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -41,26 +39,7 @@ struct Case {
 }
 
 fn load_case(dir: &Path) -> Case {
-    let dev = Device::Cpu;
-    let unet_cfg = UNet2DConditionConfig::from_json_file(&dir.join("unet_config.json"))
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let adapter_cfg = MotionAdapterConfig::from_json_file(&dir.join("motion_adapter_config.json"))
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let unet = UNet2DConditionModel::from_safetensors(
-        &[dir.join("unet.safetensors")],
-        &unet_cfg,
-        DType::F32,
-        &dev,
-    )
-    .unwrap_or_else(|e| panic!("{}: building the UNet: {e}", dir.display()));
-    let adapter = MotionAdapter::from_safetensors(
-        &[dir.join("motion_adapter.safetensors")],
-        &adapter_cfg,
-        unet_cfg.norm_num_groups,
-        DType::F32,
-        &dev,
-    )
-    .unwrap_or_else(|e| panic!("{}: building the motion adapter: {e}", dir.display()));
+    let (unet, adapter) = common::unet_and_motion_adapter(dir);
     let io = common::load_tensors(&dir.join("io.safetensors"));
     for key in [
         "sample",

@@ -12,9 +12,8 @@ use vdm_nodes::models::attention::{
     AttentionCall, AttentionKind, AttentionProcessor, ScaledDotProduct,
 };
 use vdm_nodes::models::call::{FeatureTap, ForwardPass, GuidanceLayout, RunObserver, SamplingStep};
-use vdm_nodes::models::motion::{ModuleGate, MotionAdapter, MotionAdapterConfig};
+use vdm_nodes::models::motion::{ModuleGate, MotionAdapter};
 use vdm_nodes::models::patcher::{MotionModules, Patch, PatchedUNet, UNetInputs};
-use vdm_nodes::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
 struct Fixture {
     model: PatchedUNet,
@@ -24,27 +23,8 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let dir = &common::cases("unet_motion_mid")[0];
-    let device = Device::Cpu;
-    let unet_cfg = UNet2DConditionConfig::from_json_file(&dir.join("unet_config.json")).unwrap();
-    let adapter_cfg =
-        MotionAdapterConfig::from_json_file(&dir.join("motion_adapter_config.json")).unwrap();
-    let unet = UNet2DConditionModel::from_safetensors(
-        &[dir.join("unet.safetensors")],
-        &unet_cfg,
-        DType::F32,
-        &device,
-    )
-    .unwrap();
-    let adapter = Arc::new(
-        MotionAdapter::from_safetensors(
-            &[dir.join("motion_adapter.safetensors")],
-            &adapter_cfg,
-            unet_cfg.norm_num_groups,
-            DType::F32,
-            &device,
-        )
-        .unwrap(),
-    );
+    let (unet, adapter) = common::unet_and_motion_adapter(dir);
+    let adapter = Arc::new(adapter);
     let model = PatchedUNet::new(Arc::new(unet))
         .with_motion(adapter.clone(), 1.0)
         .unwrap();

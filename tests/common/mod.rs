@@ -42,6 +42,40 @@ pub fn cases(case: &str) -> Vec<PathBuf> {
     found
 }
 
+/// The UNet and the motion adapter of a `unet_motion_*` fixture folder (`unet_config.json`,
+/// `unet.safetensors`, `motion_adapter_config.json`, `motion_adapter.safetensors`), f32 on the
+/// CPU.
+pub fn unet_and_motion_adapter(
+    dir: &std::path::Path,
+) -> (
+    vdm_nodes::models::unet::UNet2DConditionModel,
+    vdm_nodes::models::motion::MotionAdapter,
+) {
+    use vdm_nodes::models::motion::{MotionAdapter, MotionAdapterConfig};
+    use vdm_nodes::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+    let dev = Device::Cpu;
+    let unet_cfg = UNet2DConditionConfig::from_json_file(&dir.join("unet_config.json"))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let adapter_cfg = MotionAdapterConfig::from_json_file(&dir.join("motion_adapter_config.json"))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let unet = UNet2DConditionModel::from_safetensors(
+        &[dir.join("unet.safetensors")],
+        &unet_cfg,
+        DType::F32,
+        &dev,
+    )
+    .unwrap_or_else(|e| panic!("{}: building the UNet: {e}", dir.display()));
+    let adapter = MotionAdapter::from_safetensors(
+        &[dir.join("motion_adapter.safetensors")],
+        &adapter_cfg,
+        unet_cfg.norm_num_groups,
+        DType::F32,
+        &dev,
+    )
+    .unwrap_or_else(|e| panic!("{}: building the motion adapter: {e}", dir.display()));
+    (unet, adapter)
+}
+
 /// Reads every tensor of a safetensors file onto the CPU.
 pub fn load_tensors(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu)
