@@ -243,14 +243,7 @@ fn every_frame_through_the_subset_path_matches_the_plain_loop_bit_for_bit() {
         let unet = fixture_unet(&dir);
         let plain = run(&case, &unet).unwrap();
         let subset = run_with(&case, &unet, Some(&mut EveryFrameAsSubset)).unwrap();
-        let diff = (plain - subset)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = common::max_abs_diff(&plain, &subset);
         assert_eq!(diff, 0.0, "max abs difference between the two paths");
     }
 }

@@ -340,7 +340,7 @@ mod tests {
                     count: 5,
                     timestep: 0.7,
                 })))?;
-                let err = (windowed - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let err = crate::test_util::max_abs_diff(&windowed, &full);
                 assert!(err < 1e-5, "{schedule:?} {fuse:?}: {err}");
             }
         }

@@ -169,11 +169,7 @@ mod tests {
         let latents = Tensor::randn(0f32, 1.0, (2, 3, 5, 2, 4), &Device::Cpu)?;
         let frames: Vec<usize> = (0..5).collect();
         let round_trip = write_back_frames(&latents, &frames, &gather_frames(&latents, &frames)?)?;
-        let diff = (round_trip - &latents)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert_eq!(diff, 0.0);
+        assert_eq!(crate::test_util::max_abs_diff(&round_trip, &latents), 0.0);
         Ok(())
     }
 

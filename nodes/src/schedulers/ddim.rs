@@ -270,7 +270,7 @@ mod tests {
         let noisier = scheduler.invert_step(&eps, from, to, &x)?.prev_sample;
         let back = scheduler.step(&eps, to, from, &noisier)?.prev_sample;
         let scale = x.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
-        let err = (back - &x)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let err = crate::test_util::max_abs_diff(&back, &x) as f32;
         assert!(err <= 1e-5 * scale, "{from:?} → {to}: {err}");
         Ok(())
     }

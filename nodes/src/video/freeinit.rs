@@ -304,6 +304,7 @@ fn fft3(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
 
     fn cfg(filter: FilterKind) -> FreeInitConfig {
         FreeInitConfig {
@@ -323,7 +324,7 @@ mod tests {
             ..cfg(FilterKind::Gaussian)
         };
         let mixed = mix_frequencies(&z, &n, &stop)?;
-        let err = (mixed - &n)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let err = max_abs_diff(&mixed, &n);
         assert!(err < 1e-5, "{err}");
         // A box covering every frequency keeps the latents.
         let pass = FreeInitConfig {
@@ -332,7 +333,7 @@ mod tests {
             ..cfg(FilterKind::Box)
         };
         let mixed = mix_frequencies(&z, &n, &pass)?;
-        let err = (mixed - &z)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let err = max_abs_diff(&mixed, &z);
         assert!(err < 1e-5, "{err}");
         Ok(())
     }
@@ -422,11 +423,7 @@ mod tests {
             &mut unused,
         )?;
         let plain = Sampler::new(&Zero, &scheduler).sample(&settings, &inputs)?;
-        let diff = (wrapped.latents - plain.latents)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert_eq!(diff, 0.0);
+        assert_eq!(max_abs_diff(&wrapped.latents, &plain.latents), 0.0);
         Ok(())
     }
 
