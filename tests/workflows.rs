@@ -194,6 +194,80 @@ fn motion_estimate_workflow_writes_motion_and_a_flow_preview() {
     assert_eq!(decoded[0].buffer().dimensions(), (64, 48));
 }
 
+/// Runs the adapted `workflows/motion-adaptive.json` with `frames` frames to generate and the
+/// 6-frame input GIF as the reference clip; checks that both branches saved their videos.
+fn run_motion_adaptive(frames: usize) -> Result<(), Box<RunError>> {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let video = write_input_video(dir.path(), 6);
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/motion-adaptive.json"),
+    )
+    .unwrap();
+    let mut wf = Workflow::parse(&text).unwrap();
+    adapt(&mut wf, &video, frames);
+    let set = plugins();
+    let out = dir.path().join("out");
+    let summary = Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", out.to_string_lossy())
+        .with_setting("models_dir", models.root.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&wf)
+        .map_err(Box::new)?;
+    for (node, prefix) in [("9", "from-reference"), ("16", "override")] {
+        let saved = summary.ui[node]["videos"][0]["fullpath"]
+            .as_str()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("node {node} saved no video"));
+        assert!(saved.to_string_lossy().contains(prefix), "{saved:?}");
+        let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+            std::fs::File::open(&saved).unwrap(),
+        ))
+        .unwrap();
+        assert_eq!(
+            decoder.into_frames().collect_frames().unwrap().len(),
+            frames
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn motion_adaptive_workflow_runs_from_a_reference_clip_and_an_override() {
+    // The reference GIF is 6 frames of 24×32 pixels, the shape of the 12×16 latents decoded.
+    run_motion_adaptive(6).unwrap();
+}
+
+#[test]
+fn a_reference_motion_of_other_frames_is_an_error_naming_the_injector_input() {
+    match run_motion_adaptive(4).map_err(|e| *e) {
+        Err(RunError::Node(e)) => {
+            assert_eq!(e.node_id.as_str(), "7", "{e}");
+            assert!(
+                e.message
+                    .contains("TemporalAttentionInjector input `motion`")
+                    && e.message.contains("6 frames"),
+                "{e}"
+            );
+        }
+        other => panic!("expected an error of the sampler, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_motion_override_outside_its_range_fails_validation() {
+    let set = plugins();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/motion-adaptive.json"),
+    )
+    .unwrap();
+    let mut wf = Workflow::parse(&text).unwrap();
+    wf.set_literal("13", "motion_override", json!(1.5)).unwrap();
+    let report = vdm::validate(&wf, &set);
+    let issue = &report.issues("13")[0];
+    assert_eq!(issue.input_name(), Some("motion_override"), "{issue:?}");
+}
+
 fn expect_node_error(
     wf: serde_json::Value,
     models: &common::TinyModels,

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 use super::call::{ForwardPass, SamplingStep};
 
@@ -90,36 +90,87 @@ const MAX_SCORE_BYTES: usize = 256 << 20;
 /// more than a cache-sized block of scores; elsewhere the composed candle ops run, in slices of
 /// queries when the score tensor would exceed [`MAX_SCORE_BYTES`].
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_with_bias(q, k, v, scale, None)
+}
+
+/// softmax(q·kᵀ·scale + bias)·v, with `bias` a (queries, keys) term added to the logits of every
+/// sample and head: a distance penalty, or −∞ where a key is masked out (each query must keep
+/// at least one finite logit). Runs where [`scaled_dot_product`] runs.
+pub fn scaled_dot_product_with_bias(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: &Tensor,
+) -> Result<Tensor> {
+    let (queries, keys) = (q.dim(2)?, k.dim(2)?);
+    if bias.dims() != [queries, keys] {
+        candle_core::bail!(
+            "a logit bias of shape {:?} for {queries} queries × {keys} keys",
+            bias.dims()
+        )
+    }
+    attention_with_bias(q, k, v, scale, Some(bias))
+}
+
+fn attention_with_bias(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let fused = super::ops::applies(&[q, k, v])
         && [q, k, v]
             .iter()
             .all(|t| t.rank() == 4 && t.stride()[3] == 1);
     if fused {
+        let logit_bias = match bias {
+            Some(bias) => Some(
+                bias.to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into(),
+            ),
+            None => None,
+        };
         let op = crate::models::ops::attention::FusedAttention {
             scale: scale as f32,
+            logit_bias,
         };
         // The kernel writes (batch, queries, heads, head_dim); the view swaps heads back.
         return q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2);
     }
-    composed_scaled_dot_product(q, k, v, scale)
+    composed_scaled_dot_product(q, k, v, scale, bias)
 }
 
-/// The candle composition: scores, softmax, product with V, in slices of queries.
-fn composed_scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// The candle composition: scores, bias, softmax, product with V, in slices of queries.
+fn composed_scaled_dot_product(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let (batch, heads, queries, _) = q.dims4()?;
     let keys = k.dim(2)?;
     let row_bytes = batch * heads * keys * q.dtype().size_in_bytes();
     let rows_per_slice = (MAX_SCORE_BYTES / row_bytes.max(1)).max(1);
     let v = v.contiguous()?;
-    if rows_per_slice >= queries {
-        return attention_probs(q, k, scale)?.matmul(&v);
-    }
     let kt = k.t()?.contiguous()?;
+    let bias = bias.map(|b| b.to_dtype(q.dtype())).transpose()?;
     let mut slices = Vec::with_capacity(queries.div_ceil(rows_per_slice));
     for start in (0..queries).step_by(rows_per_slice) {
         let len = rows_per_slice.min(queries - start);
         let scores = (q.narrow(2, start, len)?.contiguous()?.matmul(&kt)? * scale)?;
+        let scores = match &bias {
+            Some(bias) => scores.broadcast_add(&bias.narrow(0, start, len)?)?,
+            None => scores,
+        };
         slices.push(crate::models::ops::softmax_last_dim(&scores)?.matmul(&v)?);
+    }
+    if slices.len() == 1 {
+        return Ok(slices.remove(0));
     }
     Tensor::cat(&slices, 2)
 }
@@ -262,7 +313,7 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (1, 1, 2000, 4), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (1, 1, 70000, 4), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (1, 1, 70000, 4), &dev)?;
-        let sliced = composed_scaled_dot_product(&q, &k, &v, 0.5)?;
+        let sliced = composed_scaled_dot_product(&q, &k, &v, 0.5, None)?;
         let whole = attention_probs(&q, &k, 0.5)?.matmul(&v.contiguous()?)?;
         let diff = crate::test_util::max_abs_diff(&sliced, &whole);
         assert!(diff < 1e-6, "{diff}");
@@ -286,7 +337,7 @@ mod tests {
             };
             let (q, k, v) = (split(queries)?, split(keys)?, split(keys)?);
             let fused = scaled_dot_product(&q, &k, &v, 0.3)?;
-            let composed = composed_scaled_dot_product(&q, &k, &v, 0.3)?;
+            let composed = composed_scaled_dot_product(&q, &k, &v, 0.3, None)?;
             assert_eq!(fused.dims(), &[batch, heads, queries, head_dim]);
             let diff = crate::test_util::max_abs_diff(&fused, &composed);
             let size = composed.abs()?.max_all()?.to_scalar::<f32>()?;

@@ -161,6 +161,9 @@ pub struct ForwardPass<'a> {
     pub hook: &'a AttentionHook,
     pub step: Option<SamplingStep>,
     pub guidance: GuidanceLayout,
+    /// Frames per video in the call: activations are (videos·frames, …), each video's frames
+    /// together.
+    pub frames: usize,
     /// The position in the clip of each frame of the call, when not 0, 1, …, F−1.
     pub frame_positions: Option<&'a [usize]>,
     pub run: Option<&'a RunObserver>,
@@ -169,12 +172,22 @@ pub struct ForwardPass<'a> {
 }
 
 impl<'a> ForwardPass<'a> {
-    /// A pass outside any sampling run, with the processors of `hook`.
+    /// The position in the clip of each of the call's frames: `frame_positions`, or 0, 1, …,
+    /// F−1 when not given.
+    pub fn positions(&self) -> Vec<usize> {
+        match self.frame_positions {
+            Some(positions) => positions.to_vec(),
+            None => (0..self.frames).collect(),
+        }
+    }
+
+    /// A pass of single frames outside any sampling run, with the processors of `hook`.
     pub fn new(hook: &'a AttentionHook) -> Self {
         Self {
             hook,
             step: None,
             guidance: GuidanceLayout::default(),
+            frames: 1,
             frame_positions: None,
             run: None,
             values: ForwardValues::default(),

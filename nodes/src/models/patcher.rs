@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 
 use super::attention::{AttentionHook, AttentionKind, AttentionProcessor, ProcessorBinding};
-use super::call::FeatureTap;
+use super::call::{FeatureTap, ForwardPass};
 use super::motion::{ModuleGate, MotionAdapter, MotionPatch};
 use super::unet::{UNet2DConditionModel, UNetPatches};
 use super::weights::{self, NamedWeights};
@@ -34,6 +34,9 @@ pub enum Patch {
     Attention(ProcessorBinding),
     /// A tap on the activations of every forward.
     Tap(Arc<dyn FeatureTap>),
+    /// A factor on the residual of every motion module applied, before or after, multiplied
+    /// into each one's own gate (a motion-aware gate on the temporal branch).
+    Gate(Arc<dyn ModuleGate>),
     /// Weights replaced by checkpoint key, in the UNet or in the motion modules applied before
     /// or after (LoRA deltas merged into a weight, tuned projections, trainable `Var`s).
     Weights(Arc<NamedWeights>),
@@ -45,6 +48,7 @@ impl Patch {
             Patch::Motion(m) => format!("motion modules (scale {})", m.scale),
             Patch::Attention(b) => format!("attention processor on `{}`", b.prefix),
             Patch::Tap(_) => "feature tap".to_string(),
+            Patch::Gate(_) => "motion-module gate".to_string(),
             Patch::Weights(w) => format!("{} weight overrides", w.len()),
         }
     }
@@ -60,6 +64,7 @@ pub struct PatchedUNet {
     motion: Vec<MotionModules>,
     hook: AttentionHook,
     taps: Vec<Arc<dyn FeatureTap>>,
+    gates: Vec<Arc<dyn ModuleGate>>,
 }
 
 impl std::fmt::Debug for PatchedUNet {
@@ -80,6 +85,7 @@ impl PatchedUNet {
             motion: Vec::new(),
             hook: AttentionHook::new(),
             taps: Vec::new(),
+            gates: Vec::new(),
         }
     }
 
@@ -115,13 +121,14 @@ impl PatchedUNet {
         Ok(())
     }
 
-    /// The same UNet with one more patch. Processors and taps change nothing already
+    /// The same UNet with one more patch. Processors, taps and gates change nothing already
     /// resolved, so only motion modules and weight overrides resolve the patches again.
     pub fn with_patch(&self, patch: Patch) -> std::result::Result<Self, String> {
         let mut patched = self.clone();
         match &patch {
             Patch::Attention(binding) => patched.hook.push(binding.clone()),
             Patch::Tap(tap) => patched.taps.push(tap.clone()),
+            Patch::Gate(gate) => patched.gates.push(gate.clone()),
             Patch::Motion(_) | Patch::Weights(_) => {
                 if let Patch::Motion(m) = &patch {
                     self.base.check_motion(&m.adapter)?;
@@ -188,11 +195,13 @@ impl PatchedUNet {
         let mut motion = Vec::new();
         let mut hook = AttentionHook::new();
         let mut taps = Vec::new();
+        let mut gates = Vec::new();
         for patch in &patches {
             match patch {
                 Patch::Motion(m) => motion.push(m.clone()),
                 Patch::Attention(binding) => hook.push(binding.clone()),
                 Patch::Tap(tap) => taps.push(tap.clone()),
+                Patch::Gate(gate) => gates.push(gate.clone()),
                 Patch::Weights(w) => replaced.extend(w.iter().map(|(k, t)| (k.clone(), t.clone()))),
             }
         }
@@ -230,18 +239,28 @@ impl PatchedUNet {
             motion,
             hook,
             taps,
+            gates,
         })
     }
 
     /// Predicts the noise of `inputs.sample`, (B, C_out, F, H, W).
     pub fn forward(&self, inputs: &UNetInputs) -> Result<Tensor> {
+        let chains: Vec<GateChain> = self
+            .motion
+            .iter()
+            .map(|m| GateChain {
+                own: m.gate.as_deref(),
+                shared: &self.gates,
+            })
+            .collect();
         let motion: Vec<MotionPatch> = self
             .motion
             .iter()
-            .map(|m| MotionPatch {
+            .zip(&chains)
+            .map(|(m, chain)| MotionPatch {
                 adapter: &m.adapter,
                 scale: m.scale,
-                gate: m.gate.as_deref(),
+                gate: chain.as_gate(),
             })
             .collect();
         let taps: Vec<&dyn FeatureTap> = self.taps.iter().map(|t| t.as_ref()).collect();
@@ -260,5 +279,35 @@ impl PatchedUNet {
             .iter()
             .map(|m| m.adapter.config().motion_max_seq_length)
             .min()
+    }
+}
+
+/// A motion patch's own gate followed by the gates of [`Patch::Gate`], multiplied.
+struct GateChain<'a> {
+    own: Option<&'a dyn ModuleGate>,
+    shared: &'a [Arc<dyn ModuleGate>],
+}
+
+impl<'a> GateChain<'a> {
+    /// The chain as one gate, or none when there is nothing to multiply (so an ungated patch
+    /// stays exactly as it was).
+    fn as_gate(&'a self) -> Option<&'a dyn ModuleGate> {
+        match (self.own, self.shared.is_empty()) {
+            (own, true) => own,
+            _ => Some(self),
+        }
+    }
+}
+
+impl ModuleGate for GateChain<'_> {
+    fn gate(&self, slot: &str, pass: &ForwardPass) -> Result<f64> {
+        let mut factor = match self.own {
+            Some(gate) => gate.gate(slot, pass)?,
+            None => 1.0,
+        };
+        for gate in self.shared {
+            factor *= gate.gate(slot, pass)?;
+        }
+        Ok(factor)
     }
 }

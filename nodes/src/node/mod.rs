@@ -183,6 +183,14 @@ impl Inputs {
         }
     }
 
+    /// An optional FLOAT input, or `default` when it is not given.
+    pub fn float_or(&self, name: &str, default: f64) -> Result<f64, NodeFailure> {
+        match self.get(name) {
+            Some(_) => self.float(name),
+            None => Ok(default),
+        }
+    }
+
     pub fn bool(&self, name: &str) -> Result<bool, NodeFailure> {
         match self.required(name)? {
             Value::Bool(v) => Ok(*v),

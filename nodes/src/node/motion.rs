@@ -1,5 +1,6 @@
-//! Motion of a clip: `MotionEstimator` (dense optical flow), and `MOTION` files with
-//! `SaveMotion` and `LoadMotion`.
+//! Motion of a clip: `MotionEstimator` (dense optical flow), `MOTION` files with `SaveMotion`
+//! and `LoadMotion`, and `TemporalAttentionInjector`, which adapts a model's temporal attention
+//! to the motion.
 
 use serde_json::json;
 
@@ -8,7 +9,11 @@ use crate::video::motion::{
     AMPLITUDE_KAPPA,
 };
 
-use super::objects::Motion;
+use crate::video::motion_adaptive::{
+    apply_motion_adaptive, Amplitude, ClipReference, MotionAdaptiveConfig, ReceptiveField,
+};
+
+use super::objects::{Model, Motion};
 use super::{
     file_entry, resolve_input_path, Context, DescriptorBuilder, ForInput, Images, Inputs, Node,
     NodeFailure, Outputs, PluginType,
@@ -19,6 +24,7 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
         Box::new(MotionEstimator),
         Box::new(SaveMotion),
         Box::new(LoadMotion),
+        Box::new(TemporalAttentionInjector),
     ]
 }
 
@@ -151,4 +157,121 @@ impl Node for LoadMotion {
             ui: None,
         })
     }
+}
+
+struct TemporalAttentionInjector;
+
+impl Node for TemporalAttentionInjector {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        let defaults = MotionAdaptiveConfig::default();
+        let description = format!(
+            "Motion-adaptive temporal attention on the model's motion modules (Hong & Quan): down and \
+             mid blocks keep global temporal attention; the up blocks' temporal attention gets the \
+             logit bias −λ(m)·|i − j| with λ(m) = lambda_max·m (bias), or attends only to frames \
+             within w(m) = round(window_min + (1 − m)(F − 1 − window_min)) (window). m ∈ [0, 1] is \
+             motion_override when it is ≥ 0, else the amplitude of `motion`, else estimated in each \
+             model call from the lowest-resolution features: m = clamp(mean ‖x_(f+1) − x_f‖₁ / \
+             mean ‖x_f‖₁ / κ, 0, 1), κ = {}. The up blocks' motion modules are scaled by the gate \
+             g(m) = 2·sigmoid(gate_strength·m). At m = 0 the model is unchanged.",
+            defaults.kappa
+        );
+        DescriptorBuilder::new(
+            "TemporalAttentionInjector",
+            "Temporal Attention Injector",
+            "vdm/motion",
+        )
+        .description(&description)
+        .object("model", "MODEL", "The model with its motion module (AnimateDiff v1/v2/v3).")
+        .optional()
+        .object(
+            "motion",
+            "MOTION",
+            "A measured clip (Motion Estimator) with the frames and frame size being generated (or the same shape at another scale): its amplitude is m.",
+        )
+        .float(
+            "motion_override",
+            -1.0,
+            (-1.0, 1.0, 0.01),
+            "m forced to this value; −1 (any negative value) uses the motion input or the estimate.",
+        )
+        .combo(
+            "mode",
+            &ReceptiveField::NAMES,
+            "bias: a soft preference for near frames; window: frames beyond w(m) are not attended to.",
+        )
+        .float(
+            "lambda_max",
+            defaults.lambda_max,
+            (0.0, 10.0, 0.05),
+            "λ at m = 1 (bias mode): 1 keeps about ±2 frames.",
+        )
+        .int(
+            "window_min",
+            defaults.window_min as i64,
+            1,
+            64,
+            "The window at m = 1 (window mode), in frames on each side.",
+        )
+        .float(
+            "gate_strength",
+            defaults.gate_weight,
+            (-10.0, 10.0, 0.1),
+            "a of the motion-aware gate 2·sigmoid(a·m) on the up blocks' temporal branch: > 0 strengthens it for fast clips, < 0 weakens it, 0 leaves it.",
+        )
+        .output("MODEL", "MODEL")
+        .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let model: Model = inputs.object("model")?;
+        let defaults = MotionAdaptiveConfig::default();
+        let field = match inputs.get("mode") {
+            Some(_) => inputs.string("mode")?.parse().for_input("mode")?,
+            None => defaults.field,
+        };
+        let config = MotionAdaptiveConfig {
+            field,
+            lambda_max: inputs.float_or("lambda_max", defaults.lambda_max)?,
+            window_min: inputs.usize_or("window_min", defaults.window_min)?,
+            gate_weight: inputs.float_or("gate_strength", defaults.gate_weight)?,
+            ..defaults
+        };
+        config.validate().map_err(NodeFailure::execution)?;
+        let motion_override = inputs.float_or("motion_override", -1.0)?;
+        if !(-1.0..=1.0).contains(&motion_override) {
+            return Err(NodeFailure::input(
+                "motion_override",
+                format!("{motion_override} is outside [−1, 1]"),
+            ));
+        }
+        let motion = inputs.optional_object::<Motion>("motion")?;
+        let amplitude = match (motion_override >= 0.0, motion) {
+            (true, _) => Amplitude::Fixed {
+                m: motion_override,
+                reference: None,
+            },
+            (false, Some(motion)) => Amplitude::Fixed {
+                m: f64::from(motion.field.amplitude),
+                reference: Some(reference_of(&motion)?),
+            },
+            (false, None) => Amplitude::Estimated {
+                kappa: defaults.kappa,
+            },
+        };
+        let unet = apply_motion_adaptive(&model.unet, config, amplitude)
+            .map_err(NodeFailure::execution)?;
+        Ok(Outputs::one(Model { unet }.into_value()))
+    }
+}
+
+/// The clip a `MOTION` measured, checked against the clip being sampled at each model call.
+fn reference_of(motion: &Motion) -> Result<ClipReference, NodeFailure> {
+    motion.field.validate().for_input("motion")?;
+    let (pairs, _, height, width) = motion.field.flow.dims4()?;
+    Ok(ClipReference {
+        frames: pairs + 1,
+        height,
+        width,
+        source: "TemporalAttentionInjector input `motion`".to_string(),
+    })
 }

@@ -7,11 +7,13 @@
 //! - [`latent_file`]: ComfyUI-compatible `.latent` files.
 //! - [`motion`]: dense optical flow between frames, the clip's motion amplitude, flow
 //!   previews and motion files.
+//! - [`motion_adaptive`]: motion-adaptive temporal attention, as patches on a model.
 
 pub mod freeinit;
 pub mod io;
 pub mod latent_file;
 pub mod motion;
+pub mod motion_adaptive;
 pub mod noise;
 pub mod preview;
 

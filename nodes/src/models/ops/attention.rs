@@ -10,6 +10,7 @@
 //! reads.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
@@ -25,6 +26,9 @@ const DIRECT_KEYS: usize = 32;
 
 pub(crate) struct FusedAttention {
     pub scale: f32,
+    /// An additive term on the scaled logits, (queries, keys), the same for every sample and
+    /// head (a distance bias or a mask of −∞ on temporal attention).
+    pub logit_bias: Option<Arc<[f32]>>,
 }
 
 thread_local! {
@@ -108,6 +112,14 @@ impl CustomOp3 for FusedAttention {
         if sample_len == 0 || keys == 0 {
             return Ok((CpuStorage::F32(out), out_shape));
         }
+        if let Some(bias) = &self.logit_bias {
+            if bias.len() != queries * keys {
+                candle_core::bail!(
+                    "attention: a logit bias of {} values for {queries} queries × {keys} keys",
+                    bias.len()
+                )
+            }
+        }
         let block = (SCORE_BLOCK / keys).clamp(1, queries);
         let block_len = block * heads * head_dim;
         out.par_chunks_mut(sample_len)
@@ -129,6 +141,7 @@ impl CustomOp3 for FusedAttention {
                                     rows,
                                     keys,
                                     scale: self.scale,
+                                    logit_bias: self.logit_bias.as_deref(),
                                 };
                                 task.run(&q, &k, &v, &mut scores, out, heads * head_dim);
                             }
@@ -140,16 +153,17 @@ impl CustomOp3 for FusedAttention {
 }
 
 /// Rows `first..first + rows` of one head of one sample.
-struct Task {
+struct Task<'a> {
     sample: usize,
     head: usize,
     first: usize,
     rows: usize,
     keys: usize,
     scale: f32,
+    logit_bias: Option<&'a [f32]>,
 }
 
-impl Task {
+impl Task<'_> {
     /// Writes the attention output of the task's rows into `out`, whose rows are `out_stride`
     /// apart and hold this head at column `head · head_dim`.
     fn run(
@@ -167,7 +181,7 @@ impl Task {
             first,
             rows,
             keys,
-            scale,
+            ..
         } = self;
         let head_dim = q.head_dim;
         let column = head * head_dim;
@@ -178,7 +192,7 @@ impl Task {
                 for (key, score) in scores.iter_mut().enumerate() {
                     *score = dot(query, k.row(sample, head, key));
                 }
-                softmax_in_place(scores, scale);
+                self.normalise(scores, first + row);
                 let dst = &mut out[row * out_stride + column..][..head_dim];
                 for (key, &p) in scores.iter().enumerate() {
                     for (d, &x) in dst.iter_mut().zip(v.row(sample, head, key)) {
@@ -210,8 +224,8 @@ impl Task {
                 gemm::Parallelism::None,
             );
         }
-        for row in scores.chunks_exact_mut(keys) {
-            softmax_in_place(row, scale);
+        for (row, scores) in scores.chunks_exact_mut(keys).enumerate() {
+            self.normalise(scores, first + row);
         }
         // SAFETY: as above.
         unsafe {
@@ -224,6 +238,20 @@ impl Task {
                 1.0,
                 gemm::Parallelism::None,
             );
+        }
+    }
+
+    /// The softmax of query row `row`'s raw scores q·k, with the logit bias when there is one.
+    fn normalise(&self, scores: &mut [f32], row: usize) {
+        match self.logit_bias {
+            None => softmax_in_place(scores, self.scale),
+            Some(bias) => {
+                let bias = &bias[row * self.keys..(row + 1) * self.keys];
+                for (score, &b) in scores.iter_mut().zip(bias) {
+                    *score = *score * self.scale + b;
+                }
+                softmax_in_place(scores, 1.0);
+            }
         }
     }
 }

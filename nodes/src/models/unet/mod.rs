@@ -511,6 +511,7 @@ impl UNet2DConditionModel {
             hook: patches.hook,
             step: inputs.step,
             guidance: inputs.guidance,
+            frames,
             frame_positions: inputs.frame_positions,
             run: inputs.run,
             values: ForwardValues::default(),
