@@ -25,41 +25,6 @@ use vdm_nodes::video::motion_adaptive::{
     ESTIMATED_AMPLITUDES,
 };
 
-struct Fixture {
-    model: PatchedUNet,
-    io: std::collections::HashMap<String, Tensor>,
-}
-
-fn fixture() -> Fixture {
-    let dir = &common::cases("unet_motion_mid")[0];
-    let (unet, adapter) = common::unet_and_motion_adapter(dir);
-    let model = PatchedUNet::new(Arc::new(unet))
-        .with_motion(Arc::new(adapter), 1.0)
-        .unwrap();
-    let io = common::load_tensors(&dir.join("io.safetensors"));
-    Fixture { model, io }
-}
-
-impl Fixture {
-    fn inputs(&self) -> UNetInputs<'_> {
-        UNetInputs::new(
-            &self.io["sample"],
-            &self.io["timestep"],
-            &self.io["encoder_hidden_states"],
-        )
-    }
-
-    /// The first video of the fixture's sample, as noise to sample from.
-    fn noise(&self) -> Result<Tensor> {
-        self.io["sample"].narrow(0, 0, 1)
-    }
-
-    /// The prompt of the first video: the fixture's text of its first frame, (1, S, D).
-    fn text(&self) -> Result<Tensor> {
-        self.io["encoder_hidden_states"].narrow(0, 0, 1)
-    }
-}
-
 fn adaptive(model: &PatchedUNet, field: ReceptiveField, amplitude: Amplitude) -> PatchedUNet {
     let config = MotionAdaptiveConfig {
         field,
@@ -73,33 +38,18 @@ fn fixed(m: f64) -> Amplitude {
     Amplitude::Fixed { m, reference: None }
 }
 
-/// Two DDIM steps of `predictor` from `noise` (one video), with guidance.
-fn sample(predictor: &dyn NoisePredictor, f: &Fixture, noise: &Tensor) -> Result<Tensor> {
-    let scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
-    let text = f.text()?;
-    let negative = (&text * 0.5)?;
-    let inputs = SampleInputs {
-        noise,
-        init_latents: None,
-        text: TextConditioning {
-            positive: &text,
-            negative: &negative,
-        },
-    };
-    let settings = SampleSettings {
-        steps: 2,
-        guidance_scale: 7.5,
-        strength: 1.0,
-    };
-    Ok(Sampler::new(predictor, &scheduler)
-        .sample(&settings, &inputs)?
-        .latents)
+fn sample(
+    predictor: &dyn NoisePredictor,
+    f: &common::MotionFixture,
+    noise: &Tensor,
+) -> Result<Tensor> {
+    f.sample(predictor, noise, 2)
 }
 
 #[test]
 fn without_motion_sampling_is_bit_identical() -> Result<()> {
-    let f = fixture();
-    let noise = &f.noise()?;
+    let f = common::motion_fixture();
+    let noise = &f.noise();
     let plain = sample(&f.model, &f, noise)?;
     for field in [ReceptiveField::Bias, ReceptiveField::Window] {
         let still = adaptive(&f.model, field, fixed(0.0));
@@ -124,7 +74,7 @@ impl AttentionProcessor for TemporalLayers {
 
 #[test]
 fn the_field_reaches_only_the_up_blocks_temporal_layers() -> Result<()> {
-    let f = fixture();
+    let f = common::motion_fixture();
     let probe = Arc::new(TemporalLayers::default());
     let probed = f
         .model
@@ -155,7 +105,7 @@ fn the_field_reaches_only_the_up_blocks_temporal_layers() -> Result<()> {
 
 #[test]
 fn the_amplitude_is_estimated_once_per_call() -> Result<()> {
-    let f = fixture();
+    let f = common::motion_fixture();
     let estimated = adaptive(
         &f.model,
         ReceptiveField::Bias,
@@ -185,7 +135,7 @@ fn windows(model: &PatchedUNet, options: ContextOptions) -> ContextWindows<'_> {
 
 #[test]
 fn it_stacks_with_context_windows_and_freeinit() -> Result<()> {
-    let f = fixture();
+    let f = common::motion_fixture();
     let (_, channels, frames, height, width) = f.io["sample"].dims5()?;
     // A clip half as long again as the fixture's, sampled in two windows of its length.
     let long = Tensor::randn(
@@ -210,8 +160,8 @@ fn it_stacks_with_context_windows_and_freeinit() -> Result<()> {
     assert!(common::max_abs_diff(&plain, &adapted) > 1e-4);
 
     let scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
-    let text = f.text()?;
-    let noise = f.noise()?;
+    let text = f.text();
+    let noise = f.noise();
     let inputs = SampleInputs {
         noise: &noise,
         init_latents: None,
@@ -248,7 +198,7 @@ fn it_stacks_with_context_windows_and_freeinit() -> Result<()> {
 
 #[test]
 fn out_of_range_settings_are_refused() {
-    let f = fixture();
+    let f = common::motion_fixture();
     let config = MotionAdaptiveConfig::default();
     assert!(apply_motion_adaptive(&f.model, config, fixed(1.5)).is_err());
     let negative = MotionAdaptiveConfig {

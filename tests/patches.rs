@@ -12,35 +12,8 @@ use vdm_nodes::models::attention::{
     AttentionCall, AttentionKind, AttentionProcessor, ScaledDotProduct,
 };
 use vdm_nodes::models::call::{FeatureTap, ForwardPass, GuidanceLayout, RunObserver, SamplingStep};
-use vdm_nodes::models::motion::{ModuleGate, MotionAdapter};
+use vdm_nodes::models::motion::ModuleGate;
 use vdm_nodes::models::patcher::{MotionModules, Patch, PatchedUNet, UNetInputs};
-
-struct Fixture {
-    model: PatchedUNet,
-    adapter: Arc<MotionAdapter>,
-    io: std::collections::HashMap<String, Tensor>,
-}
-
-fn fixture() -> Fixture {
-    let dir = &common::cases("unet_motion_mid")[0];
-    let (unet, adapter) = common::unet_and_motion_adapter(dir);
-    let adapter = Arc::new(adapter);
-    let model = PatchedUNet::new(Arc::new(unet))
-        .with_motion(adapter.clone(), 1.0)
-        .unwrap();
-    let io = common::load_tensors(&dir.join("io.safetensors"));
-    Fixture { model, adapter, io }
-}
-
-impl Fixture {
-    fn inputs(&self) -> UNetInputs<'_> {
-        UNetInputs::new(
-            &self.io["sample"],
-            &self.io["timestep"],
-            &self.io["encoder_hidden_states"],
-        )
-    }
-}
 
 struct ConstantGate(f64);
 
@@ -50,7 +23,7 @@ impl ModuleGate for ConstantGate {
     }
 }
 
-fn gated(f: &Fixture, gate: f64) -> PatchedUNet {
+fn gated(f: &common::MotionFixture, gate: f64) -> PatchedUNet {
     PatchedUNet::new(Arc::new(f.model.base().clone()))
         .with_patch(Patch::Motion(MotionModules {
             adapter: f.adapter.clone(),
@@ -62,7 +35,7 @@ fn gated(f: &Fixture, gate: f64) -> PatchedUNet {
 
 #[test]
 fn a_neutral_gate_is_bit_identical_and_a_closed_gate_is_the_image_unet() -> Result<()> {
-    let f = fixture();
+    let f = common::motion_fixture();
     let plain = f.model.forward(&f.inputs())?;
     let neutral = gated(&f, 1.0).forward(&f.inputs())?;
     assert_eq!(common::max_abs_diff(&plain, &neutral), 0.0);
@@ -74,7 +47,7 @@ fn a_neutral_gate_is_bit_identical_and_a_closed_gate_is_the_image_unet() -> Resu
 
 #[test]
 fn explicit_positions_and_per_frame_timesteps_match_the_defaults() -> Result<()> {
-    let f = fixture();
+    let f = common::motion_fixture();
     let plain = f.model.forward(&f.inputs())?;
     let (batch, _, frames, _, _) = f.io["sample"].dims5()?;
 
@@ -134,7 +107,7 @@ fn explicit_positions_and_per_frame_timesteps_match_the_defaults() -> Result<()>
 
 #[test]
 fn weight_overrides_replace_by_checkpoint_key_and_leave_the_base_alone() -> Result<()> {
-    let f = fixture();
+    let f = common::motion_fixture();
     let plain = f.model.forward(&f.inputs())?;
 
     // The same tensors again: the rebuilt model computes the same function.
@@ -223,7 +196,7 @@ impl AttentionProcessor for Witness {
 
 #[test]
 fn processors_see_the_call_context_and_record_into_the_run() -> Result<()> {
-    let f = fixture();
+    let f = common::motion_fixture();
     let model = f
         .model
         .with_patch(Patch::Tap(Arc::new(MidBlockMean)))

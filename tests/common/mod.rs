@@ -76,6 +76,78 @@ pub fn unet_and_motion_adapter(
     (unet, adapter)
 }
 
+/// The tiny UNet with its motion modules applied (the `unet_motion_mid` fixture: v2-style, with a
+/// mid-block module), and the fixture's inputs.
+pub struct MotionFixture {
+    pub model: vdm_nodes::models::patcher::PatchedUNet,
+    pub adapter: std::sync::Arc<vdm_nodes::models::motion::MotionAdapter>,
+    pub io: std::collections::HashMap<String, Tensor>,
+}
+
+pub fn motion_fixture() -> MotionFixture {
+    use std::sync::Arc;
+    let dir = &cases("unet_motion_mid")[0];
+    let (unet, adapter) = unet_and_motion_adapter(dir);
+    let adapter = Arc::new(adapter);
+    let model = vdm_nodes::models::patcher::PatchedUNet::new(Arc::new(unet))
+        .with_motion(adapter.clone(), 1.0)
+        .unwrap();
+    let io = load_tensors(&dir.join("io.safetensors"));
+    MotionFixture { model, adapter, io }
+}
+
+impl MotionFixture {
+    /// The fixture's call: its sample, timestep and per-frame text.
+    pub fn inputs(&self) -> vdm_nodes::models::patcher::UNetInputs<'_> {
+        vdm_nodes::models::patcher::UNetInputs::new(
+            &self.io["sample"],
+            &self.io["timestep"],
+            &self.io["encoder_hidden_states"],
+        )
+    }
+
+    /// The first video of the fixture's sample, as noise to sample from.
+    pub fn noise(&self) -> Tensor {
+        self.io["sample"].narrow(0, 0, 1).unwrap()
+    }
+
+    /// The prompt of the first video (its first frame's text), (1, S, D).
+    pub fn text(&self) -> Tensor {
+        self.io["encoder_hidden_states"].narrow(0, 0, 1).unwrap()
+    }
+
+    /// `steps` DDIM steps of `predictor` from `noise` (one video) with the fixture's prompt,
+    /// guidance 7.5 against half the prompt as the negative.
+    pub fn sample(
+        &self,
+        predictor: &dyn vdm_nodes::sampling::NoisePredictor,
+        noise: &Tensor,
+        steps: usize,
+    ) -> candle_core::Result<Tensor> {
+        use vdm_nodes::sampling::{SampleInputs, SampleSettings, Sampler, TextConditioning};
+        use vdm_nodes::schedulers::{DdimScheduler, DdimSchedulerConfig};
+        let scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
+        let text = self.text();
+        let negative = (&text * 0.5)?;
+        let inputs = SampleInputs {
+            noise,
+            init_latents: None,
+            text: TextConditioning {
+                positive: &text,
+                negative: &negative,
+            },
+        };
+        let settings = SampleSettings {
+            steps,
+            guidance_scale: 7.5,
+            strength: 1.0,
+        };
+        Ok(Sampler::new(predictor, &scheduler)
+            .sample(&settings, &inputs)?
+            .latents)
+    }
+}
+
 /// Reads every tensor of a safetensors file onto the CPU.
 pub fn load_tensors(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu)

@@ -14,7 +14,7 @@ use candle_core::{DType, Result, Tensor, D};
 use super::call::{ForwardPass, SamplingStep};
 
 /// What an attention layer attends over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AttentionKind {
     /// Self-attention among the pixels of one frame (`attn1` of a spatial transformer).
     SpatialSelf,
@@ -22,6 +22,33 @@ pub enum AttentionKind {
     Cross,
     /// Self-attention among the frames at one pixel (motion modules).
     Temporal,
+}
+
+impl AttentionKind {
+    /// The kinds by name, as nodes and tables write them.
+    pub const NAMES: [&'static str; 3] = ["spatial", "cross", "temporal"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::SpatialSelf => "spatial",
+            Self::Cross => "cross",
+            Self::Temporal => "temporal",
+        }
+    }
+}
+
+impl std::str::FromStr for AttentionKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "spatial" => Ok(Self::SpatialSelf),
+            "cross" => Ok(Self::Cross),
+            "temporal" => Ok(Self::Temporal),
+            other => Err(format!(
+                "unknown attention kind `{other}` (expected spatial, cross or temporal)"
+            )),
+        }
+    }
 }
 
 /// How the rows of an attention call map onto the video: `videos` videos (guidance branches
@@ -66,6 +93,67 @@ impl AttentionCall<'_> {
 /// processor may call to wrap rather than replace it.
 pub trait AttentionProcessor: Send + Sync {
     fn attend(&self, call: &AttentionCall, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
+
+    /// The attention weights (batch, heads, rows, keys) this processor applies to the query
+    /// rows `rows` of the call, whose queries `q` holds (batch, heads, rows, head_dim): what
+    /// probes measure. By default softmax(q·kᵀ·scale); a processor that changes the weights
+    /// says how, so that a probe sees the attention that was actually used.
+    fn weights(
+        &self,
+        call: &AttentionCall,
+        q: &Tensor,
+        k: &Tensor,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        let _ = rows;
+        attention_probs(q, k, call.scale)
+    }
+}
+
+/// One attention call as an observer sees it, after the processor ran.
+pub struct ObservedAttention<'a> {
+    /// (batch, heads, queries, head_dim).
+    pub q: &'a Tensor,
+    /// (batch, heads, keys, head_dim).
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    /// The processor's result, (batch, heads, queries, head_dim).
+    pub output: &'a Tensor,
+    processor: &'a dyn AttentionProcessor,
+}
+
+impl ObservedAttention<'_> {
+    /// The weights the processor applied to query rows `rows`, (batch, heads, rows, keys).
+    pub fn weights(&self, call: &AttentionCall, rows: &[usize]) -> Result<Tensor> {
+        let q = select_query_rows(self.q, rows)?;
+        self.processor.weights(call, &q, self.k, rows)
+    }
+}
+
+/// Rows `rows` of (batch, heads, queries, head_dim) queries. The layers pass Q as a head-split
+/// view of (batch, queries, heads, head_dim), which is gathered as it lies, without copying
+/// every row first.
+pub fn select_query_rows(q: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let queries = q.dim(2)?;
+    if rows.len() == queries && rows.iter().enumerate().all(|(i, &r)| i == r) {
+        return Ok(q.clone());
+    }
+    let index = Tensor::from_vec(
+        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        rows.len(),
+        q.device(),
+    )?;
+    let tokens_first = q.transpose(1, 2)?;
+    if tokens_first.is_contiguous() {
+        return tokens_first.index_select(&index, 1)?.transpose(1, 2);
+    }
+    q.contiguous()?.index_select(&index, 2)
+}
+
+/// Something that watches attention calls without changing them (an entropy probe, a
+/// recorder of maps): every observer of the hook sees every call, whichever processor ran.
+pub trait AttentionObserver: Send + Sync {
+    fn observe(&self, call: &AttentionCall, seen: &ObservedAttention) -> Result<()>;
 }
 
 /// Plain scaled dot-product attention: softmax(q·kᵀ·scale)·v.
@@ -181,6 +269,18 @@ pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
     crate::models::ops::softmax_last_dim(&scores)
 }
 
+/// softmax(q·kᵀ·scale + bias), with `bias` (queries, keys) as in
+/// [`scaled_dot_product_with_bias`].
+pub fn attention_probs_with_bias(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    bias: &Tensor,
+) -> Result<Tensor> {
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    crate::models::ops::softmax_last_dim(&scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?)
+}
+
 /// Which attention layer is called, and on what tokens.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionSite<'a> {
@@ -198,13 +298,15 @@ pub struct ProcessorBinding {
     pub processor: Arc<dyn AttentionProcessor>,
 }
 
-/// The processors installed on a model, addressed by layer path.
+/// The processors installed on a model, addressed by layer path, and the observers of every
+/// call.
 ///
 /// The last matching binding wins, so later patches override earlier ones, as in ComfyUI's
 /// model patcher.
 #[derive(Clone, Default)]
 pub struct AttentionHook {
     bindings: Vec<ProcessorBinding>,
+    observers: Vec<Arc<dyn AttentionObserver>>,
 }
 
 impl AttentionHook {
@@ -236,6 +338,11 @@ impl AttentionHook {
         &self.bindings
     }
 
+    /// Adds an observer of every call.
+    pub fn push_observer(&mut self, observer: Arc<dyn AttentionObserver>) {
+        self.observers.push(observer);
+    }
+
     /// Runs the attention of `layer` through the processor installed for it.
     pub fn attend(
         &self,
@@ -261,10 +368,24 @@ impl AttentionHook {
         let binding = self.bindings.iter().rev().find(|b| {
             layer.starts_with(b.prefix.as_str()) && b.kind.is_none_or(|want| want == kind)
         });
-        match binding {
-            Some(b) => b.processor.attend(&call, q, k, v),
-            None => ScaledDotProduct.attend(&call, q, k, v),
+        let processor: &dyn AttentionProcessor = match binding {
+            Some(b) => b.processor.as_ref(),
+            None => &ScaledDotProduct,
+        };
+        let output = processor.attend(&call, q, k, v)?;
+        if !self.observers.is_empty() {
+            let seen = ObservedAttention {
+                q,
+                k,
+                v,
+                output: &output,
+                processor,
+            };
+            for observer in &self.observers {
+                observer.observe(&call, &seen)?;
+            }
         }
+        Ok(output)
     }
 }
 

@@ -131,9 +131,27 @@ impl RunObserver {
 #[derive(Debug, Default)]
 pub struct ForwardValues {
     values: Mutex<HashMap<String, f64>>,
+    output_scales: Mutex<HashMap<String, f64>>,
 }
 
 impl ForwardValues {
+    /// Asks attention layer `layer` to multiply its projected output (after `to_out`, before
+    /// any residual) by `scale`: a processor's result is taken before the output projection,
+    /// whose bias a scale there would miss (Enhance-A-Video scales after it).
+    pub fn scale_output(&self, layer: &str, scale: f64) {
+        let mut scales = self.output_scales.lock().unwrap_or_else(|e| e.into_inner());
+        scales.insert(layer.to_string(), scale);
+    }
+
+    /// The scale a processor asked of `layer` during this call, removed.
+    pub fn take_output_scale(&self, layer: &str) -> Option<f64> {
+        let mut scales = self.output_scales.lock().unwrap_or_else(|e| e.into_inner());
+        if scales.is_empty() {
+            return None;
+        }
+        scales.remove(layer)
+    }
+
     pub fn set(&self, name: &str, value: f64) {
         let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
         values.insert(name.to_string(), value);

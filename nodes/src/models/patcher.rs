@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 
-use super::attention::{AttentionHook, AttentionKind, AttentionProcessor, ProcessorBinding};
+use super::attention::{
+    AttentionHook, AttentionKind, AttentionObserver, AttentionProcessor, ProcessorBinding,
+};
 use super::call::{FeatureTap, ForwardPass};
 use super::motion::{ModuleGate, MotionAdapter, MotionPatch};
 use super::unet::{UNet2DConditionModel, UNetPatches};
@@ -34,6 +36,8 @@ pub enum Patch {
     Attention(ProcessorBinding),
     /// A tap on the activations of every forward.
     Tap(Arc<dyn FeatureTap>),
+    /// An observer of every attention call (probes), whichever processor runs it.
+    Observer(Arc<dyn AttentionObserver>),
     /// A factor on the residual of every motion module applied, before or after, multiplied
     /// into each one's own gate (a motion-aware gate on the temporal branch).
     Gate(Arc<dyn ModuleGate>),
@@ -48,6 +52,7 @@ impl Patch {
             Patch::Motion(m) => format!("motion modules (scale {})", m.scale),
             Patch::Attention(b) => format!("attention processor on `{}`", b.prefix),
             Patch::Tap(_) => "feature tap".to_string(),
+            Patch::Observer(_) => "attention observer".to_string(),
             Patch::Gate(_) => "motion-module gate".to_string(),
             Patch::Weights(w) => format!("{} weight overrides", w.len()),
         }
@@ -128,6 +133,7 @@ impl PatchedUNet {
         match &patch {
             Patch::Attention(binding) => patched.hook.push(binding.clone()),
             Patch::Tap(tap) => patched.taps.push(tap.clone()),
+            Patch::Observer(observer) => patched.hook.push_observer(observer.clone()),
             Patch::Gate(gate) => patched.gates.push(gate.clone()),
             Patch::Motion(_) | Patch::Weights(_) => {
                 if let Patch::Motion(m) = &patch {
@@ -201,6 +207,7 @@ impl PatchedUNet {
                 Patch::Motion(m) => motion.push(m.clone()),
                 Patch::Attention(binding) => hook.push(binding.clone()),
                 Patch::Tap(tap) => taps.push(tap.clone()),
+                Patch::Observer(observer) => hook.push_observer(observer.clone()),
                 Patch::Gate(gate) => gates.push(gate.clone()),
                 Patch::Weights(w) => replaced.extend(w.iter().map(|(k, t)| (k.clone(), t.clone()))),
             }
@@ -270,6 +277,33 @@ impl PatchedUNet {
             taps: &taps,
         };
         self.unet.forward(inputs, &patches)
+    }
+
+    /// Every attention layer of the UNet and of the motion modules applied, by diffusers path
+    /// (`down_blocks.0.attentions.0.transformer_blocks.0.attn1`), with its kind, in key order.
+    /// Read from the checkpoint keys: a layer is where a `to_q` projection is.
+    pub fn attention_layers(&self) -> Vec<(String, AttentionKind)> {
+        let keys = self
+            .unet
+            .weights()
+            .keys()
+            .chain(self.motion.iter().flat_map(|m| m.adapter.weights().keys()));
+        let mut layers: Vec<(String, AttentionKind)> = keys
+            .filter_map(|key| key.strip_suffix(".to_q.weight"))
+            .map(|layer| {
+                let kind = if layer.contains(".motion_modules.") {
+                    AttentionKind::Temporal
+                } else if layer.ends_with("attn2") {
+                    AttentionKind::Cross
+                } else {
+                    AttentionKind::SpatialSelf
+                };
+                (layer.to_string(), kind)
+            })
+            .collect();
+        layers.sort();
+        layers.dedup();
+        layers
     }
 
     /// The most frames one call can see (the shortest positional table of the motion modules

@@ -4,6 +4,7 @@
 //! This module holds what every node shares: the [`Node`] trait, typed access to inputs with
 //! errors that name the input, the objects that travel as handles, and the registry.
 
+mod entropy;
 mod latent;
 mod models;
 mod motion;
@@ -42,6 +43,7 @@ pub fn registry() -> &'static [Box<dyn Node>] {
         nodes.extend(motion::nodes());
         nodes.extend(models::nodes());
         nodes.extend(sampler::nodes());
+        nodes.extend(entropy::nodes());
         nodes
     })
 }

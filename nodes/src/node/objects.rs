@@ -12,6 +12,7 @@ use crate::models::patcher::PatchedUNet;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::vae::AutoencoderKL;
 use crate::sampling::ContextOptions;
+use crate::video::entropy::EntropyTable;
 use crate::video::freeinit::FreeInitConfig;
 use crate::video::motion::MotionField;
 
@@ -157,6 +158,12 @@ pub struct Motion {
     pub field: MotionField,
 }
 
+/// An `ENTROPY_PROBE`: the table that a probed model's runs fill.
+#[derive(Debug, Clone)]
+pub struct EntropyProbe {
+    pub table: Arc<EntropyTable>,
+}
+
 macro_rules! plugin_type {
     ($t:ty, $tag:literal, |$s:ident| $describe:expr) => {
         impl PluginObject for $t {
@@ -184,6 +191,10 @@ plugin_type!(Conditioning, "CONDITIONING", |c| format!(
 ));
 plugin_type!(FreeInit, "FREEINIT", |f| format!("{:?}", f.config));
 plugin_type!(Context, "CONTEXT_OPTIONS", |c| format!("{:?}", c.options));
+plugin_type!(EntropyProbe, "ENTROPY_PROBE", |p| format!(
+    "{} rows",
+    p.table.rows().len()
+));
 plugin_type!(Motion, "MOTION", |m| format!(
     "flow {:?}, amplitude {:.4}",
     m.field.flow.dims(),

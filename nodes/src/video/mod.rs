@@ -8,8 +8,15 @@
 //! - [`motion`]: dense optical flow between frames, the clip's motion amplitude, flow
 //!   previews and motion files.
 //! - [`motion_adaptive`]: motion-adaptive temporal attention, as patches on a model.
+//! - [`entropy`]: attention entropy and energy per layer and step, measured by an observer, as
+//!   a table, CSV and [`heatmap`].
+//! - [`attention_edit`]: processors that perturb (identity, uniform), enhance (IE-Adapt,
+//!   Enhance-A-Video) attention by layer and step range.
 
+pub mod attention_edit;
+pub mod entropy;
 pub mod freeinit;
+pub mod heatmap;
 pub mod io;
 pub mod latent_file;
 pub mod motion;

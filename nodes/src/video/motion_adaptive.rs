@@ -23,8 +23,8 @@ use std::sync::Arc;
 use candle_core::{DType, Result, Tensor};
 
 use crate::models::attention::{
-    scaled_dot_product_with_bias, AttentionCall, AttentionKind, AttentionProcessor,
-    ProcessorBinding, ScaledDotProduct,
+    attention_probs, attention_probs_with_bias, scaled_dot_product_with_bias, AttentionCall,
+    AttentionKind, AttentionProcessor, ProcessorBinding, ScaledDotProduct,
 };
 use crate::models::call::{FeatureTap, ForwardPass};
 use crate::models::motion::ModuleGate;
@@ -306,22 +306,32 @@ impl MotionAdaptiveAttention {
     }
 }
 
-impl AttentionProcessor for MotionAdaptiveAttention {
-    fn attend(&self, call: &AttentionCall, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+impl MotionAdaptiveAttention {
+    /// The (F, F) logit bias of a temporal call, or `None` where attention stays plain.
+    fn bias_of(&self, call: &AttentionCall, k: &Tensor) -> Result<Option<Tensor>> {
         if call.kind != AttentionKind::Temporal {
-            return ScaledDotProduct.attend(call, q, k, v);
+            return Ok(None);
         }
         let m = amplitude_of(call.pass, call.layer)?;
         let positions = call.pass.positions();
-        let frames = q.dim(2)?;
-        if positions.len() != frames || k.dim(2)? != frames {
+        let frames = k.dim(2)?;
+        if positions.len() != frames {
             candle_core::bail!(
                 "{}: temporal attention over {frames} frames, {} frame positions",
                 call.layer,
                 positions.len()
             )
         }
-        let Some(bias) = self.config.logit_bias(m, &positions) else {
+        self.config
+            .logit_bias(m, &positions)
+            .map(|bias| Tensor::from_vec(bias, (frames, frames), k.device()))
+            .transpose()
+    }
+}
+
+impl AttentionProcessor for MotionAdaptiveAttention {
+    fn attend(&self, call: &AttentionCall, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let Some(bias) = self.bias_of(call, k)? else {
             return ScaledDotProduct.attend(call, q, k, v);
         };
         if let Some(run) = call.pass.run {
@@ -329,8 +339,27 @@ impl AttentionProcessor for MotionAdaptiveAttention {
                 layers.insert(call.layer.to_string())
             });
         }
-        let bias = Tensor::from_vec(bias, (frames, frames), q.device())?;
         scaled_dot_product_with_bias(q, k, v, call.scale, &bias)
+    }
+
+    fn weights(
+        &self,
+        call: &AttentionCall,
+        q: &Tensor,
+        k: &Tensor,
+        rows: &[usize],
+    ) -> Result<Tensor> {
+        match self.bias_of(call, k)? {
+            None => attention_probs(q, k, call.scale),
+            Some(bias) => {
+                let index = Tensor::from_vec(
+                    rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                    rows.len(),
+                    bias.device(),
+                )?;
+                attention_probs_with_bias(q, k, call.scale, &bias.index_select(&index, 0)?)
+            }
+        }
     }
 }
 

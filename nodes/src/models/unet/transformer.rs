@@ -116,6 +116,13 @@ impl Attention {
         let out = out
             .transpose(1, 2)?
             .reshape((batch, tokens, self.heads * self.head_dim))?;
+        if let Some(scale) = pass.values.take_output_scale(&self.path) {
+            let projected = (self.to_out.forward(&out)? * scale)?;
+            return match residual {
+                Some(residual) => projected + residual,
+                None => Ok(projected),
+            };
+        }
         match residual {
             Some(residual) => self.to_out.forward_add(&out, residual),
             None => self.to_out.forward(&out),
