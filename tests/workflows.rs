@@ -268,6 +268,67 @@ fn a_motion_override_outside_its_range_fails_validation() {
     assert_eq!(issue.input_name(), Some("motion_override"), "{issue:?}");
 }
 
+/// Runs a shipped workflow adapted to the tiny models with `frames` frames, in `dir`, returning
+/// what its output nodes reported.
+fn run_adapted(dir: &Path, name: &str, frames: usize) -> vdm::RunSummary {
+    let models = common::write_tiny_models(&dir.join("models"));
+    let video = write_input_video(dir, 6);
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("workflows")
+            .join(name),
+    )
+    .unwrap();
+    let mut wf = Workflow::parse(&text).unwrap();
+    adapt(&mut wf, &video, frames);
+    let set = plugins();
+    let out = dir.join("out");
+    Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", out.to_string_lossy())
+        .with_setting("models_dir", models.root.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&wf)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn entropy_probe_workflow_writes_a_table_a_heatmap_and_a_ranking() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = run_adapted(dir.path(), "entropy-probe.json", 4);
+    let report = &summary.ui["11"];
+    let csv = std::fs::read_to_string(report["tables"][0]["fullpath"].as_str().unwrap()).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("step,timestep,layer,kind,entropy,entropy_normalized,energy")
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let ranking = report["ranking"].as_array().unwrap();
+    // Two steps of every attention layer of the tiny UNet + motion module.
+    assert_eq!(rows.len(), 2 * ranking.len());
+    assert!(rows.iter().all(|r| r.len() == 7));
+    for kind in ["spatial", "cross", "temporal"] {
+        assert!(
+            rows.iter().any(|r| r[3] == kind),
+            "no {kind} layer in the table"
+        );
+    }
+    let heatmap = image::open(report["images"][0]["fullpath"].as_str().unwrap()).unwrap();
+    assert!(heatmap.height() > 10 * ranking.len() as u32);
+}
+
+#[test]
+fn enhance_workflow_runs_both_methods() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = run_adapted(dir.path(), "enhance.json", 4);
+    for node in ["9", "23"] {
+        assert!(
+            summary.ui[node]["videos"][0]["fullpath"].is_string(),
+            "node {node}"
+        );
+    }
+}
+
 fn expect_node_error(
     wf: serde_json::Value,
     models: &common::TinyModels,
