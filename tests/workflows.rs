@@ -35,7 +35,7 @@ fn adapt(workflow: &mut Workflow, video: &Path, frames: usize) {
                 set(workflow, "height", json!(128));
                 set(workflow, "frames", json!(frames));
             }
-            "VideoSampler" => set(workflow, "steps", json!(2)),
+            "VideoSampler" | "EntropyEditor" => set(workflow, "steps", json!(2)),
             "LoadVideo" => set(workflow, "video", json!(video.to_string_lossy())),
             _ => {}
         }
@@ -98,6 +98,11 @@ fn run_workflow(name: &str, frames: usize, expected_frames: usize) {
 #[test]
 fn txt2vid_workflow_runs_on_tiny_models() {
     run_workflow("txt2vid.json", 8, 8);
+}
+
+#[test]
+fn entropy_edit_workflow_runs_on_tiny_models() {
+    run_workflow("entropy-edit.json", 0, 6);
 }
 
 #[test]

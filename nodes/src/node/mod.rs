@@ -4,6 +4,7 @@
 //! This module holds what every node shares: the [`Node`] trait, typed access to inputs with
 //! errors that name the input, the objects that travel as handles, and the registry.
 
+mod editing;
 mod entropy;
 mod latent;
 mod models;
@@ -44,6 +45,7 @@ pub fn registry() -> &'static [Box<dyn Node>] {
         nodes.extend(models::nodes());
         nodes.extend(sampler::nodes());
         nodes.extend(entropy::nodes());
+        nodes.extend(editing::nodes());
         nodes
     })
 }

@@ -7,6 +7,7 @@
 
 pub mod context;
 pub mod frames;
+pub mod inversion;
 
 use candle_core::{Result, Tensor};
 

@@ -10,10 +10,13 @@
 //! - [`motion_adaptive`]: motion-adaptive temporal attention, as patches on a model.
 //! - [`entropy`]: attention entropy and energy per layer and step, measured by an observer, as
 //!   a table, CSV and [`heatmap`].
+//! - [`editing`]: entropy-aware video editing (inversion, then source and target sampled
+//!   together with the source's low-entropy attention injected into the target).
 //! - [`attention_edit`]: processors that perturb (identity, uniform), enhance (IE-Adapt,
 //!   Enhance-A-Video) attention by layer and step range.
 
 pub mod attention_edit;
+pub mod editing;
 pub mod entropy;
 pub mod freeinit;
 pub mod heatmap;
