@@ -7,6 +7,9 @@
 //! - [`latent_file`]: ComfyUI-compatible `.latent` files.
 //! - [`motion`]: dense optical flow between frames, the clip's motion amplitude, flow
 //!   previews and motion files.
+//! - [`freeinit`]: FreeInit's re-noising passes around the sampling loop.
+//! - [`reuse`]: denoising reuse (Dr. Mo): key frames run the whole schedule, the others are
+//!   propagated from them until a switch step, as a frame strategy of the sampling loop.
 
 pub mod freeinit;
 pub mod io;
@@ -14,6 +17,7 @@ pub mod latent_file;
 pub mod motion;
 pub mod noise;
 pub mod preview;
+pub mod reuse;
 
 pub use io::{load_video, save_video, LoadOptions, MediaError, VideoFormat};
 pub use latent_file::{load_latent, save_latent};
