@@ -14,6 +14,7 @@ use crate::models::vae::AutoencoderKL;
 use crate::sampling::ContextOptions;
 use crate::video::freeinit::FreeInitConfig;
 use crate::video::motion::MotionField;
+use crate::video::reuse::ReuseMode;
 
 use super::PluginType;
 
@@ -151,6 +152,18 @@ pub struct Context {
     pub options: ContextOptions,
 }
 
+/// `REUSE_OPTIONS` for the sampler: Step Selector's denoising-reuse settings. The motion
+/// stays at the frames' resolution until the sampler, which knows the latents' size, turns it
+/// into latent flow.
+#[derive(Debug, Clone)]
+pub struct Reuse {
+    pub key_stride: usize,
+    pub reuse_until: f64,
+    pub mode: ReuseMode,
+    /// The clip's motion for flow propagation; `None` propagates by copy.
+    pub motion: Option<MotionField>,
+}
+
 /// A `MOTION`: the dense forward flow of a clip, its magnitude and the clip amplitude.
 #[derive(Debug, Clone)]
 pub struct Motion {
@@ -184,6 +197,16 @@ plugin_type!(Conditioning, "CONDITIONING", |c| format!(
 ));
 plugin_type!(FreeInit, "FREEINIT", |f| format!("{:?}", f.config));
 plugin_type!(Context, "CONTEXT_OPTIONS", |c| format!("{:?}", c.options));
+plugin_type!(Reuse, "REUSE_OPTIONS", |r| format!(
+    "key stride {}, reuse until {}, {:?}, {}",
+    r.key_stride,
+    r.reuse_until,
+    r.mode,
+    match &r.motion {
+        Some(m) => format!("flow {:?}", m.flow.dims()),
+        None => "copy".to_owned(),
+    }
+));
 plugin_type!(Motion, "MOTION", |m| format!(
     "flow {:?}, amplitude {:.4}",
     m.field.flow.dims(),

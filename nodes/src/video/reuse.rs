@@ -209,8 +209,9 @@ impl ReuseConfig {
 /// Normalised mutual information of `a` and `b`, each flattened (same element count):
 /// `2·I(a; b) / (H(a) + H(b))` from a joint histogram of [`NMI_BINS`] bins per variable, each
 /// spanning its own min..max. 1 for identical inputs (and when both are constant), near 0 for
-/// independent ones; the plug-in estimate is biased upwards by about `(bins−1)² / (2n)` nats of
-/// mutual information for n values.
+/// independent ones. The plug-in estimate is biased upwards on few values: for n well above
+/// bins² by about `(bins−1)² / (2n)` nats of mutual information (0.02 for independent noise
+/// over 64×64×4 values), much more below that (0.3 over 12×16×4).
 pub fn nmi(a: &Tensor, b: &Tensor) -> Result<f64> {
     let values = |t: &Tensor| -> Result<Vec<f32>> {
         t.to_device(&Device::Cpu)?
