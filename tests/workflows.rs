@@ -410,6 +410,15 @@ fn fast_reuse_workflow_evaluates_key_frames_alone_in_the_early_steps() {
     assert_eq!(ui["frame_evaluations"], json!([32]), "{ui}");
     assert_eq!(ui["frame_evaluations_without_reuse"], json!([32]), "{ui}");
 
+    // Without Step Selector the counts are reported all the same, and equal.
+    let mut plain = tiny_fast_reuse(json!({}), None, dir.path());
+    plain.nodes.get_mut("7").unwrap().inputs.remove("reuse");
+    plain.nodes.remove("10");
+    let (result, _) = run_with_events(&plain, &models, &out);
+    let ui = &result.unwrap_or_else(|e| panic!("{e}")).ui["7"];
+    assert_eq!(ui["frame_evaluations"], json!([32]), "{ui}");
+    assert_eq!(ui["frame_evaluations_without_reuse"], json!([32]), "{ui}");
+
     let (ui, _) = sampler_ui(json!({"mode": "adaptive", "reuse_until": 1.0}), None);
     let curve: Vec<f64> = serde_json::from_value(ui["nmi"].clone()).expect("an NMI curve");
     println!("tiny model, adaptive reuse: NMI per step {curve:?}; {ui}");
