@@ -461,3 +461,212 @@ fn a_model_of_the_wrong_kind_in_a_socket_fails_validation() {
     assert_eq!(issue.input_name(), Some("vae"));
     assert!(issue.details.contains("CLIP"), "{}", issue.details);
 }
+
+/// `workflows/fast-reuse.json` on the tiny models (8 frames, 2 steps), with `selector`'s inputs
+/// replacing Step Selector's; with `motion`, a clip at that path is estimated and fed to Step
+/// Selector's `motion`.
+fn tiny_fast_reuse(selector: serde_json::Value, motion: Option<&Path>, dir: &Path) -> Workflow {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/fast-reuse.json"),
+    )
+    .unwrap();
+    let mut wf = Workflow::parse(&text).unwrap();
+    adapt(&mut wf, &write_input_video(dir, 2), 8);
+    for (input, value) in selector.as_object().expect("selector inputs") {
+        wf.set_literal("10", input, value.clone()).unwrap();
+    }
+    if let Some(video) = motion {
+        let source = Workflow::from_json(json!({
+            "11": {"class_type": "LoadVideo", "inputs": {"video": video.to_string_lossy()}},
+            "12": {"class_type": "MotionEstimator", "inputs": {"images": ["11", 0]}}
+        }))
+        .unwrap();
+        wf.nodes.extend(source.nodes);
+        let selector = wf.nodes.get_mut("10").unwrap();
+        selector.inputs.insert(
+            "motion".into(),
+            vdm::Input::Link {
+                node: "12".into(),
+                output: 0,
+            },
+        );
+    }
+    wf
+}
+
+fn run_with_events(
+    wf: &Workflow,
+    models: &common::TinyModels,
+    out: &Path,
+) -> (Result<vdm::RunSummary, RunError>, Vec<vdm::Event>) {
+    let set = plugins();
+    let events = vdm::events::Recorder::default();
+    let result = Executor::new(&set, &events)
+        .with_setting("output_dir", out.to_string_lossy())
+        .with_setting("models_dir", models.root.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(wf);
+    let events = events.0.into_inner().unwrap();
+    (result, events)
+}
+
+#[test]
+fn fast_reuse_workflow_evaluates_key_frames_alone_in_the_early_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let out = dir.path().join("out");
+    let sampler_ui = |selector: serde_json::Value, motion: Option<&Path>| {
+        let wf = tiny_fast_reuse(selector.clone(), motion, dir.path());
+        let (result, events) = run_with_events(&wf, &models, &out);
+        let summary = result.unwrap_or_else(|e| panic!("fast-reuse {selector}: {e}"));
+        let saved = summary.ui["9"]["videos"][0]["fullpath"]
+            .as_str()
+            .map(PathBuf::from)
+            .expect("a saved video");
+        let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+            std::fs::File::open(&saved).unwrap(),
+        ))
+        .unwrap();
+        assert_eq!(decoder.into_frames().collect_frames().unwrap().len(), 8);
+        let last_text = events.iter().rev().find_map(|e| match e {
+            vdm::Event::Progress { node, text, .. } if node == "7" => Some(text.clone()),
+            _ => None,
+        });
+        (summary.ui["7"].clone(), last_text)
+    };
+
+    // 8 frames, key frames 0 and 4, the first of 2 steps reused, 2 guidance branches:
+    // 2·(1·2 + 1·8) = 20 frame evaluations against 2·2·8 = 32.
+    let (ui, text) = sampler_ui(json!({}), None);
+    assert_eq!(ui["frame_evaluations"], json!([20]), "{ui}");
+    assert_eq!(ui["frame_evaluations_without_reuse"], json!([32]), "{ui}");
+    assert!(ui.get("nmi").is_none(), "{ui}");
+    assert_eq!(
+        text.as_deref(),
+        Some("sampling (reuse: 20 of 32 frame evaluations)")
+    );
+
+    let (ui, _) = sampler_ui(json!({"reuse_until": 0.0}), None);
+    assert_eq!(ui["frame_evaluations"], json!([32]), "{ui}");
+    assert_eq!(ui["frame_evaluations_without_reuse"], json!([32]), "{ui}");
+
+    // Without Step Selector the counts are reported all the same, and equal.
+    let mut plain = tiny_fast_reuse(json!({}), None, dir.path());
+    plain.nodes.get_mut("7").unwrap().inputs.remove("reuse");
+    plain.nodes.remove("10");
+    let (result, _) = run_with_events(&plain, &models, &out);
+    let ui = &result.unwrap_or_else(|e| panic!("{e}")).ui["7"];
+    assert_eq!(ui["frame_evaluations"], json!([32]), "{ui}");
+    assert_eq!(ui["frame_evaluations_without_reuse"], json!([32]), "{ui}");
+
+    let (ui, _) = sampler_ui(json!({"mode": "adaptive", "reuse_until": 1.0}), None);
+    let curve: Vec<f64> = serde_json::from_value(ui["nmi"].clone()).expect("an NMI curve");
+    println!("tiny model, adaptive reuse: NMI per step {curve:?}; {ui}");
+    assert_eq!(curve.len(), 2);
+    assert!(curve.iter().all(|v| (0.0..=1.0).contains(v)), "{curve:?}");
+
+    // Flow propagation along the motion of a clip at 8× the latents' size (96×128).
+    let clip = dir.path().join("moving.gif");
+    common::write_moving_texture_gif(&clip, 8, (96, 128), (2, 1));
+    let (ui, _) = sampler_ui(json!({"propagation": "flow"}), Some(&clip));
+    assert_eq!(ui["frame_evaluations"], json!([20]), "{ui}");
+}
+
+#[test]
+fn fast_reuse_combines_with_context_windows_and_freeinit() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let mut wf = tiny_fast_reuse(json!({"reuse_until": 0.5}), None, dir.path());
+    // Windows of 16 over 24 frames (0..16 and 8..24); the key frames 0, 4, …, 20 are windowed
+    // over the 21 positions they span.
+    wf.set_literal("6", "frames", json!(24)).unwrap();
+    let options = Workflow::from_json(json!({
+        "13": {"class_type": "ContextOptions", "inputs": {"context_length": 16, "context_overlap": 4,
+               "schedule": "static", "fuse_method": "pyramid"}},
+        "14": {"class_type": "FreeInitOptions", "inputs": {"iterations": 2, "filter": "butterworth",
+               "spatial_stop_frequency": 0.25, "temporal_stop_frequency": 0.25, "order": 4, "fast_sampling": false}}
+    }))
+    .unwrap();
+    wf.nodes.extend(options.nodes);
+    let sampler = wf.nodes.get_mut("7").unwrap();
+    for (input, node) in [("context_options", "13"), ("freeinit", "14")] {
+        sampler.inputs.insert(
+            input.into(),
+            vdm::Input::Link {
+                node: node.into(),
+                output: 0,
+            },
+        );
+    }
+    let (result, _) = run_with_events(&wf, &models, &dir.path().join("out"));
+    let summary = result.unwrap_or_else(|e| panic!("{e}"));
+    let ui = &summary.ui["7"];
+    // Without reuse: 2 FreeInit passes × 2 steps × 2 guidance branches × 2 windows of 16.
+    let plain = ui["frame_evaluations_without_reuse"][0].as_u64().unwrap();
+    let reused = ui["frame_evaluations"][0].as_u64().unwrap();
+    assert_eq!(plain, 2 * 2 * 2 * (2 * 16), "{ui}");
+    assert!(reused < plain, "{ui}");
+}
+
+/// Runs `wf` and checks that it fails in node `node` on `input` with a message holding `needle`.
+fn expect_workflow_error(
+    wf: &Workflow,
+    models: &common::TinyModels,
+    out: &Path,
+    (node, input, needle): (&str, &str, &str),
+) {
+    match run_with_events(wf, models, out).0 {
+        Err(RunError::Node(e)) => {
+            assert_eq!(e.node_id.as_str(), node, "{e}");
+            let named = e.input.clone().into_option().map(|s| s.into_string());
+            assert_eq!(named.as_deref(), Some(input), "{e}");
+            assert!(e.message.contains(needle), "{e}");
+        }
+        other => panic!("expected an error of node {node}, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_reuse_inputs_name_the_node_and_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let out = dir.path().join("out");
+    let check = |wf: Workflow, expected| expect_workflow_error(&wf, &models, &out, expected);
+
+    check(
+        tiny_fast_reuse(json!({"key_stride": 16}), None, dir.path()),
+        (
+            "7",
+            "reuse",
+            "StepSelector: the key stride 16 is larger than the clip's 8 frames",
+        ),
+    );
+    check(
+        tiny_fast_reuse(json!({"propagation": "flow"}), None, dir.path()),
+        (
+            "10",
+            "motion",
+            "propagation `flow` warps along the clip's motion",
+        ),
+    );
+    let short = dir.path().join("short.gif");
+    common::write_moving_texture_gif(&short, 3, (96, 128), (1, 0));
+    check(
+        tiny_fast_reuse(json!({"propagation": "flow"}), Some(&short), dir.path()),
+        (
+            "7",
+            "reuse",
+            "StepSelector's motion: the motion is of 3 frames, the latents have 8",
+        ),
+    );
+    let small = dir.path().join("small.gif");
+    common::write_moving_texture_gif(&small, 8, (64, 48), (1, 0));
+    check(
+        tiny_fast_reuse(json!({"propagation": "flow"}), Some(&small), dir.path()),
+        (
+            "7",
+            "reuse",
+            "the motion is 64×48 pixels, latents of 12×16 need 96×128",
+        ),
+    );
+}

@@ -11,121 +11,20 @@
 //!
 //! Run with `cargo bench -p vdm-nodes --bench unet`.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+mod common;
+
 use std::time::Instant;
 
-use candle_core::{DType, Device, Result, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::{Device, Result, Tensor};
 use vdm_nodes::models::attention::AttentionHook;
-use vdm_nodes::models::motion::{MotionAdapter, MotionAdapterConfig, MotionPatch};
-use vdm_nodes::models::unet::{
-    UNet2DConditionConfig, UNet2DConditionModel, UNetInputs, UNetPatches,
-};
+use vdm_nodes::models::motion::{MotionAdapter, MotionPatch};
+use vdm_nodes::models::unet::{UNet2DConditionModel, UNetInputs, UNetPatches};
+
+use common::{cpu_seconds, env_usize, median, peak_rss_gib, RandomModels};
 
 const BATCH: usize = 2;
 const FRAMES: usize = 8;
 const LATENT: usize = 32;
-
-/// A weight source that records the name and shape of every weight a model asks for, answering
-/// with a zero-cost broadcast zero, so that the weight list comes from the model code itself.
-#[derive(Default)]
-struct ShapeRecorder {
-    shapes: Mutex<Vec<(String, Shape)>>,
-}
-
-impl SimpleBackend for ShapeRecorder {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        if let Ok(mut shapes) = self.shapes.lock() {
-            shapes.push((name.to_string(), s.clone()));
-        }
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        candle_core::bail!("{name}: shape needed")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        false
-    }
-}
-
-/// Random weights for every recorded shape, scaled like PyTorch's default initialisation
-/// (uniform ±1/√fan_in; norm weights 1 and biases small) so that activations stay in range.
-fn random_weights(shapes: Vec<(String, Shape)>) -> Result<HashMap<String, Tensor>> {
-    let mut weights = HashMap::with_capacity(shapes.len());
-    for (name, shape) in shapes {
-        let dims = shape.dims();
-        let tensor = if dims.len() >= 2 {
-            let fan_in: usize = dims[1..].iter().product();
-            let bound = 1.0 / (fan_in as f64).sqrt();
-            Tensor::rand(-bound as f32, bound as f32, shape, &Device::Cpu)?
-        } else if name.ends_with("weight") {
-            Tensor::ones(shape, DType::F32, &Device::Cpu)?
-        } else {
-            Tensor::rand(-0.02f32, 0.02, shape, &Device::Cpu)?
-        };
-        weights.insert(name, tensor);
-    }
-    Ok(weights)
-}
-
-fn weights_for(build: impl FnOnce(VarBuilder) -> Result<()>) -> Result<HashMap<String, Tensor>> {
-    let recorder = std::sync::Arc::new(ShapeRecorder::default());
-    struct Shared(std::sync::Arc<ShapeRecorder>);
-    impl SimpleBackend for Shared {
-        fn get(&self, s: Shape, n: &str, h: Init, d: DType, dev: &Device) -> Result<Tensor> {
-            self.0.get(s, n, h, d, dev)
-        }
-        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> Result<Tensor> {
-            self.0.get_unchecked(n, d, dev)
-        }
-        fn contains_tensor(&self, n: &str) -> bool {
-            self.0.contains_tensor(n)
-        }
-    }
-    let vb = VarBuilder::from_backend(Box::new(Shared(recorder.clone())), DType::F32, Device::Cpu);
-    build(vb)?;
-    let shapes = std::mem::take(&mut *recorder.shapes.lock().expect("recorder lock"));
-    random_weights(shapes)
-}
-
-fn parameter_count(weights: &HashMap<String, Tensor>) -> usize {
-    weights.values().map(Tensor::elem_count).sum()
-}
-
-fn peak_rss_gib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / (1024.0 * 1024.0))
-}
-
-/// User + system CPU seconds of this process so far: on a machine shared with other jobs, the
-/// CPU time of a forward is steadier than its wall time.
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-fn median(times: &[f64]) -> f64 {
-    let mut sorted = times.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-    }
-}
 
 /// PyTorch's figures from `bench_full_unet.py --json`, to print beside ours.
 struct Reference(serde_json::Value);
@@ -190,10 +89,7 @@ fn time_forward(
 }
 
 fn main() -> Result<()> {
-    let runs: usize = std::env::var("VDM_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let runs = env_usize("VDM_BENCH_RUNS", 2);
     let skip_2d = std::env::var("VDM_BENCH_SKIP_2D").is_ok_and(|v| v == "1");
     // As `vdm run` does by default.
     vdm_nodes::allocator::retain_freed_memory();
@@ -204,28 +100,17 @@ fn main() -> Result<()> {
         candle_core::utils::get_num_threads()
     );
 
-    let unet_cfg = UNet2DConditionConfig::default();
-    let adapter_cfg = MotionAdapterConfig::default();
     let start = Instant::now();
-    let unet_weights = weights_for(|vb| UNet2DConditionModel::new(vb, &unet_cfg).map(|_| ()))?;
-    let groups = unet_cfg.norm_num_groups;
-    let adapter_weights =
-        weights_for(|vb| MotionAdapter::new(vb, &adapter_cfg, groups).map(|_| ()))?;
-    let unet_params = parameter_count(&unet_weights);
-    let motion_params = parameter_count(&adapter_weights);
-    let unet = std::sync::Arc::new(UNet2DConditionModel::new(
-        VarBuilder::from_tensors(unet_weights, DType::F32, &device),
-        &unet_cfg,
-    )?);
-    let adapter = MotionAdapter::new(
-        VarBuilder::from_tensors(adapter_weights, DType::F32, &device),
-        &adapter_cfg,
-        groups,
-    )?;
+    let RandomModels {
+        unet,
+        adapter,
+        unet_parameters,
+        motion_parameters,
+    } = RandomModels::new(&device)?;
     println!("build: {:.1} s", start.elapsed().as_secs_f64());
     println!(
-        "parameters: UNet {unet_params}, motion modules {motion_params}, total {}",
-        unet_params + motion_params
+        "parameters: UNet {unet_parameters}, motion modules {motion_parameters}, total {}",
+        unet_parameters + motion_parameters
     );
 
     let sample = Tensor::randn(0f32, 1.0, (BATCH, 4, FRAMES, LATENT, LATENT), &device)?;
@@ -265,10 +150,7 @@ fn main() -> Result<()> {
             reference.compare("median", pointer, seconds, "s");
         }
     }
-    let steps: usize = std::env::var("VDM_BENCH_STEPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let steps = env_usize("VDM_BENCH_STEPS", 2);
     if steps > 0 {
         time_sampling_steps(&unet, adapter, steps)?;
     }

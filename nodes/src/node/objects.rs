@@ -15,6 +15,7 @@ use crate::sampling::ContextOptions;
 use crate::video::entropy::EntropyTable;
 use crate::video::freeinit::FreeInitConfig;
 use crate::video::motion::MotionField;
+use crate::video::reuse::ReuseMode;
 
 use super::PluginType;
 
@@ -152,6 +153,18 @@ pub struct Context {
     pub options: ContextOptions,
 }
 
+/// `REUSE_OPTIONS` for the sampler: Step Selector's denoising-reuse settings. The motion
+/// stays at the frames' resolution until the sampler, which knows the latents' size, turns it
+/// into latent flow.
+#[derive(Debug, Clone)]
+pub struct Reuse {
+    pub key_stride: usize,
+    pub reuse_until: f64,
+    pub mode: ReuseMode,
+    /// The clip's motion for flow propagation; `None` propagates by copy.
+    pub motion: Option<MotionField>,
+}
+
 /// A `MOTION`: the dense forward flow of a clip, its magnitude and the clip amplitude.
 #[derive(Debug, Clone)]
 pub struct Motion {
@@ -194,6 +207,16 @@ plugin_type!(Context, "CONTEXT_OPTIONS", |c| format!("{:?}", c.options));
 plugin_type!(EntropyProbe, "ENTROPY_PROBE", |p| format!(
     "{} rows",
     p.table.rows().len()
+));
+plugin_type!(Reuse, "REUSE_OPTIONS", |r| format!(
+    "key stride {}, reuse until {}, {:?}, {}",
+    r.key_stride,
+    r.reuse_until,
+    r.mode,
+    match &r.motion {
+        Some(m) => format!("flow {:?}", m.flow.dims()),
+        None => "copy".to_owned(),
+    }
 ));
 plugin_type!(Motion, "MOTION", |m| format!(
     "flow {:?}, amplitude {:.4}",

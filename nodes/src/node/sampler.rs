@@ -1,12 +1,15 @@
-//! The video sampler and its option nodes (FreeInit, context windows), and the VAE nodes.
+//! The video sampler and its option nodes (FreeInit, context windows, denoising reuse), and
+//! the VAE nodes.
 
 use std::cell::Cell;
 
 use candle_core::{DType, Tensor};
+use serde_json::json;
 
+use crate::models::call::SamplingStep;
 use crate::sampling::{
-    ContextOptions, ContextWindows, NoisePredictor, SampleInputs, SampleSettings, Sampler,
-    StepReport, TextConditioning,
+    ContextOptions, ContextWindows, NoisePredictor, PredictRequest, SampleInputs, SampleSettings,
+    Sampler, StepReport, TextConditioning,
 };
 use crate::schedulers::{
     DdimScheduler, DdimSchedulerConfig, EulerDiscreteScheduler, EulerDiscreteSchedulerConfig,
@@ -14,8 +17,9 @@ use crate::schedulers::{
 };
 use crate::video::freeinit::{sample_with_freeinit, FilterKind, FreeInitConfig};
 use crate::video::noise::{video_noise, NoiseMode};
+use crate::video::reuse::{DenoisingReuse, Propagation, ReuseConfig, ReuseMode};
 
-use super::objects::{Conditioning, Context as ContextObject, FreeInit, Model, Vae};
+use super::objects::{Conditioning, Context as ContextObject, FreeInit, Model, Motion, Reuse, Vae};
 use super::{
     Context, DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs,
     PluginType,
@@ -26,6 +30,7 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
         Box::new(VideoSampler),
         Box::new(FreeInitOptions),
         Box::new(ContextOptionsNode),
+        Box::new(StepSelector),
         Box::new(VaeDecode),
         Box::new(VaeEncode),
     ]
@@ -42,7 +47,9 @@ impl Node for VideoSampler {
             .description(
                 "Denoises video latents with classifier-free guidance, as diffusers' AnimateDiff pipelines do. \
                  denoise < 1 runs that share of the schedule from the given latents (video-to-video). \
-                 Clips longer than the motion module's positional table are sampled in context windows.",
+                 Clips longer than the motion module's positional table are sampled in context windows. \
+                 Reports the UNet frame evaluations made (each guidance branch counted) beside those of \
+                 the plain sampler, and with adaptive reuse the consistency NMI of each step.",
             )
             .object("model", "MODEL", "The model, usually with a motion module applied.")
             .object("positive", "CONDITIONING", "The prompt.")
@@ -57,6 +64,7 @@ impl Node for VideoSampler {
             .object("noise", "LATENT", "Initial noise to use instead of the seed's (e.g. from Video Noise).")
             .object("context_options", "CONTEXT_OPTIONS", "Context windows for long clips.")
             .object("freeinit", "FREEINIT", "FreeInit refinement passes.")
+            .object("reuse", "REUSE_OPTIONS", "Denoising reuse from Step Selector: in the early steps only key frames are evaluated.")
             .output("LATENT", "LATENT")
             .build()
     }
@@ -150,6 +158,14 @@ impl Node for VideoSampler {
             ));
         }
 
+        let mut reuse = match inputs.optional_object::<Reuse>("reuse")? {
+            Some(options) => {
+                let config = reuse_config(&options, frames, height, width)?;
+                Some(DenoisingReuse::new(config, &noise).for_input("reuse")?)
+            }
+            None => None,
+        };
+
         let context_options = match inputs.optional_object::<ContextObject>("context_options")? {
             Some(c) => Some(c.options),
             // Past the positional table a single pass is impossible: window by default.
@@ -198,10 +214,31 @@ impl Node for VideoSampler {
             )
         };
         let init = (strength < 1.0).then_some(&latents);
+        let reuse_given = reuse.is_some();
         let cancelled = Cell::new(false);
+        // Frame evaluations so far, with the run's frame selection and with every frame.
+        let evaluations = Cell::new((0usize, 0usize));
+        let guided_shape = (
+            batch * settings.guidance().branches(),
+            channels,
+            frames,
+            height,
+            width,
+        );
         let mut on_step = |report: &StepReport<'_>| -> candle_core::Result<()> {
             let step = report.step;
-            ctx.progress((step.index + 1) as u64, step.count as u64, "sampling");
+            let (done, plain) = evaluations.get();
+            let count =
+                |positions| step_evaluations(predictor, guided_shape, positions, step, &positive);
+            let done = done + count(report.evaluated_frames)?;
+            let plain = plain + count(None)?;
+            evaluations.set((done, plain));
+            let text = if reuse_given {
+                format!("sampling (reuse: {done} of {plain} frame evaluations)")
+            } else {
+                "sampling".to_owned()
+            };
+            ctx.progress((step.index + 1) as u64, step.count as u64, &text);
             if ctx.check_cancelled().is_err() {
                 cancelled.set(true);
                 candle_core::bail!("cancelled");
@@ -217,6 +254,9 @@ impl Node for VideoSampler {
             },
         };
         let mut sampler = Sampler::new(predictor, scheduler.as_ref()).on_step(&mut on_step);
+        if let Some(reuse) = reuse.as_mut() {
+            sampler = sampler.with_strategy(reuse);
+        }
         let result = match &freeinit {
             Some(config) => sample_with_freeinit(
                 &mut sampler,
@@ -227,13 +267,80 @@ impl Node for VideoSampler {
             ),
             None => sampler.sample(&settings, &sample_inputs),
         };
-        let samples = match result {
-            Ok(output) => output.latents,
+        drop(sampler);
+        let output = match result {
+            Ok(output) => output,
             Err(_) if cancelled.get() => return Err(NodeFailure::cancelled()),
             Err(e) => return Err(NodeFailure::execution(e)),
         };
-        Ok(Outputs::one(Latent { samples }.into_value()))
+        let (_, without_reuse) = evaluations.get();
+        let mut ui = json!({
+            "frame_evaluations": [output.frame_evaluations],
+            "frame_evaluations_without_reuse": [without_reuse],
+        });
+        if let Some(reuse) = &reuse {
+            if matches!(reuse.config().mode, ReuseMode::Adaptive { .. }) {
+                ui["nmi"] = json!(reuse.nmi_curve());
+            }
+        }
+        Ok(Outputs {
+            values: vec![Latent {
+                samples: output.latents,
+            }
+            .into_value()],
+            ui: Some(ui),
+        })
     }
+}
+
+/// The frame evaluations `predictor` makes at `step` on the guided batch `shape` (videos ×
+/// guidance branches, C, F, h, w), restricted to the frames at `positions` when given: asked
+/// of the predictor (context windows count their overlaps), without running it.
+fn step_evaluations(
+    predictor: &dyn NoisePredictor,
+    (batch, channels, frames, height, width): (usize, usize, usize, usize, usize),
+    positions: Option<&[usize]>,
+    step: SamplingStep,
+    text: &Tensor,
+) -> candle_core::Result<usize> {
+    let frames = positions.map_or(frames, <[usize]>::len);
+    // A broadcast zero: the shape without the memory.
+    let latents = Tensor::zeros((), DType::F32, text.device())?
+        .broadcast_as((batch, channels, frames, height, width))?;
+    predictor.frame_evaluations(&PredictRequest {
+        latents: &latents,
+        timestep: step.timestep,
+        text,
+        step: Some(step),
+        guidance: Default::default(),
+        frame_positions: positions,
+        run: None,
+    })
+}
+
+/// The reuse configuration of `options` for latents of `frames` frames of `height`×`width`,
+/// with errors naming the sampler's `reuse` input and what of Step Selector's is wrong.
+fn reuse_config(
+    options: &Reuse,
+    frames: usize,
+    height: usize,
+    width: usize,
+) -> Result<ReuseConfig, NodeFailure> {
+    let propagation = match &options.motion {
+        None => Propagation::Copy,
+        Some(motion) => Propagation::flow_from_motion(&motion.flow, frames, height, width)
+            .map_err(|e| NodeFailure::input("reuse", format!("StepSelector's motion: {e}")))?,
+    };
+    let config = ReuseConfig {
+        key_stride: options.key_stride,
+        reuse_until: options.reuse_until,
+        mode: options.mode,
+        propagation,
+    };
+    config
+        .validate(frames)
+        .map_err(|e| NodeFailure::input("reuse", format!("StepSelector: {e}")))?;
+    Ok(config)
 }
 
 struct FreeInitOptions;
@@ -296,6 +403,135 @@ impl Node for ContextOptionsNode {
         };
         options.validate().for_input("context_overlap")?;
         Ok(Outputs::one(ContextObject { options }.into_value()))
+    }
+}
+
+struct StepSelector;
+
+/// Step Selector's default NMI threshold of adaptive mode (see its description).
+const DEFAULT_NMI_THRESHOLD: f64 = 0.3;
+
+impl Node for StepSelector {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        let defaults = ReuseConfig::default();
+        DescriptorBuilder::new("StepSelector", "Step Selector (denoising reuse)", "vdm/sampling")
+            .description(
+                "Denoising reuse (Dr. Mo): the early, coarse steps of neighbouring frames are nearly the same up to motion, \
+                 so only key frames (0, s, 2s, …) are denoised there; every other frame takes its key frame's denoised \
+                 prediction, carried over and re-noised with the frame's own noise, until its switch step, after which all \
+                 frames are denoised jointly. The UNet runs only on the frames that need it: the sampler reports the frame \
+                 evaluations saved. Feeds Video Sampler's `reuse`.",
+            )
+            .int(
+                "key_stride",
+                defaults.key_stride as i64,
+                1,
+                64,
+                "Every key_stride-th frame is a key frame and runs the whole schedule; the others follow the key frame before them. \
+                 4 (default): a quarter of the frames in the early steps. 1: every frame is a key frame (no reuse). \
+                 At most the clip's length.",
+            )
+            .float(
+                "reuse_until",
+                defaults.reuse_until,
+                (0.0, 1.0, 0.01),
+                "Share of the schedule (of each FreeInit pass) during which non-key frames are propagated instead of denoised: \
+                 the switch step in fixed mode, the latest switch in adaptive mode. 0.4 (default, the paper's): the first 40% \
+                 of the steps. 0 turns reuse off.",
+            )
+            .combo(
+                "mode",
+                &ReuseMode::NAMES,
+                "fixed: every frame switches at reuse_until. adaptive: the frames between two key frames also switch as soon \
+                 as the consistency of those key frames (NMI of their predictions, 64-bin joint histogram) falls below \
+                 nmi_threshold; the sampler then reports the NMI of each step.",
+            )
+            .float(
+                "nmi_threshold",
+                DEFAULT_NMI_THRESHOLD,
+                (0.0, 1.0, 0.01),
+                "Adaptive mode: keep propagating while the key frames' NMI stays at or above this. NMI is 1 for identical \
+                 predictions and falls towards 0 for unrelated ones: 0.02 for independent noise over 64×64×4 latents \
+                 (512×512 frames), but 0.3 over 12×16×4 (the histogram estimate is biased upwards on few values). \
+                 Gaussian values of correlation 0.9 / 0.95 / 0.98 give 0.25 / 0.33 / 0.45 at 512×512. 0.3 (default): \
+                 reuse while consecutive key frames are about as alike as a correlation of 0.93–0.95; on very small \
+                 latents this never switches early and reuse_until decides. 0 never switches early; 1 switches after \
+                 the first step.",
+            )
+            .combo(
+                "propagation",
+                &Propagation::NAMES,
+                "copy: a frame takes its key frame's prediction as it is (generation). flow: the prediction is first warped \
+                 along `motion` from the key frame to the frame (editing, where a source video gives the motion).",
+            )
+            .optional()
+            .object(
+                "motion",
+                "MOTION",
+                "The clip's optical flow for flow propagation (Motion Estimator on the source video): as many frames as the \
+                 latents, at 8× their width and height. Not used by copy.",
+            )
+            .output("REUSE_OPTIONS", "REUSE_OPTIONS")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let mode = match inputs.string("mode")? {
+            "fixed" => ReuseMode::Fixed,
+            "adaptive" => ReuseMode::Adaptive {
+                nmi_threshold: inputs.float("nmi_threshold")?,
+            },
+            other => {
+                return Err(NodeFailure::input(
+                    "mode",
+                    format!("unknown mode `{other}` (expected fixed or adaptive)"),
+                ))
+            }
+        };
+        let motion = match inputs.string("propagation")? {
+            "copy" => None,
+            "flow" => match inputs.optional_object::<Motion>("motion")? {
+                Some(motion) => Some(motion.field),
+                None => {
+                    return Err(NodeFailure::input(
+                        "motion",
+                        "propagation `flow` warps along the clip's motion: connect a MOTION \
+                         (e.g. from Motion Estimator)",
+                    ))
+                }
+            },
+            other => {
+                return Err(NodeFailure::input(
+                    "propagation",
+                    format!("unknown propagation `{other}` (expected copy or flow)"),
+                ))
+            }
+        };
+        let reuse = Reuse {
+            key_stride: inputs.usize("key_stride")?,
+            reuse_until: inputs.float("reuse_until")?,
+            mode,
+            motion,
+        };
+        // What does not depend on the clip is checked here; the sampler checks the rest.
+        let share = |name: &str, value: f64| {
+            if (0.0..=1.0).contains(&value) {
+                Ok(())
+            } else {
+                Err(NodeFailure::input(
+                    name,
+                    format!("{value} is outside [0, 1]"),
+                ))
+            }
+        };
+        share("reuse_until", reuse.reuse_until)?;
+        if let ReuseMode::Adaptive { nmi_threshold } = reuse.mode {
+            share("nmi_threshold", nmi_threshold)?;
+        }
+        if reuse.key_stride == 0 {
+            return Err(NodeFailure::input("key_stride", "must be at least 1"));
+        }
+        Ok(Outputs::one(reuse.into_value()))
     }
 }
 

@@ -179,27 +179,87 @@ fn ordered_halving(value: u64) -> f64 {
 /// A predictor that runs `inner` over context windows and blends the results. Each window is
 /// evaluated as a clip of its own: its frames see positions 0, 1, …, len−1, as in
 /// AnimateDiff-Evolved; the step, guidance layout and run observer are passed on.
+///
+/// A request for a subset of the clip (a frame strategy's selection, with `frame_positions`)
+/// is windowed over the clip positions it spans (0 to its last position): each window takes the
+/// requested frames that fall inside it, at their positions within the window, so a key frame
+/// sits where it would if the whole window were evaluated.
 pub struct ContextWindows<'a> {
     pub inner: &'a dyn NoisePredictor,
     pub options: ContextOptions,
 }
 
+/// The requested frames that one window holds.
+struct WindowPart {
+    /// Indices into the request's frames.
+    frames: Vec<usize>,
+    /// Their positions inside the window.
+    positions: Vec<usize>,
+    /// Their fusion weights.
+    weights: Vec<f64>,
+}
+
+impl WindowPart {
+    /// The positions to pass on: `None` when they are 0, 1, …, n−1, as for a whole window.
+    fn frame_positions(&self) -> Option<&[usize]> {
+        let contiguous = self.positions.iter().enumerate().all(|(i, &p)| i == p);
+        (!contiguous).then_some(self.positions.as_slice())
+    }
+}
+
 impl ContextWindows<'_> {
-    /// The windows of `request`'s step, or `None` when one window covers every frame in order
-    /// and the request goes to `inner` as it is.
-    fn windows(&self, request: &PredictRequest) -> Result<Option<Vec<Vec<usize>>>> {
+    /// The windows of `request`'s step as the requested frames each holds, or `None` when one
+    /// window covers every position the request spans and it goes to `inner` as it is.
+    fn parts(&self, request: &PredictRequest) -> Result<Option<Vec<WindowPart>>> {
         let (_, _, frames, _, _) = request.latents.dims5()?;
+        let identity: Vec<usize>;
+        let positions = match request.frame_positions {
+            Some(positions) if positions.len() == frames => positions,
+            Some(positions) => {
+                candle_core::bail!("{} frame positions for {frames} frames", positions.len())
+            }
+            None => {
+                identity = (0..frames).collect();
+                &identity
+            }
+        };
+        let span = positions.iter().max().map_or(0, |&last| last + 1);
         let windows = self
             .options
-            .windows(frames, request.step.map_or(0, |s| s.index));
-        let whole_clip = windows.len() == 1 && windows[0].len() == frames;
-        Ok((!whole_clip).then_some(windows))
+            .windows(span, request.step.map_or(0, |s| s.index));
+        if windows.len() == 1 && windows[0].len() == span {
+            return Ok(None);
+        }
+        let mut requested_at = vec![None; span];
+        for (i, &position) in positions.iter().enumerate() {
+            requested_at[position] = Some(i);
+        }
+        let parts = windows
+            .iter()
+            .filter_map(|window| {
+                let weights = self.options.weights(window.len());
+                let mut part = WindowPart {
+                    frames: Vec::new(),
+                    positions: Vec::new(),
+                    weights: Vec::new(),
+                };
+                for (inside, &position) in window.iter().enumerate() {
+                    if let Some(frame) = requested_at[position] {
+                        part.frames.push(frame);
+                        part.positions.push(inside);
+                        part.weights.push(weights[inside]);
+                    }
+                }
+                (!part.frames.is_empty()).then_some(part)
+            })
+            .collect();
+        Ok(Some(parts))
     }
 }
 
 impl NoisePredictor for ContextWindows<'_> {
     fn predict(&self, request: &PredictRequest) -> Result<Tensor> {
-        let Some(windows) = self.windows(request)? else {
+        let Some(parts) = self.parts(request)? else {
             return self.inner.predict(request);
         };
         let latents = request.latents;
@@ -207,27 +267,27 @@ impl NoisePredictor for ContextWindows<'_> {
         let device = latents.device();
         let mut sum = latents.zeros_like()?;
         let mut weight_sum = vec![0.0f64; frames];
-        for window in &windows {
-            let part = gather_frames(latents, window)?;
+        for part in &parts {
+            let gathered = gather_frames(latents, &part.frames)?;
             let eps = self.inner.predict(&PredictRequest {
-                latents: &part,
-                frame_positions: None,
+                latents: &gathered,
+                frame_positions: part.frame_positions(),
                 ..*request
             })?;
-            let weights = self.options.weights(window.len());
+            let count = part.frames.len();
             let w = Tensor::from_vec(
-                weights.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-                (1, 1, window.len(), 1, 1),
+                part.weights.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                (1, 1, count, 1, 1),
                 device,
             )?
             .to_dtype(eps.dtype())?;
             let index = Tensor::from_vec(
-                window.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                window.len(),
+                part.frames.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                count,
                 device,
             )?;
             sum = sum.index_add(&index, &eps.broadcast_mul(&w)?, 2)?;
-            for (&f, &v) in window.iter().zip(&weights) {
+            for (&f, &v) in part.frames.iter().zip(&part.weights) {
                 weight_sum[f] += v;
             }
         }
@@ -243,13 +303,13 @@ impl NoisePredictor for ContextWindows<'_> {
         None
     }
 
-    /// Every window's frames, overlaps counted once per window.
+    /// Every window's requested frames, overlaps counted once per window.
     fn frame_evaluations(&self, request: &PredictRequest) -> Result<usize> {
-        let Some(windows) = self.windows(request)? else {
+        let Some(parts) = self.parts(request)? else {
             return self.inner.frame_evaluations(request);
         };
         let batch = request.latents.dim(0)?;
-        Ok(windows.iter().map(Vec::len).sum::<usize>() * batch)
+        Ok(parts.iter().map(|p| p.frames.len()).sum::<usize>() * batch)
     }
 }
 
@@ -397,6 +457,56 @@ mod tests {
         assert_eq!(seen.len(), 3);
         assert!(seen.iter().all(|s| *s == (None, Some(2), 8)));
         assert_eq!(windows.frame_evaluations(&request)?, 3 * 8 * 2);
+        Ok(())
+    }
+
+    #[test]
+    fn a_subset_is_windowed_over_the_clip_positions_it_spans() -> Result<()> {
+        // Frames at clip positions 0, 4, …, 16: windows over the 17 positions they span are
+        // 0..8, 6..14 and 9..17.
+        let subset = [0, 4, 8, 12, 16];
+        let latents = Tensor::randn(0f32, 1.0, (2, 3, subset.len(), 2, 2), &Device::Cpu)?;
+        let text = Tensor::zeros((2, 1, 1), candle_core::DType::F32, &Device::Cpu)?;
+        let request = PredictRequest {
+            latents: &latents,
+            timestep: 0.4,
+            text: &text,
+            step: Some(SamplingStep {
+                index: 1,
+                count: 4,
+                timestep: 0.4,
+            }),
+            guidance: Default::default(),
+            frame_positions: Some(&subset),
+            run: None,
+        };
+        let inner = Positions::default();
+        let windows = ContextWindows {
+            inner: &inner,
+            options: options(ContextSchedule::Static, false),
+        };
+        windows.predict(&request)?;
+        let seen = inner.seen.borrow();
+        // Each window sees the subset's frames inside it at their positions in the window.
+        assert_eq!(
+            *seen,
+            [
+                (Some(vec![0, 4]), Some(1), 2),
+                (Some(vec![2, 6]), Some(1), 2),
+                (Some(vec![3, 7]), Some(1), 2),
+            ]
+        );
+        assert_eq!(windows.frame_evaluations(&request)?, 6 * 2);
+
+        // A predictor acting on each frame alone gives the same ε as without windows.
+        let per_frame = ContextWindows {
+            inner: &PerFrame,
+            options: options(ContextSchedule::Uniform, false),
+        };
+        let full = PerFrame.predict(&request)?;
+        let windowed = per_frame.predict(&request)?;
+        let err = crate::test_util::max_abs_diff(&windowed, &full);
+        assert!(err < 1e-5, "{err}");
         Ok(())
     }
 

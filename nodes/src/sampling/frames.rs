@@ -94,9 +94,33 @@ impl FrameUpdate<'_> {
     }
 }
 
+/// The steps of one denoising loop: a run has one loop, FreeInit one per pass, with step
+/// indices counting on from pass to pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopSteps {
+    /// Index in the run of the loop's first step.
+    pub first: usize,
+    /// Steps of the loop.
+    pub len: usize,
+}
+
+impl LoopSteps {
+    /// Where `step` (an index in the run) lies in this loop, in [0, 1): 0 at the loop's first
+    /// step.
+    pub fn fraction(&self, step: usize) -> f64 {
+        step.saturating_sub(self.first) as f64 / self.len.max(1) as f64
+    }
+}
+
 /// Decides which frames the model evaluates at each step of a run and completes the clip.
 /// A strategy lives for one run, so it may keep state between steps.
 pub trait FrameStrategy {
+    /// Called once before the first step of each denoising loop: a strategy that follows the
+    /// schedule (reuse until a share of it) starts over in every FreeInit pass.
+    fn begin(&mut self, loop_steps: LoopSteps) {
+        let _ = loop_steps;
+    }
+
     /// The frames to evaluate at `step`, given the latents of the whole clip (B, C, F, h, w).
     fn frames_to_evaluate(
         &mut self,

@@ -18,6 +18,7 @@ use crate::schedulers::{Schedule, Scheduler};
 pub use context::{ContextFuse, ContextOptions, ContextSchedule, ContextWindows};
 pub use frames::{
     gather_frames, write_back_frames, AllFrames, FrameSelection, FrameStrategy, FrameUpdate,
+    LoopSteps,
 };
 
 /// One noise prediction: the latents and their conditioning, and what the call knows of the
@@ -321,6 +322,10 @@ impl<'a> Sampler<'a> {
             run: observer,
         };
 
+        strategy.begin(LoopSteps {
+            first: steps.first,
+            len: schedule.len(),
+        });
         let mut latents = latents;
         let mut frame_evaluations = 0;
         for (i, scheduled) in schedule.steps().iter().enumerate() {
@@ -705,6 +710,40 @@ mod tests {
                 assert_eq!(max_abs_diff(&kept, &case.noise.narrow(2, frame, 1)?), 0.0);
             }
         }
+        Ok(())
+    }
+
+    /// Records the loops it is told about.
+    #[derive(Default)]
+    struct Loops {
+        begun: Vec<LoopSteps>,
+    }
+    impl FrameStrategy for Loops {
+        fn begin(&mut self, loop_steps: LoopSteps) {
+            self.begun.push(loop_steps);
+        }
+    }
+
+    #[test]
+    fn the_strategy_is_told_where_each_loop_begins() -> Result<()> {
+        let case = case((1, 4, 2, 2, 2))?;
+        let mut loops = Loops::default();
+        let mut sampler = Sampler::new(&Zero, &case.scheduler).with_strategy(&mut loops);
+        let text = case.inputs().text;
+        let settings = settings(3, 1.0);
+        for first in [0, 3] {
+            let range = StepRange { first, total: 6 };
+            sampler.denoise(&settings, text, case.noise.clone(), range)?;
+        }
+        drop(sampler);
+        assert_eq!(
+            loops.begun,
+            [
+                LoopSteps { first: 0, len: 3 },
+                LoopSteps { first: 3, len: 3 }
+            ]
+        );
+        assert_eq!(loops.begun[1].fraction(4), 1.0 / 3.0);
         Ok(())
     }
 

@@ -14,6 +14,9 @@
 //!   together with the source's low-entropy attention injected into the target).
 //! - [`attention_edit`]: processors that perturb (identity, uniform), enhance (IE-Adapt,
 //!   Enhance-A-Video) attention by layer and step range.
+//! - [`freeinit`]: FreeInit's re-noising passes around the sampling loop.
+//! - [`reuse`]: denoising reuse (Dr. Mo): key frames run the whole schedule, the others are
+//!   propagated from them until a switch step, as a frame strategy of the sampling loop.
 
 pub mod attention_edit;
 pub mod editing;
@@ -26,6 +29,7 @@ pub mod motion;
 pub mod motion_adaptive;
 pub mod noise;
 pub mod preview;
+pub mod reuse;
 
 pub use io::{load_video, save_video, LoadOptions, MediaError, VideoFormat};
 pub use latent_file::{load_latent, save_latent};
