@@ -130,6 +130,15 @@ impl ObservedAttention<'_> {
     }
 }
 
+/// `rows` as a u32 index tensor for `index_select`.
+pub fn row_index(rows: &[usize], device: &candle_core::Device) -> Result<Tensor> {
+    Tensor::from_vec(
+        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+        rows.len(),
+        device,
+    )
+}
+
 /// Rows `rows` of (batch, heads, queries, head_dim) queries. The layers pass Q as a head-split
 /// view of (batch, queries, heads, head_dim), which is gathered as it lies, without copying
 /// every row first.
@@ -138,11 +147,7 @@ pub fn select_query_rows(q: &Tensor, rows: &[usize]) -> Result<Tensor> {
     if rows.len() == queries && rows.iter().enumerate().all(|(i, &r)| i == r) {
         return Ok(q.clone());
     }
-    let index = Tensor::from_vec(
-        rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-        rows.len(),
-        q.device(),
-    )?;
+    let index = row_index(rows, q.device())?;
     let tokens_first = q.transpose(1, 2)?;
     if tokens_first.is_contiguous() {
         return tokens_first.index_select(&index, 1)?.transpose(1, 2);

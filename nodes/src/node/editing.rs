@@ -4,7 +4,6 @@
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::models::patcher::PatchedUNet;
 use crate::sampling::inversion::invert;
 use crate::sampling::{ContextOptions, ContextWindows, NoisePredictor};
 use crate::schedulers::{DdimScheduler, DdimSchedulerConfig};
@@ -72,17 +71,6 @@ fn prompt(inputs: &Inputs, name: &str, device: &Device) -> Result<Tensor, NodeFa
     }
 }
 
-/// Context windows when the clip is longer than the motion module's positional table, as the
-/// sampler does.
-fn default_windows(unet: &PatchedUNet, frames: usize) -> Option<ContextOptions> {
-    unet.max_frames()
-        .filter(|&max| frames > max)
-        .map(|max| ContextOptions {
-            length: max.min(16),
-            ..ContextOptions::default()
-        })
-}
-
 fn ddim() -> Result<DdimScheduler, NodeFailure> {
     Ok(DdimScheduler::new(DdimSchedulerConfig::sd15())?)
 }
@@ -112,9 +100,11 @@ impl Node for VideoInversion {
         let steps = inputs.usize("steps")?;
         let scheduler = ddim()?;
         let frames = latents.dim(2)?;
-        let windows = default_windows(&model.unet, frames).map(|options| ContextWindows {
-            inner: &model.unet,
-            options,
+        let windows = ContextOptions::needed_for(model.unet.max_frames(), frames).map(|options| {
+            ContextWindows {
+                inner: &model.unet,
+                options,
+            }
         });
         let predictor: &dyn NoisePredictor = match &windows {
             Some(windows) => windows,
@@ -223,7 +213,7 @@ impl Node for EntropyEditor {
         };
         let output = edit_video(
             &model.unet,
-            default_windows(&model.unet, frames),
+            ContextOptions::needed_for(model.unet.max_frames(), frames),
             &ddim()?,
             &EditInputs {
                 source: &source,

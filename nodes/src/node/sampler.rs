@@ -169,14 +169,7 @@ impl Node for VideoSampler {
         let context_options = match inputs.optional_object::<ContextObject>("context_options")? {
             Some(c) => Some(c.options),
             // Past the positional table a single pass is impossible: window by default.
-            None => model
-                .unet
-                .max_frames()
-                .filter(|&max| frames > max)
-                .map(|max| ContextOptions {
-                    length: max.min(16),
-                    ..ContextOptions::default()
-                }),
+            None => ContextOptions::needed_for(model.unet.max_frames(), frames),
         };
         let windows;
         let predictor: &dyn NoisePredictor = match context_options {

@@ -79,6 +79,15 @@ impl Default for ContextOptions {
 }
 
 impl ContextOptions {
+    /// The windows a clip of `frames` frames needs by default: none while one pass fits the
+    /// motion modules' positional table of `max_frames`, else windows of up to 16 frames.
+    pub fn needed_for(max_frames: Option<usize>, frames: usize) -> Option<Self> {
+        max_frames.filter(|&max| frames > max).map(|max| Self {
+            length: max.min(16),
+            ..Self::default()
+        })
+    }
+
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.length == 0 {
             return Err("context length must be at least 1".into());

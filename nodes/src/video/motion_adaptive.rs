@@ -23,8 +23,8 @@ use std::sync::Arc;
 use candle_core::{DType, Result, Tensor};
 
 use crate::models::attention::{
-    attention_probs, attention_probs_with_bias, scaled_dot_product_with_bias, AttentionCall,
-    AttentionKind, AttentionProcessor, ProcessorBinding, ScaledDotProduct,
+    attention_probs, attention_probs_with_bias, row_index, scaled_dot_product_with_bias,
+    AttentionCall, AttentionKind, AttentionProcessor, ProcessorBinding, ScaledDotProduct,
 };
 use crate::models::call::{FeatureTap, ForwardPass};
 use crate::models::motion::ModuleGate;
@@ -352,12 +352,8 @@ impl AttentionProcessor for MotionAdaptiveAttention {
         match self.bias_of(call, k)? {
             None => attention_probs(q, k, call.scale),
             Some(bias) => {
-                let index = Tensor::from_vec(
-                    rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                    rows.len(),
-                    bias.device(),
-                )?;
-                attention_probs_with_bias(q, k, call.scale, &bias.index_select(&index, 0)?)
+                let rows = bias.index_select(&row_index(rows, bias.device())?, 0)?;
+                attention_probs_with_bias(q, k, call.scale, &rows)
             }
         }
     }
