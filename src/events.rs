@@ -37,6 +37,12 @@ pub enum Event {
         input: Option<String>,
         message: String,
     },
+    /// The run stopped at `node` because the user asked it to; `executed` ran before.
+    ExecutionInterrupted {
+        node: String,
+        class_type: String,
+        executed: Vec<String>,
+    },
     ExecutionSuccess,
 }
 
@@ -76,6 +82,12 @@ impl Event {
                 message,
             } => json!({"type": "execution_error", "data": {
                 "node_id": node, "node_type": class_type, "exception_type": kind, "input_name": input, "exception_message": message}}),
+            Event::ExecutionInterrupted {
+                node,
+                class_type,
+                executed,
+            } => json!({"type": "execution_interrupted", "data": {
+                "node_id": node, "node_type": class_type, "executed": executed}}),
             Event::ExecutionSuccess => json!({"type": "execution_success", "data": {}}),
         }
     }
@@ -203,7 +215,9 @@ impl EventSink for ProgressBars {
                     bar.inc(1);
                 }
             }
-            Event::ExecutionError { .. } | Event::ExecutionSuccess => {
+            Event::ExecutionError { .. }
+            | Event::ExecutionInterrupted { .. }
+            | Event::ExecutionSuccess => {
                 if let Some(steps) = state.steps.take() {
                     steps.finish_and_clear();
                 }

@@ -1,7 +1,8 @@
 //! Running a validated workflow: only what the output nodes need, in dependency order, each
 //! distinct computation once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use vdm_ffi::{
 
 use crate::events::{Event, EventSink};
 use crate::plugin::PluginSet;
-use crate::validate::{self, as_integer, ValidationReport};
+use crate::validate::{self, as_integer, LinkGraph, ValidationReport};
 use crate::workflow::{Input, Workflow};
 
 /// Why a run stopped.
@@ -27,6 +28,10 @@ pub enum RunError {
     Invalid(ValidationReport),
     #[error("{0}")]
     Node(NodeError),
+    /// The cancel flag was set: the run stopped at node `node` (before it ran, or at one of its
+    /// checks) and nothing after it ran.
+    #[error("interrupted at node {node} ({class_type})")]
+    Interrupted { node: String, class_type: String },
 }
 
 /// What a finished run produced.
@@ -69,9 +74,51 @@ impl<'a> Executor<'a> {
         self.cancel.clone()
     }
 
+    /// Shares `flag` as the cancel flag (a signal handler's, say).
+    pub fn with_cancel_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = flag;
+        self
+    }
+
+    /// Checks `workflow` against the node descriptors, then asks each node's plugin to check
+    /// the node's literal inputs under this executor's settings (model files exist, ...), so
+    /// that every problem found before running is reported at once.
+    pub fn validate(&self, workflow: &Workflow) -> ValidationReport {
+        let quiet = crate::events::Silent;
+        validate::validate_with(workflow, self.plugins, |id, node| {
+            let Some((plugin, descriptor)) = self.plugins.node(&node.class_type) else {
+                return Vec::new();
+            };
+            let Some(check) = plugin.module.check() else {
+                return Vec::new();
+            };
+            let host = NodeHost {
+                node: id,
+                sink: &quiet,
+                cancel: &self.cancel,
+                settings: &self.settings,
+            };
+            let request = ExecuteRequest {
+                class_type: RStr::from(node.class_type.as_str()),
+                node_id: RStr::from(id),
+                inputs: literal_inputs(descriptor, &node.inputs),
+                host: HostContext_TO::from_ptr(RRef::new(&host), TD_Opaque),
+            };
+            check(request)
+                .into_iter()
+                .map(|e| {
+                    (
+                        e.input.into_option().map(RString::into_string),
+                        e.message.into_string(),
+                    )
+                })
+                .collect()
+        })
+    }
+
     /// Validates, then runs what the output nodes need.
     pub fn run(&self, workflow: &Workflow) -> Result<RunSummary, RunError> {
-        let report = validate::validate(workflow, self.plugins);
+        let report = self.validate(workflow);
         if !report.is_ok() {
             return Err(RunError::Invalid(report));
         }
@@ -84,6 +131,9 @@ impl<'a> Executor<'a> {
         for id in &order {
             let node = &workflow.nodes[id];
             let (plugin, descriptor) = self.plugins.node(&node.class_type).expect("validated");
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(self.interrupted(id, &node.class_type, &summary));
+            }
             let signature = signature(&node.class_type, &node.inputs, &signatures);
             signatures.insert(id.as_str(), signature);
             // Output nodes always run: writing the file is the point of running them.
@@ -115,6 +165,9 @@ impl<'a> Executor<'a> {
             let result = (plugin.module.execute())(request);
             let output = match result {
                 ROk(output) => output,
+                RErr(error) if error.kind == ErrorKind::Cancelled => {
+                    return Err(self.interrupted(id, &node.class_type, &summary));
+                }
                 RErr(error) => {
                     self.sink.emit(Event::ExecutionError {
                         node: id.clone(),
@@ -160,45 +213,48 @@ impl<'a> Executor<'a> {
         self.sink.emit(Event::ExecutionSuccess);
         Ok(summary)
     }
+
+    /// Reports that the run stopped at `node` on the user's request.
+    fn interrupted(&self, node: &str, class_type: &str, summary: &RunSummary) -> RunError {
+        self.sink.emit(Event::ExecutionInterrupted {
+            node: node.to_owned(),
+            class_type: class_type.to_owned(),
+            executed: summary.executed.clone(),
+        });
+        RunError::Interrupted {
+            node: node.to_owned(),
+            class_type: class_type.to_owned(),
+        }
+    }
 }
 
 /// The nodes the outputs depend on, each after its dependencies (Kahn's algorithm; ties by id
-/// so runs are reproducible). Assumes a validated, acyclic workflow.
+/// so runs are reproducible), in time O((n + links) log n). Assumes a validated, acyclic
+/// workflow.
 pub fn execution_order(workflow: &Workflow, outputs: &[String]) -> Vec<String> {
-    let needed: std::collections::BTreeSet<String> = outputs
-        .iter()
-        .flat_map(|o| validate::dependencies(workflow, o))
+    let graph = LinkGraph::new(workflow);
+    let roots: Vec<usize> = outputs.iter().filter_map(|o| graph.index_of(o)).collect();
+    let needed = graph.needed_by(&roots);
+    let mut pending: Vec<usize> = graph.sources.iter().map(Vec::len).collect();
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); graph.ids.len()];
+    for (reader, sources) in graph.sources.iter().enumerate() {
+        for &source in sources {
+            readers[source].push(reader);
+        }
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..graph.ids.len())
+        .filter(|&i| needed[i] && pending[i] == 0)
+        .map(Reverse)
         .collect();
-    let sources = |id: &str| -> Vec<String> {
-        let mut s: Vec<String> = workflow.nodes[id]
-            .inputs
-            .values()
-            .filter_map(|i| match i {
-                Input::Link { node, .. } => Some(node.clone()),
-                Input::Literal(_) => None,
-            })
-            .collect();
-        s.sort();
-        s.dedup();
-        s
-    };
-    let mut pending: BTreeMap<String, usize> = needed
-        .iter()
-        .map(|id| (id.clone(), sources(id).len()))
-        .collect();
-    let mut order = Vec::with_capacity(needed.len());
-    while let Some(ready) = pending
-        .iter()
-        .find(|(_, &n)| n == 0)
-        .map(|(id, _)| id.clone())
-    {
-        pending.remove(&ready);
-        for (id, count) in pending.iter_mut() {
-            if sources(id).contains(&ready) {
-                *count -= 1;
+    let mut order = Vec::new();
+    while let Some(Reverse(node)) = ready.pop() {
+        order.push(graph.ids[node].clone());
+        for &reader in &readers[node] {
+            pending[reader] -= 1;
+            if needed[reader] && pending[reader] == 0 {
+                ready.push(Reverse(reader));
             }
         }
-        order.push(ready);
     }
     order
 }
@@ -245,6 +301,23 @@ fn resolve_inputs(
                 name: spec.name.clone(),
                 value,
             })
+        })
+        .collect()
+}
+
+/// The literal inputs of a node, converted to their declared kinds (links left out).
+fn literal_inputs(
+    descriptor: &NodeDescriptor,
+    inputs: &BTreeMap<String, Input>,
+) -> RVec<NamedValue> {
+    let specs = descriptor.required.iter().chain(descriptor.optional.iter());
+    specs
+        .filter_map(|spec| match inputs.get(spec.name.as_str())? {
+            Input::Literal(json) => Some(NamedValue {
+                name: spec.name.clone(),
+                value: literal_value(&spec.kind, json),
+            }),
+            Input::Link { .. } => None,
         })
         .collect()
 }

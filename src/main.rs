@@ -2,16 +2,20 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use vdm::events::{EventSink, JsonLines, ProgressBars, Silent};
-use vdm::{plugin, validate, Executor, PluginSet, RunError, Workflow};
+use vdm::{plugin, Executor, PluginSet, RunError, Workflow};
 
 /// Exit status of a workflow that failed validation (or could not be read as one).
 const EXIT_INVALID: u8 = 2;
 /// Exit status of a workflow that failed while running.
 const EXIT_FAILED: u8 = 1;
+/// Exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+const EXIT_INTERRUPTED: u8 = 130;
 
 #[derive(Parser)]
 #[command(
@@ -36,15 +40,12 @@ enum Command {
         /// Output folder for saved files (default: the current folder).
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
-        /// Models folder with ComfyUI's layout (checkpoints/, animatediff_models/, vae/); also VDM_MODELS.
-        #[arg(long, value_name = "DIR", env = "VDM_MODELS")]
-        models: Option<PathBuf>,
-        /// Folder that relative input paths are resolved against.
-        #[arg(long, value_name = "DIR")]
-        input: Option<PathBuf>,
-        /// Compute device: auto, cpu, cuda or cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
+        #[command(flatten)]
+        settings: Settings,
+        /// Keep NaN or infinite values in a node's output latents or frames (printing a
+        /// warning) instead of stopping the run with an error naming the node.
+        #[arg(long)]
+        allow_non_finite: bool,
         /// Print one JSON object per line for each event (ComfyUI's websocket messages).
         #[arg(long)]
         json_events: bool,
@@ -61,10 +62,13 @@ enum Command {
         )]
         no_retain_freed_memory: bool,
     },
-    /// Check a workflow against the loaded nodes without running it.
+    /// Check a workflow against the loaded nodes without running it: links, types and ranges,
+    /// and what the nodes check before running (every model file named exists, ...).
     Validate {
         #[command(flatten)]
         workflow: WorkflowArgs,
+        #[command(flatten)]
+        settings: Settings,
         /// Print the report as ComfyUI's {"error", "node_errors"} JSON.
         #[arg(long)]
         json: bool,
@@ -77,6 +81,63 @@ enum Command {
     },
 }
 
+/// Where nodes find their files, and what they compute on.
+#[derive(Args)]
+struct Settings {
+    /// Models folder with ComfyUI's layout (checkpoints/, animatediff_models/, vae/); also VDM_MODELS.
+    #[arg(long, value_name = "DIR", env = "VDM_MODELS")]
+    models: Option<PathBuf>,
+    /// Folder that relative input paths are resolved against.
+    #[arg(long, value_name = "DIR")]
+    input: Option<PathBuf>,
+    /// Compute device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: String,
+}
+
+impl Settings {
+    /// The executor with these settings, after checking that a CUDA device can be served.
+    fn executor<'a>(
+        &self,
+        plugins: &'a PluginSet,
+        sink: &'a dyn EventSink,
+    ) -> Result<Executor<'a>, String> {
+        let wants_cuda = self.device.starts_with("cuda");
+        let has_cuda = plugins
+            .plugins
+            .iter()
+            .any(|p| p.features.iter().any(|f| f == "cuda"));
+        if wants_cuda && !plugins.plugins.is_empty() && !has_cuda {
+            return Err(format!(
+                "--device {}: the loaded plugins are built without CUDA (build with \
+                 `--features vdm-nodes/cuda`), use --device cpu or auto",
+                self.device
+            ));
+        }
+        let mut executor = Executor::new(plugins, sink).with_setting("device", &self.device);
+        if let Some(models) = &self.models {
+            executor = executor.with_setting("models_dir", models.to_string_lossy());
+        }
+        if let Some(input) = &self.input {
+            executor = executor.with_setting("input_dir", input.to_string_lossy());
+        }
+        Ok(executor)
+    }
+}
+
+/// `auto`, `cpu`, `cuda` or `cuda:N`.
+fn parse_device(name: &str) -> Result<String, String> {
+    let known = matches!(name, "auto" | "cpu" | "cuda")
+        || name
+            .strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok());
+    if known {
+        Ok(name.to_owned())
+    } else {
+        Err("expected auto, cpu, cuda or cuda:N".to_owned())
+    }
+}
+
 #[derive(Args)]
 struct WorkflowArgs {
     /// Workflow file in ComfyUI's API format.
@@ -87,6 +148,11 @@ struct WorkflowArgs {
 }
 
 fn main() -> ExitCode {
+    // Library code (candle) captures a backtrace into every error when RUST_BACKTRACE is set,
+    // which would then trail ordinary node errors; panics keep their backtraces.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
     // Before the plugins load and anything large is allocated, so that every tensor of the run
     // comes from the retained heap.
@@ -105,12 +171,20 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Nodes { json } => list_nodes(&plugins, json),
-        Command::Validate { workflow, json } => {
+        Command::Validate {
+            workflow,
+            settings,
+            json,
+        } => {
             let workflow = match read_workflow(&workflow, json) {
                 Ok(w) => w,
                 Err(code) => return code,
             };
-            let report = validate(&workflow, &plugins);
+            let executor = match settings.executor(&plugins, &Silent) {
+                Ok(executor) => executor,
+                Err(message) => return refuse(&message, json),
+            };
+            let report = executor.validate(&workflow);
             if json {
                 println!(
                     "{}",
@@ -130,9 +204,8 @@ fn main() -> ExitCode {
         Command::Run {
             workflow,
             out,
-            models,
-            input,
-            device,
+            settings,
+            allow_non_finite,
             json_events,
             quiet,
             no_retain_freed_memory: _,
@@ -149,15 +222,13 @@ fn main() -> ExitCode {
                 Box::new(ProgressBars::new())
             };
             let out = out.unwrap_or_else(|| PathBuf::from("."));
-            let mut executor = Executor::new(&plugins, sink.as_ref())
-                .with_setting("output_dir", out.to_string_lossy())
-                .with_setting("device", device);
-            if let Some(models) = models {
-                executor = executor.with_setting("models_dir", models.to_string_lossy());
-            }
-            if let Some(input) = input {
-                executor = executor.with_setting("input_dir", input.to_string_lossy());
-            }
+            let executor = match settings.executor(&plugins, sink.as_ref()) {
+                Ok(executor) => executor
+                    .with_setting("output_dir", out.to_string_lossy())
+                    .with_setting("allow_non_finite", allow_non_finite.to_string()),
+                Err(message) => return refuse(&message, json_events),
+            };
+            stop_on_interrupt(executor.cancel_flag());
             match executor.run(&workflow) {
                 Ok(summary) => {
                     if !json_events {
@@ -188,8 +259,41 @@ fn main() -> ExitCode {
                     eprintln!("error: {error}");
                     ExitCode::from(EXIT_FAILED)
                 }
+                Err(RunError::Interrupted { node, class_type }) => {
+                    eprintln!("interrupted (at node {node}, {class_type})");
+                    ExitCode::from(EXIT_INTERRUPTED)
+                }
             }
         }
+    }
+}
+
+/// A problem with the command line itself: printed (as the `error` of a report under
+/// `--json`/`--json-events`), exit status 2.
+fn refuse(message: &str, json_output: bool) -> ExitCode {
+    if json_output {
+        println!(
+            "{}",
+            json!({"error": {"type": "invalid_settings", "message": message, "details": "", "extra_info": {}}, "node_errors": {}})
+        );
+    } else {
+        eprintln!("error: {message}");
+    }
+    ExitCode::from(EXIT_INVALID)
+}
+
+/// Ctrl-C (SIGINT, and SIGTERM) sets the run's cancel flag: the running node stops at its next
+/// check (a sampling step), nothing after it runs, and the run ends as `interrupted` with exit
+/// status 130. A second Ctrl-C quits at once.
+fn stop_on_interrupt(cancel: Arc<AtomicBool>) {
+    let result = ctrlc::set_handler(move || {
+        if cancel.swap(true, Ordering::SeqCst) {
+            std::process::exit(i32::from(EXIT_INTERRUPTED));
+        }
+        eprintln!("\ninterrupting: the run stops at the next step (Ctrl-C again to quit now)");
+    });
+    if let Err(e) = result {
+        eprintln!("warning: Ctrl-C will not stop the run cleanly: {e}");
     }
 }
 
@@ -261,9 +365,9 @@ fn list_nodes(plugins: &PluginSet, json: bool) -> ExitCode {
                 d.display_name.as_str()
             );
         }
-        if plugins.plugins.is_empty() {
-            eprintln!("no plugins found: build the workspace (cargo build --release) or pass --plugins DIR");
-        }
+    }
+    if let Some(why) = plugins.none_found() {
+        eprintln!("{why}");
     }
     ExitCode::SUCCESS
 }

@@ -45,6 +45,8 @@ pub enum PluginError {
 pub struct PluginSet {
     pub plugins: Vec<Plugin>,
     pub refused: Vec<PluginError>,
+    /// The folders searched for plugins, in order.
+    pub searched: Vec<PathBuf>,
     /// class_type → (plugin index, descriptor index). The first plugin to claim a class wins.
     index: BTreeMap<String, (usize, usize)>,
 }
@@ -53,7 +55,10 @@ impl PluginSet {
     /// Loads every plugin library found in `dirs` (files named like shared libraries) and in the
     /// explicit `files`; the same file is loaded once.
     pub fn load(dirs: &[PathBuf], files: &[PathBuf]) -> Self {
-        let mut set = PluginSet::default();
+        let mut set = PluginSet {
+            searched: dirs.to_vec(),
+            ..PluginSet::default()
+        };
         let mut seen = std::collections::HashSet::new();
         let candidates = dirs
             .iter()
@@ -86,6 +91,32 @@ impl PluginSet {
         let &(p, n) = self.index.get(class_type)?;
         let plugin = &self.plugins[p];
         Some((plugin, &plugin.nodes[n]))
+    }
+
+    /// When no plugin loaded: where the host looked and how to point it at one.
+    pub fn none_found(&self) -> Option<String> {
+        if !self.plugins.is_empty() {
+            return None;
+        }
+        let searched = if self.searched.is_empty() {
+            "no folder".to_owned()
+        } else {
+            self.searched
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let refused = match self.refused.len() {
+            0 => String::new(),
+            n => format!(" ({n} refused, see the warnings above)"),
+        };
+        Some(format!(
+            "no vdm plugin loaded{refused}; looked in {searched}. The nodes live in the plugin \
+             library (libvdm_nodes.so, vdm_nodes.dll or libvdm_nodes.dylib) that `cargo build \
+             --release` puts next to the vdm binary: copy it beside the binary, into a `plugins` \
+             folder there, or point --plugins DIR or {PLUGIN_PATH_VAR} at its folder"
+        ))
     }
 
     /// Every node, sorted by class_type.

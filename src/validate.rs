@@ -11,7 +11,7 @@ use serde_json::{json, Value as Json};
 use vdm_ffi::{InputKind, InputSpec, NodeDescriptor};
 
 use crate::plugin::PluginSet;
-use crate::workflow::{Input, Workflow};
+use crate::workflow::{Input, Workflow, WorkflowNode};
 
 /// One problem with one node (ComfyUI's error entry).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -108,6 +108,19 @@ impl ValidationReport {
 
 /// Validates `workflow` against the nodes of `plugins`.
 pub fn validate(workflow: &Workflow, plugins: &PluginSet) -> ValidationReport {
+    validate_with(workflow, plugins, |_, _| Vec::new())
+}
+
+/// What a plugin's own check of a node found: (the input at fault, if one is; the problem).
+pub type CheckedIssue = (Option<String>, String);
+
+/// Validates `workflow` against the nodes of `plugins`, asking `check` about each node that
+/// passed the descriptor checks (the plugin's own checks: files that must exist, ...).
+pub fn validate_with(
+    workflow: &Workflow,
+    plugins: &PluginSet,
+    mut check: impl FnMut(&str, &WorkflowNode) -> Vec<CheckedIssue>,
+) -> ValidationReport {
     let mut report = ValidationReport::default();
     for (id, node) in &workflow.nodes {
         let Some((_, descriptor)) = plugins.node(&node.class_type) else {
@@ -123,7 +136,23 @@ pub fn validate(workflow: &Workflow, plugins: &PluginSet) -> ValidationReport {
             );
             continue;
         };
-        for issue in validate_node(workflow, plugins, descriptor, &node.inputs) {
+        let issues = validate_node(workflow, plugins, descriptor, &node.inputs);
+        let issues = if issues.is_empty() {
+            check(id, node)
+                .into_iter()
+                .map(|(input, message)| {
+                    NodeIssue::new(
+                        "custom_validation_failed",
+                        "Failed custom validation",
+                        message,
+                        input.as_deref(),
+                    )
+                })
+                .collect()
+        } else {
+            issues
+        };
+        for issue in issues {
             report.push(id, &node.class_type, issue);
         }
     }
@@ -149,9 +178,16 @@ pub fn validate(workflow: &Workflow, plugins: &PluginSet) -> ValidationReport {
             None,
         ));
     } else if !report.node_errors.is_empty() {
+        let graph = LinkGraph::new(workflow);
         for output in &outputs {
-            for dep in dependencies(workflow, output) {
-                if let Some(entry) = report.node_errors.get_mut(&dep) {
+            let Some(root) = graph.index_of(output) else {
+                continue;
+            };
+            for (i, needed) in graph.needed_by(&[root]).into_iter().enumerate() {
+                if let Some(entry) = needed
+                    .then(|| report.node_errors.get_mut(graph.ids[i].as_str()))
+                    .flatten()
+                {
                     entry.dependent_outputs.push(output.clone());
                 }
             }
@@ -160,6 +196,14 @@ pub fn validate(workflow: &Workflow, plugins: &PluginSet) -> ValidationReport {
             "prompt_outputs_failed_validation",
             "Prompt outputs failed validation",
             String::new(),
+            None,
+        ));
+    }
+    if let Some(why) = plugins.none_found() {
+        report.error = Some(NodeIssue::new(
+            "no_plugins_loaded",
+            "No plugins loaded",
+            why,
             None,
         ));
     }
@@ -178,26 +222,6 @@ pub fn output_nodes(workflow: &Workflow, plugins: &PluginSet) -> Vec<String> {
         })
         .map(|(id, _)| id.clone())
         .collect()
-}
-
-/// `root` and every node it depends on through links (links to missing nodes are skipped).
-pub fn dependencies(workflow: &Workflow, root: &str) -> BTreeSet<String> {
-    let mut seen = BTreeSet::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(id) = stack.pop() {
-        let Some(node) = workflow.nodes.get(&id) else {
-            continue;
-        };
-        if !seen.insert(id) {
-            continue;
-        }
-        for input in node.inputs.values() {
-            if let Input::Link { node, .. } = input {
-                stack.push(node.clone());
-            }
-        }
-    }
-    seen
 }
 
 fn validate_node(
@@ -355,8 +379,11 @@ pub fn check_literal(spec: &InputSpec, value: &Json) -> Result<(), NodeIssue> {
         }
     };
     match &spec.kind {
-        InputKind::Int { min, max, .. } => match as_integer(value) {
-            Some(v) => range(v as f64, *min as f64, *max as f64),
+        InputKind::Int {
+            min, max, step, ..
+        } => match as_integer(value) {
+            Some(v) => range(v as f64, *min as f64, *max as f64)
+                .and_then(|()| on_step(name, v, *min, *step)),
             None => wrong_type("an integer"),
         },
         InputKind::Float { min, max, .. } => match value.as_f64() {
@@ -390,6 +417,29 @@ pub fn check_literal(spec: &InputSpec, value: &Json) -> Result<(), NodeIssue> {
     }
 }
 
+/// An integer input with a step above 1 (a size that must divide evenly, say) takes only
+/// min + k·step: other values are refused rather than silently rounded.
+fn on_step(name: &str, value: i64, min: i64, step: i64) -> Result<(), NodeIssue> {
+    if step <= 1 || (value - min).rem_euclid(step) == 0 {
+        return Ok(());
+    }
+    let below = value - (value - min).rem_euclid(step);
+    let steps = if min.rem_euclid(step) == 0 {
+        format!("a multiple of {step}")
+    } else {
+        format!("{min} plus a multiple of {step}")
+    };
+    Err(NodeIssue::new(
+        "value_not_on_step",
+        "Value not on the input's step",
+        format!(
+            "{name}: {value} is not {steps}; the nearest allowed values are {below} and {}",
+            below + step
+        ),
+        Some(name),
+    ))
+}
+
 /// An integer literal: a JSON integer, or a float with no fractional part (ComfyUI's UI
 /// writes some INT widgets as `8.0`).
 pub fn as_integer(value: &Json) -> Option<i64> {
@@ -401,19 +451,127 @@ pub fn as_integer(value: &Json) -> Option<i64> {
     })
 }
 
-/// Nodes that lie on a cycle of links (sorted).
+/// Nodes that lie on a cycle of links (sorted), in time linear in the size of the graph.
 fn nodes_in_cycles(workflow: &Workflow) -> Vec<String> {
-    // Tarjan-free approach: a node is on a cycle iff it can reach itself.
-    workflow
-        .nodes
-        .keys()
-        .filter(|id| {
-            let node = &workflow.nodes[*id];
-            node.inputs.values().any(|input| match input {
-                Input::Link { node: src, .. } => dependencies(workflow, src).contains(*id),
-                Input::Literal(_) => false,
-            })
+    let graph = LinkGraph::new(workflow);
+    let mut on_cycle: Vec<usize> = graph
+        .strongly_connected_components()
+        .into_iter()
+        .filter(|component| match component.as_slice() {
+            [single] => graph.sources[*single].contains(single),
+            _ => true,
         })
-        .cloned()
-        .collect()
+        .flatten()
+        .collect();
+    on_cycle.sort_unstable();
+    on_cycle.into_iter().map(|i| graph.ids[i].clone()).collect()
+}
+
+/// The workflow's links as adjacency lists over node indices (in id order): `sources[i]` are
+/// the nodes whose outputs node `i` reads, each once; links to missing nodes are left out.
+pub(crate) struct LinkGraph<'w> {
+    pub ids: Vec<&'w String>,
+    pub sources: Vec<Vec<usize>>,
+}
+
+impl<'w> LinkGraph<'w> {
+    pub fn new(workflow: &'w Workflow) -> Self {
+        let ids: Vec<&String> = workflow.nodes.keys().collect();
+        let index: std::collections::HashMap<&str, usize> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.as_str(), i))
+            .collect();
+        let sources = workflow
+            .nodes
+            .values()
+            .map(|node| {
+                let mut sources: Vec<usize> = node
+                    .inputs
+                    .values()
+                    .filter_map(|input| match input {
+                        Input::Link { node, .. } => index.get(node.as_str()).copied(),
+                        Input::Literal(_) => None,
+                    })
+                    .collect();
+                sources.sort_unstable();
+                sources.dedup();
+                sources
+            })
+            .collect();
+        Self { ids, sources }
+    }
+
+    /// Whether each node is one of `roots` or something they depend on through links.
+    pub fn needed_by(&self, roots: &[usize]) -> Vec<bool> {
+        let mut needed = vec![false; self.ids.len()];
+        let mut stack = roots.to_vec();
+        while let Some(node) = stack.pop() {
+            if !std::mem::replace(&mut needed[node], true) {
+                stack.extend(&self.sources[node]);
+            }
+        }
+        needed
+    }
+
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.ids
+            .binary_search_by(|probe| probe.as_str().cmp(id))
+            .ok()
+    }
+
+    /// The strongly connected components (Tarjan's algorithm, iterative so that a chain of
+    /// 100,000 nodes does not overflow the stack).
+    fn strongly_connected_components(&self) -> Vec<Vec<usize>> {
+        const UNVISITED: usize = usize::MAX;
+        let n = self.ids.len();
+        let mut order = vec![UNVISITED; n];
+        let mut low = vec![0; n];
+        let mut on_stack = vec![false; n];
+        let mut stack = Vec::new();
+        let mut components = Vec::new();
+        let mut next = 0;
+        // (node, how many of its sources have been explored)
+        let mut calls: Vec<(usize, usize)> = Vec::new();
+        for root in 0..n {
+            if order[root] != UNVISITED {
+                continue;
+            }
+            calls.push((root, 0));
+            while let Some(&mut (node, ref mut explored)) = calls.last_mut() {
+                if *explored == 0 {
+                    order[node] = next;
+                    low[node] = next;
+                    next += 1;
+                    stack.push(node);
+                    on_stack[node] = true;
+                }
+                if let Some(&source) = self.sources[node].get(*explored) {
+                    *explored += 1;
+                    if order[source] == UNVISITED {
+                        calls.push((source, 0));
+                    } else if on_stack[source] {
+                        low[node] = low[node].min(order[source]);
+                    }
+                    continue;
+                }
+                calls.pop();
+                if let Some(&(parent, _)) = calls.last() {
+                    low[parent] = low[parent].min(low[node]);
+                }
+                if low[node] == order[node] {
+                    let mut component = Vec::new();
+                    while let Some(member) = stack.pop() {
+                        on_stack[member] = false;
+                        component.push(member);
+                        if member == node {
+                            break;
+                        }
+                    }
+                    components.push(component);
+                }
+            }
+        }
+        components
+    }
 }

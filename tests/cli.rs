@@ -121,8 +121,9 @@ fn invalid_workflows_exit_with_status_2_and_name_the_node() {
 #[test]
 fn a_failure_while_running_exits_with_status_1() {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broken.gif"), b"GIF89a, but no more").unwrap();
     let wf = json!({
-        "1": {"class_type": "LoadVideo", "inputs": {"video": "does-not-exist.gif"}},
+        "1": {"class_type": "LoadVideo", "inputs": {"video": "broken.gif"}},
         "2": {"class_type": "SaveVideo", "inputs": {"images": ["1", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
     });
     let path = write(dir.path(), "wf.json", &wf);
@@ -201,5 +202,191 @@ fn run_without_retaining_freed_memory_still_runs() {
         by_env.status.success(),
         "{}",
         String::from_utf8_lossy(&by_env.stderr)
+    );
+}
+
+#[test]
+fn validate_reports_every_missing_model_file_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let txt2vid = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/txt2vid.json");
+    let output = vdm(
+        &[
+            "validate",
+            txt2vid.to_str().unwrap(),
+            "--models",
+            models.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "node 1 (CheckpointLoader), input `ckpt_name`",
+        "node 2 (MotionModuleLoader), input `model_name`",
+    ] {
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}
+
+#[test]
+fn an_unknown_or_unavailable_device_is_refused_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = write(dir.path(), "wf.json", &small_noise_workflow());
+    let output = vdm(&["run", &wf, "--device", "bogus"], dir.path());
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("expected auto, cpu, cuda or cuda:N"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("clip_00001.png").exists());
+
+    // A CUDA device asked of a plugin built without CUDA is refused before anything runs.
+    let listing = vdm(&["nodes"], dir.path());
+    let plugin_line = String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    if !plugin_line.contains("cuda") {
+        let output = vdm(&["run", &wf, "--device", "cuda:0"], dir.path());
+        assert_eq!(output.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("built without CUDA"), "{stderr}");
+    }
+}
+
+#[test]
+fn without_a_plugin_every_command_says_where_it_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("no-plugins-here");
+    std::fs::create_dir_all(&empty).unwrap();
+    // A copy of the binary alone in a folder, as after `cargo install`.
+    let lonely = dir.path().join("bin");
+    std::fs::create_dir_all(&lonely).unwrap();
+    let exe = lonely.join("vdm");
+    std::fs::copy(env!("CARGO_BIN_EXE_vdm"), &exe).unwrap();
+    let wf = write(dir.path(), "wf.json", &small_noise_workflow());
+    for args in [
+        vec!["nodes"],
+        vec!["validate", wf.as_str()],
+        vec!["run", wf.as_str()],
+    ] {
+        let output = Command::new(&exe)
+            .args(["--plugins", empty.to_str().unwrap()])
+            .args(&args)
+            .current_dir(dir.path())
+            .env_remove("VDM_PLUGIN_PATH")
+            .output()
+            .expect("vdm runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("no vdm plugin loaded"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains(empty.to_str().unwrap()),
+            "{args:?}: {stderr}"
+        );
+        assert!(stderr.contains("--plugins DIR"), "{args:?}: {stderr}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_interrupts_the_run_with_status_130() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    // txt2vid on the tiny models with a thousand steps: interrupted while it samples.
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let txt2vid = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/txt2vid.json");
+    let mut wf: Value = serde_json::from_str(&std::fs::read_to_string(txt2vid).unwrap()).unwrap();
+    wf["1"]["inputs"]["ckpt_name"] = json!("tiny-sd");
+    wf["2"]["inputs"]["model_name"] = json!("tiny-motion");
+    wf["6"]["inputs"]["width"] = json!(96);
+    wf["6"]["inputs"]["height"] = json!(128);
+    wf["6"]["inputs"]["frames"] = json!(2);
+    wf["7"]["inputs"]["steps"] = json!(999);
+    let wf = write(dir.path(), "wf.json", &wf);
+    let out = dir.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vdm"))
+        .args(["--plugins", plugin_dir().to_str().unwrap()])
+        .args(["run", &wf, "--json-events", "--device", "cpu"])
+        .args(["--out", out.to_str().unwrap()])
+        .args(["--models", models.root.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env_remove("VDM_PLUGIN_PATH")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("vdm runs");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Once the sampler reports its first step, SIGINT as a terminal's Ctrl-C sends it.
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let event: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        let sampling = event["type"] == "progress" && event["data"]["node"] == "7";
+        seen.push(event);
+        if sampling {
+            break;
+        }
+    }
+    assert_eq!(seen.last().unwrap()["type"], "progress", "{seen:?}");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let events: Vec<Value> = lines
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "execution_interrupted", "{events:?}");
+    assert_eq!(last["data"]["node_id"], "7", "{events:?}");
+    let steps = events.iter().filter(|e| e["type"] == "progress").count();
+    assert!(steps < 100, "stopped within a few steps, not after {steps}");
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers
+            .iter()
+            .all(|f| !f.to_string_lossy().ends_with(".tmp")),
+        "{leftovers:?}"
+    );
+}
+
+#[test]
+fn a_schedule_that_cannot_place_its_steps_is_refused_at_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let txt2vid = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/txt2vid.json");
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let output = vdm(
+        &[
+            "validate",
+            txt2vid.to_str().unwrap(),
+            "--models",
+            models.root.to_str().unwrap(),
+            "--set",
+            "1.ckpt_name=tiny-sd",
+            "--set",
+            "2.model_name=tiny-motion",
+            "--set",
+            "7.steps=1000",
+        ],
+        dir.path(),
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("node 7 (VideoSampler), input `steps`")
+            && stderr.contains("use at most 999 steps"),
+        "{stderr}"
     );
 }

@@ -200,12 +200,56 @@ fn progress_is_reported_and_cancel_stops_the_node() {
         .collect();
     assert_eq!(steps, [(1, 3), (2, 3), (3, 3)]);
 
-    let executor = Executor::new(&set, &vdm::events::Silent);
+    let executor = Executor::new(&set, &recorder);
     executor.cancel_flag().store(true, Ordering::SeqCst);
-    let Err(RunError::Node(error)) = executor.run(&wf) else {
-        panic!("expected cancellation")
+    let Err(RunError::Interrupted { node, .. }) = executor.run(&wf) else {
+        panic!("expected an interruption")
     };
-    assert_eq!(error.kind, vdm_ffi::ErrorKind::Cancelled);
+    assert_eq!(node, "1");
+    let last = recorder.0.lock().unwrap().last().cloned();
+    assert_eq!(
+        last.map(|e| e.to_json()),
+        Some(json!({"type": "execution_interrupted", "data": {
+            "node_id": "1", "node_type": "TestCountdown", "executed": []}}))
+    );
+}
+
+#[test]
+fn a_node_that_sees_the_cancel_flag_interrupts_the_run() {
+    // Sets the cancel flag at the first progress report, as Ctrl-C would during a step.
+    struct CancelOnProgress(Recorder, std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl vdm::EventSink for CancelOnProgress {
+        fn emit(&self, event: Event) {
+            if matches!(event, Event::Progress { .. }) {
+                self.1.store(true, Ordering::SeqCst);
+            }
+            self.0.emit(event);
+        }
+    }
+    let set = plugins();
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sink = CancelOnProgress(Recorder::default(), flag.clone());
+    let executor = Executor::new(&set, &sink).with_cancel_flag(flag);
+    let wf = workflow(json!({
+        "1": {"class_type": "TestConst", "inputs": {"value": 5}},
+        "2": {"class_type": "TestCountdown", "inputs": {"steps": ["1", 0]}},
+        "3": {"class_type": "TestSink", "inputs": {"value": ["2", 0]}}
+    }));
+    let Err(RunError::Interrupted { node, .. }) = executor.run(&wf) else {
+        panic!("expected an interruption")
+    };
+    assert_eq!(node, "2");
+    let events = sink.0 .0.lock().unwrap();
+    let steps = events
+        .iter()
+        .filter(|e| matches!(e, Event::Progress { .. }))
+        .count();
+    assert_eq!(steps, 1, "the node stops at its next check");
+    assert_eq!(
+        events.last().map(Event::to_json),
+        Some(json!({"type": "execution_interrupted", "data": {
+            "node_id": "2", "node_type": "TestCountdown", "executed": ["1"]}}))
+    );
 }
 
 #[test]
@@ -242,4 +286,118 @@ fn cycles_are_reported_on_every_node_of_the_cycle() {
     }
     assert!(report.issues("3").is_empty());
     assert_eq!(report.node_errors["1"].dependent_outputs, ["3"]);
+}
+
+#[test]
+fn only_nodes_on_a_cycle_are_reported_not_those_downstream_or_beside_it() {
+    let set = plugins();
+    let wf = workflow(json!({
+        "1": {"class_type": "TestAdd", "inputs": {"a": ["1", 0], "b": 1}},
+        "2": {"class_type": "TestAdd", "inputs": {"a": ["1", 0], "b": 1}},
+        "3": {"class_type": "TestAdd", "inputs": {"a": ["4", 0], "b": ["2", 0]}},
+        "4": {"class_type": "TestAdd", "inputs": {"a": ["5", 0], "b": 1}},
+        "5": {"class_type": "TestAdd", "inputs": {"a": ["3", 0], "b": 1}},
+        "6": {"class_type": "TestSink", "inputs": {"value": ["5", 0]}},
+        "7": {"class_type": "TestConst", "inputs": {"value": 1}},
+        "8": {"class_type": "TestSink", "inputs": {"value": ["7", 0]}}
+    }));
+    let report = validate(&wf, &set);
+    let cyclic: Vec<&str> = report
+        .node_errors
+        .iter()
+        .filter(|(_, n)| n.errors.iter().any(|i| i.kind == "dependency_cycle"))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    // 1 reads itself; 3 → 5 → 4 → 3; 2 and 6 depend on cycles without lying on one.
+    assert_eq!(cyclic, ["1", "3", "4", "5"]);
+    assert_eq!(report.node_errors["1"].dependent_outputs, ["6"]);
+}
+
+/// A chain of `n` TestAdd nodes ending in a sink, ids in reverse order of execution.
+fn chain(n: usize) -> Workflow {
+    let mut nodes = serde_json::Map::new();
+    for i in 0..n {
+        let a = if i + 1 < n {
+            json!([(i + 1).to_string(), 0])
+        } else {
+            json!(1)
+        };
+        nodes.insert(
+            i.to_string(),
+            json!({"class_type": "TestAdd", "inputs": {"a": a, "b": 1}}),
+        );
+    }
+    nodes.insert(
+        "sink".into(),
+        json!({"class_type": "TestSink", "inputs": {"value": ["0", 0]}}),
+    );
+    workflow(serde_json::Value::Object(nodes))
+}
+
+#[test]
+fn a_chain_of_a_hundred_thousand_nodes_validates_and_orders_without_recursion() {
+    let set = plugins();
+    let n = 100_000;
+    let wf = chain(n);
+    assert!(validate(&wf, &set).is_ok());
+    let order = vdm::execute::execution_order(&wf, &["sink".to_string()]);
+    assert_eq!(order.len(), n + 1);
+    assert_eq!(order.first().map(String::as_str), Some("99999"));
+    assert_eq!(order.last().map(String::as_str), Some("sink"));
+}
+
+#[test]
+fn plugin_checks_report_every_problem_before_anything_runs() {
+    let set = plugins();
+    let recorder = Recorder::default();
+    let wf = workflow(json!({
+        "1": {"class_type": "TestCheckPositive", "inputs": {"value": 0}},
+        "2": {"class_type": "TestCheckPositive", "inputs": {"value": -3}},
+        "3": {"class_type": "TestCheckPositive", "inputs": {"value": 4}},
+        "4": {"class_type": "TestAdd", "inputs": {"a": ["1", 0], "b": ["2", 0]}},
+        "5": {"class_type": "TestAdd", "inputs": {"a": ["4", 0], "b": ["3", 0]}},
+        "6": {"class_type": "TestSink", "inputs": {"value": ["5", 0]}},
+        // A structural problem is reported, and the node's own check is not asked.
+        "7": {"class_type": "TestCheckPositive", "inputs": {"value": 5000}},
+        "8": {"class_type": "TestSink", "inputs": {"value": ["7", 0]}}
+    }));
+    let executor = Executor::new(&set, &recorder);
+    let Err(RunError::Invalid(report)) = executor.run(&wf) else {
+        panic!("expected a validation error")
+    };
+    assert!(recorder.0.lock().unwrap().is_empty(), "nothing ran");
+    for (id, message) in [("1", "0 is not positive"), ("2", "-3 is not positive")] {
+        let issues = report.issues(id);
+        assert_eq!(issues.len(), 1, "{id}: {issues:?}");
+        assert_eq!(issues[0].kind, "custom_validation_failed");
+        assert_eq!(issues[0].input_name(), Some("value"));
+        assert_eq!(issues[0].details, message);
+        assert_eq!(report.node_errors[id].dependent_outputs, ["6"]);
+    }
+    assert!(report.issues("3").is_empty());
+    assert_eq!(
+        report
+            .issues("7")
+            .iter()
+            .map(|i| i.kind.as_str())
+            .collect::<Vec<_>>(),
+        ["value_bigger_than_max"]
+    );
+    // The plain descriptor check knows nothing of plugin checks.
+    assert!(validate(&wf, &set).issues("1").is_empty());
+}
+
+#[test]
+fn without_plugins_the_report_says_where_it_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = PluginSet::load(&[dir.path().to_path_buf()], &[]);
+    let wf = workflow(json!({"1": {"class_type": "VideoNoise", "inputs": {}}}));
+    let report = validate(&wf, &set);
+    let error = report.error.as_ref().unwrap();
+    assert_eq!(error.kind, "no_plugins_loaded");
+    assert!(
+        error.details.contains(&*dir.path().to_string_lossy()),
+        "{error:?}"
+    );
+    assert_eq!(report.issues("1")[0].kind, "missing_node_type");
 }

@@ -415,3 +415,116 @@ fn motion_errors_name_the_node_and_input() {
     );
     assert!(message.contains("no `flow` tensor"), "{message}");
 }
+
+#[test]
+fn non_finite_latents_are_an_error_of_the_node_that_made_them_unless_allowed() {
+    let set = plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nan.latent");
+    let mut values = vec![0.5f32; 4 * 2 * 4 * 4];
+    values[3] = f32::NAN;
+    values[7] = f32::INFINITY;
+    let latent = Tensor::from_vec(values, (2, 4, 4, 4), &Device::Cpu).unwrap();
+    let marker = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([
+            ("latent_tensor".to_string(), latent),
+            ("latent_format_version_0".to_string(), marker),
+        ]),
+        &path,
+    )
+    .unwrap();
+    let wf = json!({
+        "1": {"class_type": "LoadLatent", "inputs": {"latent": path.to_string_lossy()}},
+        "2": {"class_type": "LatentPreview", "inputs": {"latent": ["1", 0]}},
+        "3": {"class_type": "SaveVideo", "inputs": {"images": ["2", 0], "filename_prefix": "nan", "format": "gif", "fps": 8}}
+    });
+    let out = dir.path().join("out");
+    let result = Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", out.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&Workflow::from_json(wf.clone()).unwrap());
+    match result {
+        Err(RunError::Node(e)) => {
+            assert_eq!(e.node_id.as_str(), "1", "{e}");
+            assert!(
+                e.message.contains("NaN or infinite values: 2 of 128"),
+                "{e}"
+            );
+        }
+        other => panic!("expected an error of node 1, got {other:?}"),
+    }
+    assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none());
+
+    let summary = Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", out.to_string_lossy())
+        .with_setting("device", "cpu")
+        .with_setting("allow_non_finite", "true")
+        .run(&Workflow::from_json(wf).unwrap())
+        .unwrap();
+    assert!(summary.ui["3"]["videos"][0]["fullpath"].is_string());
+}
+
+#[test]
+fn sizes_off_their_step_are_refused_not_rounded() {
+    let set = plugins();
+    let wf = Workflow::from_json(json!({
+        "1": noise_node(json!({"width": 65, "height": 72})),
+        "2": {"class_type": "LatentPreview", "inputs": {"latent": ["1", 0]}},
+        "3": {"class_type": "SaveVideo", "inputs": {"images": ["2", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
+    }))
+    .unwrap();
+    let report = validate(&wf, &set);
+    let issues = report.issues("1");
+    assert_eq!(issues.len(), 1, "{}", report.to_text());
+    assert_eq!(issues[0].kind, "value_not_on_step");
+    assert_eq!(issues[0].input_name(), Some("width"));
+    assert!(
+        issues[0]
+            .details
+            .contains("65 is not a multiple of 8; the nearest allowed values are 64 and 72"),
+        "{}",
+        issues[0].details
+    );
+}
+
+#[test]
+fn bad_filename_prefixes_are_reported_at_validation_naming_the_input() {
+    let set = plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&elsewhere, out.join("link")).unwrap();
+    let long = "y".repeat(300);
+    let mut prefixes = vec![
+        ("a\nb", "U+000A"),
+        ("../up", "leaves the output folder"),
+        (long.as_str(), "at most 200"),
+    ];
+    if cfg!(unix) {
+        prefixes.push(("link/escaped", "symbolic link"));
+    }
+    for (prefix, needle) in prefixes {
+        let wf = Workflow::from_json(json!({
+            "1": noise_node(json!({})),
+            "2": {"class_type": "LatentPreview", "inputs": {"latent": ["1", 0]}},
+            "3": {"class_type": "SaveVideo", "inputs": {"images": ["2", 0], "filename_prefix": prefix, "format": "gif", "fps": 8}}
+        }))
+        .unwrap();
+        let report = Executor::new(&set, &vdm::events::Silent)
+            .with_setting("output_dir", out.to_string_lossy())
+            .validate(&wf);
+        let issues = report.issues("3");
+        assert_eq!(issues.len(), 1, "{prefix:?}: {}", report.to_text());
+        assert_eq!(issues[0].input_name(), Some("filename_prefix"));
+        assert!(
+            issues[0].details.contains(needle),
+            "{prefix:?}: {}",
+            issues[0].details
+        );
+    }
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+}

@@ -379,15 +379,6 @@ fn decode_chain(loader: serde_json::Value) -> serde_json::Value {
 fn missing_and_corrupt_models_are_errors_of_the_loader_node() {
     let dir = tempfile::tempdir().unwrap();
     let models = common::write_tiny_models(&dir.path().join("models"));
-    expect_node_error(
-        decode_chain(
-            json!({"class_type": "CheckpointLoader", "inputs": {"ckpt_name": "nope.safetensors"}}),
-        ),
-        &models,
-        "1",
-        "ckpt_name",
-        "not found",
-    );
     let corrupt = dir.path().join("corrupt.safetensors");
     std::fs::write(
         &corrupt,
@@ -403,6 +394,47 @@ fn missing_and_corrupt_models_are_errors_of_the_loader_node() {
         "ckpt_name",
         "corrupt.safetensors",
     );
+}
+
+#[test]
+fn every_missing_model_and_input_file_is_reported_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/entropy-edit.json"),
+    )
+    .unwrap();
+    let wf = Workflow::parse(&text).unwrap();
+    let set = plugins();
+    let recorder = vdm::events::Recorder::default();
+    let result = Executor::new(&set, &recorder)
+        .with_setting("output_dir", dir.path().join("out").to_string_lossy())
+        .with_setting("models_dir", models.to_string_lossy())
+        .with_setting("input_dir", dir.path().to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&wf);
+    let Err(RunError::Invalid(report)) = result else {
+        panic!("expected a validation error, got {result:?}");
+    };
+    for (node, input, file) in [
+        ("1", "ckpt_name", "v1-5-pruned-emaonly.safetensors"),
+        ("2", "model_name", "mm_sd_v15_v2.ckpt"),
+        ("10", "video", "input.mp4"),
+    ] {
+        let issues = report.issues(node);
+        assert_eq!(issues.len(), 1, "node {node}: {}", report.to_text());
+        assert_eq!(issues[0].kind, "custom_validation_failed");
+        assert_eq!(issues[0].input_name(), Some(input));
+        assert!(issues[0].details.contains(file), "{}", issues[0].details);
+    }
+    assert!(
+        report.issues("1")[0].details.contains("checkpoints"),
+        "says where it looked: {}",
+        report.to_text()
+    );
+    assert_eq!(report.node_errors.len(), 3, "{}", report.to_text());
+    assert!(recorder.0.lock().unwrap().is_empty(), "nothing ran");
 }
 
 #[test]
@@ -667,6 +699,77 @@ fn bad_reuse_inputs_name_the_node_and_input() {
             "7",
             "reuse",
             "the motion is 64×48 pixels, latents of 12×16 need 96×128",
+        ),
+    );
+}
+
+/// A shipped workflow with `edit` applied to its JSON, pointed at the tiny models and `video`.
+fn edited_workflow(
+    name: &str,
+    video: &Path,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Workflow {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("workflows")
+        .join(name);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut json);
+    let mut wf = Workflow::from_json(json).unwrap();
+    adapt(&mut wf, video, 2);
+    wf
+}
+
+#[test]
+fn bad_entropy_inputs_name_the_node_and_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let out = dir.path().join("out");
+    let check = |wf: Workflow, expected| expect_workflow_error(&wf, &models, &out, expected);
+    let video = write_input_video(dir.path(), 2);
+    let perturb = |layers: &str| {
+        edited_workflow("entropy-probe.json", &video, |wf| {
+            wf["10"] = json!({"class_type": "AttentionPerturb", "inputs": {
+                "model": ["3", 0], "mode": "uniform", "layers": layers, "kind": "temporal",
+                "start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}});
+            wf.as_object_mut().unwrap().remove("11");
+        })
+    };
+    check(perturb(" , "), ("10", "layers", "no layers given"));
+    check(
+        perturb("down_blocks.0,middle_block"),
+        (
+            "10",
+            "layers",
+            "`middle_block` selects no temporal layer of this model",
+        ),
+    );
+
+    for method in ["ie-adapt", "enhance-a-video"] {
+        let wf = edited_workflow("enhance.json", &video, |wf| {
+            wf["10"]["inputs"]["method"] = json!(method);
+            wf["10"]["inputs"]["start_percent"] = json!(0.5);
+            wf["10"]["inputs"]["end_percent"] = json!(0.5);
+        });
+        check(
+            wf,
+            (
+                "10",
+                "start_percent",
+                "start_percent 0.5 must be below end_percent 0.5",
+            ),
+        );
+    }
+
+    // 22×30 pixels encode to 11×15 latents, which the tiny UNet cannot halve.
+    let odd = dir.path().join("odd.gif");
+    common::write_moving_texture_gif(&odd, 2, (22, 30), (1, 0));
+    check(
+        edited_workflow("entropy-edit.json", &odd, |_| {}),
+        (
+            "7",
+            "source_latent",
+            "latents of 11×15 do not fit the model",
         ),
     );
 }

@@ -29,8 +29,14 @@ pub const INTERFACE_VERSION: u32 = 1;
 
 /// Features of the interface this crate implements, exchanged in the handshake so a host can
 /// tell what an older or newer plugin supports without failing to load it.
-pub const INTERFACE_FEATURES: &[&str] =
-    &["progress", "cancel", "handles", "host-tensors", "ui-output"];
+pub const INTERFACE_FEATURES: &[&str] = &[
+    "progress",
+    "cancel",
+    "handles",
+    "host-tensors",
+    "ui-output",
+    "check",
+];
 
 /// What a plugin exports.
 #[repr(C)]
@@ -49,6 +55,12 @@ pub struct PluginMod {
     /// Runs one node. Must never unwind: panics become [`NodeError`]s of kind `Panic`.
     #[sabi(last_prefix_field)]
     pub execute: extern "C" fn(request: ExecuteRequest<'_>) -> RResult<NodeOutput, NodeError>,
+    /// Checks one node before anything runs, from its literal inputs only (links are not
+    /// computed yet) and the host settings: that the files it names exist, say. Every problem
+    /// comes back, so that a workflow's are reported together; none means nothing to object
+    /// to. Plugins of the `check` feature have it; the host skips it for older ones.
+    #[sabi(missing_field(option))]
+    pub check: extern "C" fn(request: ExecuteRequest<'_>) -> RVec<NodeError>,
 }
 
 impl RootModule for PluginModRef {

@@ -12,7 +12,10 @@ use vdm_ffi::{
     ErrorKind, ExecuteRequest, NodeDescriptor, NodeError, NodeOutput, PluginMod, PluginModRef,
 };
 
-use crate::node::{self, Context, Inputs, NodeFailure};
+use candle_core::{DType, Tensor};
+use vdm_ffi::Value;
+
+use crate::node::{self, Context, Images, Inputs, Latent, NodeFailure, PluginType};
 
 #[export_root_module]
 pub fn plugin_root_module() -> PluginModRef {
@@ -22,6 +25,7 @@ pub fn plugin_root_module() -> PluginModRef {
         plugin_name,
         nodes,
         execute,
+        check,
     }
     .leak_into_prefix()
 }
@@ -79,11 +83,80 @@ fn run(request: ExecuteRequest<'_>) -> Result<NodeOutput, NodeFailure> {
     let inputs = Inputs::new(inputs);
     let ctx = Context::new(host);
     let outputs = node.execute(&inputs, &ctx)?;
+    check_finite(&outputs.values, &ctx)?;
     let ui_json = outputs.ui.map(|ui| ui.to_string()).unwrap_or_default();
     Ok(NodeOutput {
         values: outputs.values.into(),
         ui_json: ui_json.into(),
     })
+}
+
+extern "C" fn check(request: ExecuteRequest<'_>) -> RVec<NodeError> {
+    let class_type = request.class_type.as_str().to_owned();
+    let node_id = request.node_id.as_str().to_owned();
+    let ExecuteRequest { inputs, host, .. } = request;
+    let failures = catch_unwind(AssertUnwindSafe(|| match node::find(&class_type) {
+        Some(node) => node.check(&Inputs::new(inputs), &Context::new(host)),
+        None => Vec::new(),
+    }))
+    .unwrap_or_else(|payload| {
+        vec![NodeFailure {
+            kind: ErrorKind::Panic,
+            input: None,
+            message: panic_message(&*payload),
+        }]
+    });
+    failures
+        .into_iter()
+        .map(|f| f.into_error(&node_id, &class_type))
+        .collect()
+}
+
+/// A NaN or infinite value in output latents or frames is an error of the node that made them
+/// (a diverging sampler, half precision overflowing), found where it arises rather than as a
+/// black video later; with the host's `allow_non_finite` setting it is only a warning.
+fn check_finite(values: &[Value], ctx: &Context) -> Result<(), NodeFailure> {
+    for (index, value) in values.iter().enumerate() {
+        let Value::Handle(handle) = value else {
+            continue;
+        };
+        let tensor = Latent::from_handle(handle)
+            .map(|latent| latent.samples)
+            .or_else(|| Images::from_handle(handle).map(|images| images.frames));
+        let Some(tensor) = tensor else {
+            continue;
+        };
+        let count = non_finite_count(&tensor)?;
+        if count == 0 {
+            continue;
+        }
+        let message = format!(
+            "output {index} ({}) holds NaN or infinite values: {count} of {} (a diverging \
+             sampler, or a model overflowing in half precision?)",
+            handle.type_tag,
+            tensor.elem_count()
+        );
+        if ctx.setting("allow_non_finite").as_deref() == Some("true") {
+            eprintln!("warning: {message}");
+        } else {
+            return Err(NodeFailure::execution(format!(
+                "{message}; run with --allow-non-finite to keep them"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// How many elements of `tensor` are NaN or infinite.
+fn non_finite_count(tensor: &Tensor) -> candle_core::Result<usize> {
+    let values = tensor.to_dtype(DType::F32)?;
+    // x − x is 0 for every finite x and NaN for NaN and ±∞; NaN ≠ NaN.
+    let difference = (&values - &values)?;
+    let non_finite = difference.ne(&difference)?;
+    Ok(non_finite
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()? as usize)
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

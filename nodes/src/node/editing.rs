@@ -11,6 +11,7 @@ use crate::video::editing::{edit_video, EditInputs, EditSettings};
 use crate::video::noise::{video_noise, NoiseMode};
 
 use super::objects::{Conditioning, Model};
+use super::sampler::check_steps;
 use super::{
     Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
 };
@@ -75,6 +76,18 @@ fn ddim() -> Result<DdimScheduler, NodeFailure> {
     Ok(DdimScheduler::new(DdimSchedulerConfig::sd15())?)
 }
 
+/// The check of a literal `steps`: that the DDIM schedule can place them.
+fn check_ddim_steps(inputs: &Inputs) -> Vec<NodeFailure> {
+    match inputs.usize("steps") {
+        Ok(steps) => ddim()
+            .and_then(|scheduler| check_steps(&scheduler, steps))
+            .err()
+            .into_iter()
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 struct VideoInversion;
 
 impl Node for VideoInversion {
@@ -91,6 +104,10 @@ impl Node for VideoInversion {
             .int("steps", 25, 1, 1000, "Steps of the DDIM schedule.")
             .output("LATENT", "LATENT")
             .build()
+    }
+
+    fn check(&self, inputs: &Inputs, _ctx: &Context) -> Vec<NodeFailure> {
+        check_ddim_steps(inputs)
     }
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
@@ -165,6 +182,10 @@ impl Node for EntropyEditor {
             .output("LATENT", "edited")
             .output("LATENT", "reconstruction")
             .build()
+    }
+
+    fn check(&self, inputs: &Inputs, _ctx: &Context) -> Vec<NodeFailure> {
+        check_ddim_steps(inputs)
     }
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {

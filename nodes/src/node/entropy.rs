@@ -16,8 +16,8 @@ use crate::video::entropy::{EntropyProbe as Probe, EntropyTable, CSV_HEADER, PRO
 
 use super::objects::{EntropyProbe, Latent, Model};
 use super::{
-    file_entry, Context, DescriptorBuilder, ForInput, Inputs, Node, NodeFailure, Outputs,
-    PluginType,
+    check_filename_prefix, file_entry, Context, DescriptorBuilder, ForInput, Inputs, Node,
+    NodeFailure, Outputs, PluginType,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
@@ -143,6 +143,10 @@ impl Node for EntropyReport {
             .output("STRING", "high_entropy_layers")
             .output_node()
             .build()
+    }
+
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        check_filename_prefix(inputs, ctx)
     }
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {

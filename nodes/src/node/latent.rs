@@ -6,8 +6,8 @@ use crate::video::preview::UpscaleFilter;
 use crate::video::{latent_file, preview};
 
 use super::{
-    file_entry, resolve_input_path, Context, DescriptorBuilder, ForInput, Images, Inputs, Latent,
-    Node, NodeFailure, Outputs, PluginType,
+    check_filename_prefix, check_input_file, file_entry, resolve_input_path, Context,
+    DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
@@ -52,6 +52,10 @@ impl Node for SaveLatent {
             .build()
     }
 
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        check_filename_prefix(inputs, ctx)
+    }
+
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let latent: Latent = inputs.object("samples")?;
         let prefix = inputs.string("filename_prefix")?;
@@ -80,6 +84,10 @@ impl Node for LoadLatent {
             )
             .output("LATENT", "LATENT")
             .build()
+    }
+
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        check_input_file(inputs, ctx, "latent")
     }
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {

@@ -31,6 +31,13 @@ pub use spec::DescriptorBuilder;
 pub trait Node: Send + Sync {
     fn descriptor(&self) -> NodeDescriptor;
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure>;
+
+    /// What can be seen wrong before anything runs, from the literal inputs alone (linked
+    /// inputs are absent here): a named file that does not exist, say. Every problem is listed,
+    /// so that a workflow's come back together.
+    fn check(&self, _inputs: &Inputs, _ctx: &Context) -> Vec<NodeFailure> {
+        Vec::new()
+    }
 }
 
 /// Every node of the plugin, built once.
@@ -106,7 +113,25 @@ impl NodeFailure {
 
 impl From<candle_core::Error> for NodeFailure {
     fn from(e: candle_core::Error) -> Self {
-        Self::execution(e)
+        Self::execution(without_backtrace(e))
+    }
+}
+
+/// `error` without the backtrace candle attaches when `RUST_BACKTRACE` is set: a node error is
+/// a message for the user, not a crash report.
+pub fn without_backtrace(error: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error;
+    match error {
+        Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        Error::Context { inner, context } => Error::Context {
+            inner: Box::new(without_backtrace(*inner)),
+            context,
+        },
+        Error::WithPath { inner, path } => Error::WithPath {
+            inner: Box::new(without_backtrace(*inner)),
+            path,
+        },
+        other => other,
     }
 }
 
@@ -359,6 +384,44 @@ pub(crate) fn resolve_input_path(ctx: &Context, given: &str) -> PathBuf {
     }
 }
 
+/// The check of an input naming a file to read (under the input folder when relative): that
+/// the file exists, when the input is a literal.
+pub(crate) fn check_input_file(inputs: &Inputs, ctx: &Context, input: &str) -> Vec<NodeFailure> {
+    let Some(Value::Str(given)) = inputs.get(input) else {
+        return Vec::new();
+    };
+    let path = resolve_input_path(ctx, given);
+    if path.exists() {
+        Vec::new()
+    } else {
+        vec![NodeFailure::input(
+            input,
+            format!("`{given}` not found (looked at {})", path.display()),
+        )]
+    }
+}
+
+/// The check of a literal `filename_prefix`: that it names a file inside the output folder.
+pub(crate) fn check_filename_prefix(inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+    let Some(Value::Str(prefix)) = inputs.get("filename_prefix") else {
+        return Vec::new();
+    };
+    match crate::video::io::resolve_prefix(&ctx.output_dir(), prefix) {
+        Ok(_) => Vec::new(),
+        Err(e) => vec![NodeFailure::input("filename_prefix", e.to_string())],
+    }
+}
+
+/// The failure of a save: the prefix's own problems are the `filename_prefix` input's.
+pub(crate) fn save_failure(error: crate::video::io::MediaError) -> NodeFailure {
+    match error {
+        crate::video::io::MediaError::Prefix { .. } => {
+            NodeFailure::input("filename_prefix", error.to_string())
+        }
+        other => NodeFailure::execution(other),
+    }
+}
+
 /// ComfyUI's description of a written file: name, subfolder of the output folder, type.
 pub(crate) fn file_entry(out_dir: &Path, path: &Path) -> serde_json::Value {
     let relative = path.strip_prefix(out_dir).unwrap_or(path);
@@ -371,4 +434,20 @@ pub(crate) fn file_entry(out_dir: &Path, path: &Path) -> serde_json::Value {
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
     serde_json::json!({ "filename": filename, "subfolder": subfolder, "type": "output", "fullpath": path.to_string_lossy() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_errors_carry_no_backtrace() {
+        let error = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("shapes differ".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        }
+        .context("in the VAE");
+        let failure = NodeFailure::from(error);
+        assert_eq!(failure.message, "in the VAE\nshapes differ");
+    }
 }

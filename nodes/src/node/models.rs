@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use vdm_ffi::Value;
 
 use crate::models::checkpoint::{load_checkpoint, open_motion_module};
 use crate::models::load::open_vae;
@@ -25,6 +26,22 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
         Box::new(TextEncode),
         Box::new(EmptyVideoLatent),
     ]
+}
+
+/// The folders of the models folder where each kind of model is looked for (ComfyUI's names).
+const CHECKPOINT_FOLDERS: &[&str] = &["checkpoints", "diffusers"];
+const VAE_FOLDERS: &[&str] = &["vae"];
+const MOTION_MODULE_FOLDERS: &[&str] = &["animatediff_models", "animatediff_motion_modules"];
+
+/// The check of a model input given as a literal: that the file can be found.
+fn check_model(inputs: &Inputs, ctx: &Context, input: &str, folders: &[&str]) -> Vec<NodeFailure> {
+    match inputs.get(input) {
+        Some(Value::Str(name)) => resolve_model(ctx, input, folders, name)
+            .err()
+            .into_iter()
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Finds a model file: the path as given when it exists, else under `<models>/<folder>/`
@@ -97,11 +114,15 @@ impl Node for CheckpointLoader {
             .build()
     }
 
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        check_model(inputs, ctx, "ckpt_name", CHECKPOINT_FOLDERS)
+    }
+
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let path = resolve_model(
             ctx,
             "ckpt_name",
-            &["checkpoints", "diffusers"],
+            CHECKPOINT_FOLDERS,
             inputs.string("ckpt_name")?,
         )?;
         let device = ctx.device()?;
@@ -158,8 +179,12 @@ impl Node for VaeLoader {
             .build()
     }
 
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        check_model(inputs, ctx, "vae_name", VAE_FOLDERS)
+    }
+
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
-        let path = resolve_model(ctx, "vae_name", &["vae"], inputs.string("vae_name")?)?;
+        let path = resolve_model(ctx, "vae_name", VAE_FOLDERS, inputs.string("vae_name")?)?;
         let device = ctx.device()?;
         let config = match path.join("config.json") {
             c if c.is_file() => {
@@ -196,11 +221,15 @@ impl Node for MotionModuleLoader {
             .build()
     }
 
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        check_model(inputs, ctx, "model_name", MOTION_MODULE_FOLDERS)
+    }
+
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let path = resolve_model(
             ctx,
             "model_name",
-            &["animatediff_models", "animatediff_motion_modules"],
+            MOTION_MODULE_FOLDERS,
             inputs.string("model_name")?,
         )?;
         let file = open_motion_module(&path).for_input("model_name")?;

@@ -15,8 +15,8 @@ use crate::video::motion_adaptive::{
 
 use super::objects::{Model, Motion};
 use super::{
-    file_entry, resolve_input_path, Context, DescriptorBuilder, ForInput, Images, Inputs, Node,
-    NodeFailure, Outputs, PluginType,
+    check_filename_prefix, check_input_file, file_entry, resolve_input_path, Context,
+    DescriptorBuilder, ForInput, Images, Inputs, Node, NodeFailure, Outputs, PluginType,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
@@ -117,6 +117,10 @@ impl Node for SaveMotion {
             .build()
     }
 
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        check_filename_prefix(inputs, ctx)
+    }
+
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let motion: Motion = inputs.object("motion")?;
         let prefix = inputs.string("filename_prefix")?;
@@ -143,6 +147,10 @@ impl Node for LoadMotion {
             .output("MOTION", "MOTION")
             .output("FLOAT", "amplitude")
             .build()
+    }
+
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        check_input_file(inputs, ctx, "motion")
     }
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {

@@ -36,6 +36,27 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
     ]
 }
 
+/// SD 1.x's scheduler of a `scheduler` input.
+fn scheduler_named(name: &str) -> Result<Box<dyn Scheduler>, NodeFailure> {
+    Ok(match name {
+        "ddim" => Box::new(DdimScheduler::new(DdimSchedulerConfig::sd15())?),
+        "euler" => Box::new(EulerDiscreteScheduler::new(
+            EulerDiscreteSchedulerConfig::sd15(),
+        )?),
+        other => {
+            return Err(NodeFailure::input(
+                "scheduler",
+                format!("unknown scheduler `{other}`"),
+            ))
+        }
+    })
+}
+
+/// That `scheduler` can place `steps` steps: an error of the `steps` input otherwise.
+pub(crate) fn check_steps(scheduler: &dyn Scheduler, steps: usize) -> Result<(), NodeFailure> {
+    scheduler.timesteps(steps).map(|_| ()).for_input("steps")
+}
+
 /// Frames the VAE handles at once by default: bounded memory at SD sizes.
 const DEFAULT_VAE_CHUNK: i64 = 16;
 
@@ -69,6 +90,17 @@ impl Node for VideoSampler {
             .build()
     }
 
+    fn check(&self, inputs: &Inputs, _ctx: &Context) -> Vec<NodeFailure> {
+        match (inputs.string("scheduler"), inputs.usize("steps")) {
+            (Ok(name), Ok(steps)) => scheduler_named(name)
+                .and_then(|scheduler| check_steps(scheduler.as_ref(), steps))
+                .err()
+                .into_iter()
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let model: Model = inputs.object("model")?;
         let positive: Conditioning = inputs.object("positive")?;
@@ -85,18 +117,7 @@ impl Node for VideoSampler {
         let freeinit = inputs
             .optional_object::<FreeInit>("freeinit")?
             .map(|f| f.config);
-        let scheduler: Box<dyn Scheduler> = match inputs.string("scheduler")? {
-            "ddim" => Box::new(DdimScheduler::new(DdimSchedulerConfig::sd15())?),
-            "euler" => Box::new(EulerDiscreteScheduler::new(
-                EulerDiscreteSchedulerConfig::sd15(),
-            )?),
-            other => {
-                return Err(NodeFailure::input(
-                    "scheduler",
-                    format!("unknown scheduler `{other}`"),
-                ))
-            }
-        };
+        let scheduler = scheduler_named(inputs.string("scheduler")?)?;
 
         let device = model.unet.base().device().clone();
         let latents = latent.samples.to_device(&device)?.to_dtype(DType::F32)?;

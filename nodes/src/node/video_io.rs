@@ -5,8 +5,8 @@ use serde_json::json;
 use crate::video::io::{load_video, save_video, LoadOptions, VideoFormat};
 
 use super::{
-    file_entry, resolve_input_path, Context, DescriptorBuilder, ForInput, Images, Inputs, Node,
-    NodeFailure, Outputs, PluginType,
+    check_filename_prefix, check_input_file, file_entry, resolve_input_path, save_failure, Context,
+    DescriptorBuilder, ForInput, Images, Inputs, Node, NodeFailure, Outputs, PluginType,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
@@ -28,6 +28,10 @@ impl Node for LoadVideo {
             .output("INT", "frame_count")
             .output("FLOAT", "fps")
             .build()
+    }
+
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        check_input_file(inputs, ctx, "video")
     }
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
@@ -66,6 +70,10 @@ impl Node for SaveVideo {
             .build()
     }
 
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        check_filename_prefix(inputs, ctx)
+    }
+
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let images: Images = inputs.object("images")?;
         let prefix = inputs.string("filename_prefix")?;
@@ -74,7 +82,7 @@ impl Node for SaveVideo {
         let loop_count = inputs.usize_or("loop_count", 0)? as u32;
         let out_dir = ctx.output_dir();
         let path = save_video(&images.frames, &out_dir, prefix, format, fps, loop_count)
-            .map_err(NodeFailure::execution)?;
+            .map_err(save_failure)?;
         Ok(Outputs {
             values: vec![],
             ui: Some(json!({ "videos": [file_entry(&out_dir, &path)] })),

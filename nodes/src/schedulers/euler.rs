@@ -5,9 +5,9 @@ use candle_core::{DType, Result, Tensor};
 use serde::Deserialize;
 
 use super::{
-    check_step_count, divide, numpy_arange_down, numpy_interp_index, numpy_linspace, scale,
-    BetaSchedule, NoiseScheduleConfig, PredictionType, Schedule, ScheduledStep, Scheduler,
-    StepOutput, Timestep, TimestepSpacing,
+    check_leading_fits, check_step_count, divide, numpy_arange_down, numpy_interp_index,
+    numpy_linspace, scale, BetaSchedule, NoiseScheduleConfig, PredictionType, Schedule,
+    ScheduledStep, Scheduler, StepOutput, Timestep, TimestepSpacing,
 };
 
 /// Where the last σ of the schedule sits (`final_sigmas_type`).
@@ -149,6 +149,7 @@ impl EulerDiscreteScheduler {
                 .map(|t| t as f32)
                 .collect(),
             TimestepSpacing::Leading => {
+                check_leading_fits(train, n, self.config.steps_offset)?;
                 let ratio = (train / n) as f64;
                 (0..n)
                     .rev()

@@ -364,6 +364,7 @@ pub(crate) fn integer_timesteps(
     let (train, n) = (num_train_timesteps, num_inference_steps);
     Ok(match spacing {
         TimestepSpacing::Leading => {
+            check_leading_fits(train, n, steps_offset)?;
             let ratio = (train / n) as i64;
             (0..n as i64)
                 .rev()
@@ -382,6 +383,27 @@ pub(crate) fn integer_timesteps(
                 .collect()
         }
     })
+}
+
+/// Leading spacing places the first step at `(n − 1)·(N // n) + steps_offset`, which must be a
+/// training timestep: with SD's offset of 1, N steps do not fit (diffusers fails on them with
+/// an index error).
+pub(crate) fn check_leading_fits(
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+    steps_offset: usize,
+) -> Result<()> {
+    let ratio = num_train_timesteps / num_inference_steps.max(1);
+    let first = (num_inference_steps.saturating_sub(1)) * ratio + steps_offset;
+    if first >= num_train_timesteps {
+        candle_core::bail!(
+            "{num_inference_steps} steps would start at timestep {first}, past the last of the \
+             {num_train_timesteps} training timesteps (leading spacing with steps_offset \
+             {steps_offset}): use at most {} steps",
+            num_train_timesteps - steps_offset
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn check_step_count(

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use image::codecs::gif::{GifEncoder, Repeat};
 use image::{Delay, Frame, RgbaImage};
 
-use super::naming::{next_counter, resolve_prefix};
+use super::naming::{next_counter, remove_stale_temporaries, resolve_prefix, temporary_name};
 use super::{io_error, MediaError};
 
 /// Frames as 8-bit RGB, ready for the encoders.
@@ -91,8 +91,7 @@ pub(super) fn write_gif(
         encoder
             .set_repeat(repeat)
             .map_err(|e| encode_error(path)(e.to_string()))?;
-        let delay = Delay::from_saturating_duration(Duration::from_secs_f64(1.0 / fps));
-        for pixels in rgb.iter() {
+        for (index, pixels) in rgb.iter().enumerate() {
             let mut rgba = Vec::with_capacity(pixels.len() / 3 * 4);
             for pixel in pixels.chunks_exact(3) {
                 rgba.extend_from_slice(pixel);
@@ -102,11 +101,20 @@ pub(super) fn write_gif(
                 encode_error(path)("frame buffer does not match its size".to_string())
             })?;
             encoder
-                .encode_frame(Frame::from_parts(image, 0, 0, delay))
+                .encode_frame(Frame::from_parts(image, 0, 0, gif_delay(fps, index)))
                 .map_err(|e| encode_error(path)(e.to_string()))?;
         }
     }
     fs::write(path, bytes).map_err(io_error(path))
+}
+
+/// The delay of frame `index` at `fps`. GIF counts delays in hundredths of a second, so a rate
+/// such as 8 fps (12.5) alternates 13 and 12 to keep the clip's length exact: frame i shows from
+/// round(100·i / fps) to round(100·(i + 1) / fps).
+fn gif_delay(fps: f64, index: usize) -> Delay {
+    let at = |i: usize| (i as f64 * 100.0 / fps).round();
+    let hundredths = (at(index + 1) - at(index)).clamp(1.0, f64::from(u16::MAX));
+    Delay::from_saturating_duration(Duration::from_millis(hundredths as u64 * 10))
 }
 
 /// APNG frame delay as a fraction of a second, exact for frame rates given to 1/1000.
@@ -174,10 +182,10 @@ pub fn save_atomically(
     static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
     let (folder, name) = resolve_prefix(output_dir, filename_prefix)?;
     fs::create_dir_all(&folder).map_err(io_error(&folder))?;
-    let temp = folder.join(format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    remove_stale_temporaries(&folder);
+    let temp = folder.join(temporary_name(
+        &name,
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed),
     ));
     let result = write(&temp)
         .and_then(|()| {
@@ -241,6 +249,22 @@ mod tests {
         let clip = gradient_clip(1, 4, 4);
         assert!(save_video(&clip, &dir.0, "clip", VideoFormat::Gif, 0.0, 0).is_err());
         assert_eq!(names_in(&dir.0), ["sub"]);
+    }
+
+    #[test]
+    fn gif_delays_keep_the_clip_length_exact() {
+        let hundredths = |fps: f64, frames: usize| -> Vec<u32> {
+            (0..frames)
+                .map(|i| {
+                    let (numerator, denominator) = gif_delay(fps, i).numer_denom_ms();
+                    numerator / denominator / 10
+                })
+                .collect()
+        };
+        assert_eq!(hundredths(8.0, 4), [13, 12, 13, 12]);
+        assert_eq!(hundredths(8.0, 16).iter().sum::<u32>(), 200);
+        assert_eq!(hundredths(10.0, 3), [10, 10, 10]);
+        assert_eq!(hundredths(24.0, 24).iter().sum::<u32>(), 100);
     }
 
     #[test]

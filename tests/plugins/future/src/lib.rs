@@ -18,6 +18,7 @@ pub fn root() -> PluginModRef {
         plugin_name,
         nodes,
         execute,
+        check,
     }
     .leak_into_prefix()
 }
@@ -46,4 +47,8 @@ extern "C" fn execute(request: ExecuteRequest<'_>) -> RResult<NodeOutput, NodeEr
         input: abi_stable::std_types::RNone,
         message: "not runnable".into(),
     })
+}
+
+extern "C" fn check(_: ExecuteRequest<'_>) -> RVec<NodeError> {
+    RVec::new()
 }

@@ -26,6 +26,7 @@ pub fn root() -> PluginModRef {
         plugin_name,
         nodes,
         execute,
+        check,
     }
     .leak_into_prefix()
 }
@@ -99,8 +100,27 @@ extern "C" fn nodes() -> RVec<NodeDescriptor> {
         node("TestFailOnNegative", vec![int("value")], &["INT"], false),
         node("TestCountdown", vec![int("steps")], &["INT"], false),
         node("TestRuns", vec![], &["INT"], false),
+        node("TestCheckPositive", vec![int("value")], &["INT"], false),
     ]
     .into()
+}
+
+/// `TestCheckPositive` objects to a literal `value` below 1 before anything runs.
+extern "C" fn check(request: ExecuteRequest<'_>) -> RVec<NodeError> {
+    if request.class_type.as_str() != "TestCheckPositive" {
+        return RVec::new();
+    }
+    let issue = |message: String| NodeError {
+        kind: ErrorKind::InvalidInput,
+        node_id: request.node_id.into(),
+        class_type: request.class_type.into(),
+        input: abi_stable::std_types::RSome("value".into()),
+        message: message.into(),
+    };
+    match int_of(&request, "value") {
+        Some(v) if v < 1 => vec![issue(format!("{v} is not positive"))].into(),
+        _ => RVec::new(),
+    }
 }
 
 extern "C" fn execute(request: ExecuteRequest<'_>) -> RResult<NodeOutput, NodeError> {
@@ -150,7 +170,7 @@ fn run(request: &ExecuteRequest<'_>) -> Result<Vec<Value>, Failure> {
         int_of(request, name).ok_or((ErrorKind::InvalidInput, Some(name), "missing".to_owned()))
     };
     match request.class_type.as_str() {
-        "TestConst" => Ok(vec![Value::Int(get("value")?)]),
+        "TestConst" | "TestCheckPositive" => Ok(vec![Value::Int(get("value")?)]),
         "TestCounter" => {
             COUNTER_RUNS.fetch_add(1, Ordering::SeqCst);
             Ok(vec![Value::Int(get("value")?)])
