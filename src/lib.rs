@@ -5,6 +5,7 @@
 //! about diffusion: every node lives in a plugin.
 
 pub mod allocator;
+pub mod demo;
 pub mod events;
 pub mod execute;
 pub mod object_info;

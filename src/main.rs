@@ -73,6 +73,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run every shipped workflow on tiny models with random weights (written once into a cache
+    /// folder), small and fast: each node end to end without downloading anything. The videos
+    /// are noise; the point is to see the nodes work.
+    Demo {
+        /// Output folder.
+        #[arg(long, value_name = "DIR", default_value = "vdm-demo")]
+        out: PathBuf,
+        /// Where the tiny models are kept (default: VDM_CACHE, else ~/.cache/vdm).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Width and height of the videos, in pixels (a multiple of 16).
+        #[arg(long, default_value_t = 256, value_parser = parse_demo_size)]
+        size: u32,
+        /// Frames per video.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=32))]
+        frames: u32,
+        /// Sampling steps.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=50))]
+        steps: u32,
+        /// Compute device: auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto", value_parser = parse_device)]
+        device: String,
+    },
     /// List the loaded nodes (and any refused plugins, on stderr).
     Nodes {
         /// Print what ComfyUI's /object_info would return for these nodes.
@@ -87,12 +110,20 @@ struct Settings {
     /// Models folder with ComfyUI's layout (checkpoints/, animatediff_models/, vae/); also VDM_MODELS.
     #[arg(long, value_name = "DIR", env = "VDM_MODELS")]
     models: Option<PathBuf>,
-    /// Folder that relative input paths are resolved against.
+    /// Folder that relative input paths are resolved against when they are not found from the
+    /// current folder (default: the workflow file's folder).
     #[arg(long, value_name = "DIR")]
     input: Option<PathBuf>,
     /// Compute device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     device: String,
+    /// The most host memory one node may allocate (512M, 8G, 1.5GiB, ...); a node that
+    /// estimates more refuses to start. Default: 90% of the memory available when it starts.
+    #[arg(long, value_name = "SIZE", env = "VDM_MAX_MEMORY", value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// The same for GPU memory. Default: 90% of the GPU's free memory when the node starts.
+    #[arg(long, value_name = "SIZE", env = "VDM_MAX_GPU_MEMORY", value_parser = parse_size)]
+    max_gpu_memory: Option<u64>,
 }
 
 impl Settings {
@@ -101,6 +132,7 @@ impl Settings {
         &self,
         plugins: &'a PluginSet,
         sink: &'a dyn EventSink,
+        workflow_file: &std::path::Path,
     ) -> Result<Executor<'a>, String> {
         let wants_cuda = self.device.starts_with("cuda");
         let has_cuda = plugins
@@ -118,10 +150,60 @@ impl Settings {
         if let Some(models) = &self.models {
             executor = executor.with_setting("models_dir", models.to_string_lossy());
         }
-        if let Some(input) = &self.input {
+        // A workflow's own clips travel with it: `vid2vid.json` names `sample-clip.gif` beside it.
+        let input_dir = self.input.clone().or_else(|| {
+            workflow_file.parent().map(|dir| {
+                if dir.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    dir.to_path_buf()
+                }
+            })
+        });
+        if let Some(input) = input_dir {
             executor = executor.with_setting("input_dir", input.to_string_lossy());
         }
+        if let Some(bytes) = self.max_memory {
+            executor = executor.with_setting("max_memory", bytes.to_string());
+        }
+        if let Some(bytes) = self.max_gpu_memory {
+            executor = executor.with_setting("max_gpu_memory", bytes.to_string());
+        }
         Ok(executor)
+    }
+}
+
+/// A size in bytes, or with a unit: `512M`, `8G`, `1.5GiB`, `2T` (K, M, G, T are binary, as
+/// memory is counted).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| "expected a size such as 512M, 8G or 1.5GiB".to_owned())?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown unit `{other}` (use K, M, G or T)")),
+    };
+    let bytes = value * scale as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err("the size must be at least one byte".to_owned());
+    }
+    Ok(bytes as u64)
+}
+
+/// A demo video size: a multiple of 16 pixels (latents of a multiple of 2), 16 to 1024.
+fn parse_demo_size(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(size) if (16..=1024).contains(&size) && size % 16 == 0 => Ok(size),
+        _ => Err("expected a multiple of 16 from 16 to 1024".to_owned()),
     }
 }
 
@@ -171,16 +253,69 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Nodes { json } => list_nodes(&plugins, json),
+        Command::Demo {
+            out,
+            cache,
+            size,
+            frames,
+            steps,
+            device,
+        } => {
+            if let Some(why) = plugins.none_found() {
+                eprintln!("{why}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            let options = vdm::demo::DemoOptions {
+                size,
+                frames,
+                steps,
+                models_dir: cache
+                    .unwrap_or_else(vdm::demo::default_cache_dir)
+                    .join("demo-models"),
+                out_dir: out,
+                device,
+            };
+            println!(
+                "vdm demo: every workflow on tiny models with RANDOM weights (the videos are \
+                 noise), {size}×{size} pixels, {frames} frames, {steps} steps\nmodels: {}\n\
+                 outputs: {}",
+                options.models_dir.display(),
+                options.out_dir.display()
+            );
+            let runs = vdm::demo::run_demo(&plugins, &options, |run| match &run.result {
+                Ok(files) => println!(
+                    "  ok    {:<22} {:>6.1} s  {}",
+                    run.workflow,
+                    run.seconds,
+                    files.join(", ")
+                ),
+                Err(e) => println!(
+                    "  FAIL  {:<22} {:>6.1} s  {}",
+                    run.workflow,
+                    run.seconds,
+                    e.trim_end()
+                ),
+            });
+            match runs {
+                Ok(runs) if runs.iter().all(|r| r.result.is_ok()) => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::from(EXIT_FAILED),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
         Command::Validate {
             workflow,
             settings,
             json,
         } => {
+            let workflow_file = workflow.workflow.clone();
             let workflow = match read_workflow(&workflow, json) {
                 Ok(w) => w,
                 Err(code) => return code,
             };
-            let executor = match settings.executor(&plugins, &Silent) {
+            let executor = match settings.executor(&plugins, &Silent, &workflow_file) {
                 Ok(executor) => executor,
                 Err(message) => return refuse(&message, json),
             };
@@ -210,6 +345,7 @@ fn main() -> ExitCode {
             quiet,
             no_retain_freed_memory: _,
         } => {
+            let workflow_file = workflow.workflow.clone();
             let workflow = match read_workflow(&workflow, json_events) {
                 Ok(w) => w,
                 Err(code) => return code,
@@ -222,7 +358,7 @@ fn main() -> ExitCode {
                 Box::new(ProgressBars::new())
             };
             let out = out.unwrap_or_else(|| PathBuf::from("."));
-            let executor = match settings.executor(&plugins, sink.as_ref()) {
+            let executor = match settings.executor(&plugins, sink.as_ref(), &workflow_file) {
                 Ok(executor) => executor
                     .with_setting("output_dir", out.to_string_lossy())
                     .with_setting("allow_non_finite", allow_non_finite.to_string()),
@@ -370,4 +506,30 @@ fn list_nodes(plugins: &PluginSet, json: bool) -> ExitCode {
         eprintln!("{why}");
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["lots", "8X", "0", "", "-1G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn devices_are_checked_by_name() {
+        for good in ["auto", "cpu", "cuda", "cuda:1"] {
+            assert!(parse_device(good).is_ok(), "{good}");
+        }
+        for bad in ["bogus", "cuda:", "cuda:x", "gpu"] {
+            assert!(parse_device(bad).is_err(), "{bad}");
+        }
+    }
 }

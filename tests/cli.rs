@@ -390,3 +390,92 @@ fn a_schedule_that_cannot_place_its_steps_is_refused_at_validation() {
         "{stderr}"
     );
 }
+
+#[test]
+fn max_memory_lowers_the_budget_nodes_check_against() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wf = small_noise_workflow();
+    wf["1"]["inputs"]["frames"] = json!(4);
+    wf["1"]["inputs"]["width"] = json!(1024);
+    wf["1"]["inputs"]["height"] = json!(1024);
+    let wf = write(dir.path(), "wf.json", &wf);
+    let output = vdm(&["run", &wf, "--quiet", "--max-memory", "1M"], dir.path());
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("node 1 (VideoNoise), input `frames`")
+            && stderr.contains("over the memory budget of 1.0 MiB (--max-memory 1.0 MiB)"),
+        "{stderr}"
+    );
+    let output = vdm(&["run", &wf, "--max-memory", "lots"], dir.path());
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("expected a size"));
+}
+
+#[test]
+fn demo_runs_every_workflow_then_vid2vid_runs_as_shipped_on_its_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let output = Command::new(env!("CARGO_BIN_EXE_vdm"))
+        .args(["--plugins", plugin_dir().to_str().unwrap()])
+        .args(["demo", "--out", out.to_str().unwrap(), "--device", "cpu"])
+        .args(["--size", "32", "--frames", "4", "--steps", "2"])
+        .current_dir(dir.path())
+        .env_remove("VDM_PLUGIN_PATH")
+        .env("VDM_CACHE", dir.path().join("cache"))
+        .output()
+        .expect("vdm runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("RANDOM weights"), "{stdout}");
+    let ok = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("ok "))
+        .count();
+    assert_eq!(ok, vdm::demo::WORKFLOWS.len(), "{stdout}");
+    let models = dir.path().join("cache/demo-models");
+    let checkpoint = models.join("checkpoints/vdm-demo-tiny-random");
+    assert!(checkpoint.join("unet/config.json").is_file());
+    assert!(models
+        .join("animatediff_models/vdm-demo-tiny-random-motion/config.json")
+        .is_file());
+    assert!(out.join("txt2vid_00001_.gif").is_file(), "{stdout}");
+    assert!(out.join("entropy-edit_00001_.gif").is_file(), "{stdout}");
+
+    // vid2vid.json as shipped, run from an unrelated folder: `sample-clip.gif` is found beside
+    // the workflow; the demo's models (latents 1/8 of the pixels) keep it small.
+    let vid2vid = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/vid2vid.json");
+    let shipped_out = dir.path().join("shipped");
+    let output = vdm(
+        &[
+            "run",
+            vid2vid.to_str().unwrap(),
+            "--quiet",
+            "--device",
+            "cpu",
+            "--out",
+            shipped_out.to_str().unwrap(),
+            "--models",
+            models.to_str().unwrap(),
+            "--set",
+            "1.ckpt_name=vdm-demo-tiny-random",
+            "--set",
+            "2.model_name=vdm-demo-tiny-random-motion",
+            "--set",
+            "6.frame_load_cap=2",
+            "--set",
+            "8.steps=2",
+        ],
+        dir.path(),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(shipped_out.join("vid2vid_00001_.gif").is_file());
+}

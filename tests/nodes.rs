@@ -528,3 +528,85 @@ fn bad_filename_prefixes_are_reported_at_validation_naming_the_input() {
     }
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
 }
+
+/// A GIF whose screen is `side`×`side` pixels but whose `frames` frames are single pixels: a
+/// few bytes that decode to a full canvas per frame.
+fn canvas_bomb_gif(side: u16, frames: usize) -> Vec<u8> {
+    let mut gif = b"GIF89a".to_vec();
+    gif.extend_from_slice(&side.to_le_bytes());
+    gif.extend_from_slice(&side.to_le_bytes());
+    gif.extend_from_slice(&[0, 0, 0]); // no global colour table
+    for _ in 0..frames {
+        gif.push(0x2c); // image descriptor: at (0, 0), 1×1, a local table of 2 colours
+        gif.extend_from_slice(&[0, 0, 0, 0, 1, 0, 1, 0, 0x80]);
+        gif.extend_from_slice(&[255, 0, 0, 0, 0, 255]);
+        // LZW, minimum code size 2: clear (4), index 0, end (5) in 3-bit codes.
+        gif.extend_from_slice(&[2, 2, 0x44, 0x01, 0]);
+    }
+    gif.push(0x3b);
+    gif
+}
+
+#[test]
+fn nodes_refuse_what_would_exceed_the_memory_budget() {
+    let set = plugins();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let run = |wf: serde_json::Value, budget: Option<&str>| {
+        let mut executor = Executor::new(&set, &vdm::events::Silent)
+            .with_setting("output_dir", out.to_string_lossy())
+            .with_setting("device", "cpu");
+        if let Some(bytes) = budget {
+            executor = executor.with_setting("max_memory", bytes);
+        }
+        executor.run(&Workflow::from_json(wf).unwrap())
+    };
+    let expect_refusal =
+        |result: Result<vdm::RunSummary, RunError>, input: &str, needle: &str| match result {
+            Err(RunError::Node(e)) => {
+                assert_eq!(e.node_id.as_str(), "1", "{e}");
+                let named = e.input.clone().into_option().map(|s| s.into_string());
+                assert_eq!(named.as_deref(), Some(input), "{e}");
+                assert!(e.message.contains(needle), "{e}");
+            }
+            other => panic!("expected node 1 to refuse, got {other:?}"),
+        };
+    let preview = |first: serde_json::Value| {
+        json!({
+            "1": first,
+            "2": {"class_type": "LatentPreview", "inputs": {"latent": ["1", 0]}},
+            "3": {"class_type": "SaveVideo", "inputs": {"images": ["2", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
+        })
+    };
+    // Inside the declared limits, far beyond any machine: refused under the default budget.
+    let huge = noise_node(json!({"frames": 4096, "width": 8192, "height": 8192}));
+    expect_refusal(
+        run(preview(huge), None),
+        "frames",
+        "noise of 1 × 4 × 4096 × 1024 × 1024 needs about 192.0 GiB, over the memory budget",
+    );
+    // Under a lowered budget, a modest size.
+    let modest = noise_node(json!({"frames": 4, "width": 1024, "height": 1024}));
+    expect_refusal(
+        run(preview(modest.clone()), Some("2097152")),
+        "frames",
+        "needs about 3.0 MiB, over the memory budget of 2.0 MiB (--max-memory 2.0 MiB)",
+    );
+    let mut fits = preview(modest);
+    fits["3"]["inputs"]["format"] = json!("png");
+    assert!(run(fits, Some("1073741824")).is_ok());
+
+    // A 4 KB GIF of 200 one-pixel frames on a 4000×4000 screen decodes to 183 MiB per frame.
+    let bomb = dir.path().join("bomb.gif");
+    std::fs::write(&bomb, canvas_bomb_gif(4000, 200)).unwrap();
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 5000);
+    let load = json!({
+        "1": {"class_type": "LoadVideo", "inputs": {"video": bomb.to_string_lossy()}},
+        "3": {"class_type": "SaveVideo", "inputs": {"images": ["1", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
+    });
+    expect_refusal(
+        run(load, Some("268435456")),
+        "video",
+        "2 frames of 4000×4000 would take 366 MiB, over the 256 MiB allowed",
+    );
+}

@@ -420,7 +420,7 @@ fn every_missing_model_and_input_file_is_reported_before_anything_runs() {
     for (node, input, file) in [
         ("1", "ckpt_name", "v1-5-pruned-emaonly.safetensors"),
         ("2", "model_name", "mm_sd_v15_v2.ckpt"),
-        ("10", "video", "input.mp4"),
+        ("10", "video", "sample-clip.gif"),
     ] {
         let issues = report.issues(node);
         assert_eq!(issues.len(), 1, "node {node}: {}", report.to_text());
@@ -772,4 +772,54 @@ fn bad_entropy_inputs_name_the_node_and_input() {
             "latents of 11×15 do not fit the model",
         ),
     );
+}
+
+#[test]
+fn the_sampler_and_the_vae_refuse_runs_over_a_lowered_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/txt2vid.json"),
+    )
+    .unwrap();
+    let mut wf = Workflow::parse(&text).unwrap();
+    adapt(&mut wf, Path::new("unused.gif"), 2);
+    let set = plugins();
+    let run = |wf: &Workflow, budget: &str| {
+        Executor::new(&set, &vdm::events::Silent)
+            .with_setting("output_dir", dir.path().join("out").to_string_lossy())
+            .with_setting("models_dir", models.root.to_string_lossy())
+            .with_setting("device", "cpu")
+            .with_setting("max_memory", budget)
+            .run(wf)
+    };
+    match run(&wf, "65536") {
+        Err(RunError::Node(e)) => {
+            assert_eq!(e.node_id.as_str(), "7", "{e}");
+            let named = e.input.clone().into_option().map(|s| s.into_string());
+            assert_eq!(named.as_deref(), Some("latent_image"), "{e}");
+            assert!(e.message.contains("over the memory budget"), "{e}");
+        }
+        other => panic!("expected the sampler to refuse, got {other:?}"),
+    }
+    assert!(run(&wf, "1073741824").is_ok());
+
+    let mut decode =
+        decode_chain(json!({"class_type": "CheckpointLoader", "inputs": {"ckpt_name": "tiny-sd"}}));
+    decode["2"]["inputs"]["width"] = json!(512);
+    decode["2"]["inputs"]["height"] = json!(512);
+    let decode = Workflow::from_json(decode).unwrap();
+    match run(&decode, "8388608") {
+        Err(RunError::Node(e)) => {
+            assert_eq!(e.node_id.as_str(), "3", "{e}");
+            let named = e.input.clone().into_option().map(|s| s.into_string());
+            assert_eq!(named.as_deref(), Some("samples"), "{e}");
+            assert!(
+                e.message
+                    .contains("decoding 2 frames of 128×128 pixels needs about"),
+                "{e}"
+            );
+        }
+        other => panic!("expected the VAE to refuse, got {other:?}"),
+    }
 }

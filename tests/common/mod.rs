@@ -315,34 +315,11 @@ pub fn write_tiny_models(dir: &std::path::Path) -> TinyModels {
     }
 }
 
-/// A CLIP BPE tokenizer in the files diffusers ships (vocab.json, merges.txt): byte-level
-/// letters, digits and punctuation with and without `</w>`, a few merges, then BOS and EOS.
+/// A CLIP BPE tokenizer in the files diffusers ships (vocab.json, merges.txt): letters, digits
+/// and punctuation with and without `</w>`, a few merges, then BOS and EOS.
 pub fn write_tiny_tokenizer(dir: &std::path::Path) {
     std::fs::create_dir_all(dir).unwrap();
-    let merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>")];
-    let mut tokens: Vec<String> = Vec::new();
-    for c in ('a'..='z').chain('0'..='9').chain("!',.-".chars()) {
-        tokens.push(c.to_string());
-        tokens.push(format!("{c}</w>"));
-    }
-    tokens.extend(merges.iter().map(|(l, r)| format!("{l}{r}")));
-    tokens.push("<|startoftext|>".into());
-    tokens.push("<|endoftext|>".into());
-    let vocab: serde_json::Map<String, serde_json::Value> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| (t, serde_json::json!(i)))
-        .collect();
-    std::fs::write(
-        dir.join("vocab.json"),
-        serde_json::Value::Object(vocab).to_string(),
-    )
-    .unwrap();
-    let mut text = String::from("#version: 0.2\n");
-    for (l, r) in merges {
-        text.push_str(&format!("{l} {r}\n"));
-    }
-    std::fs::write(dir.join("merges.txt"), text).unwrap();
+    vdm_nodes::models::tokenizer::write_letter_vocabulary(dir).unwrap();
 }
 
 /// Writes a grey GIF of `frames` frames of a smooth texture (a sum of sinusoids of wavelengths

@@ -3,85 +3,14 @@
 //! CPU time and peak memory.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Result, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device, Result};
+use candle_nn::VarBuilder;
 use vdm_nodes::models::motion::{MotionAdapter, MotionAdapterConfig};
 use vdm_nodes::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
-/// A weight source that records the name and shape of every weight a model asks for, answering
-/// with a zero-cost broadcast zero, so that the weight list comes from the model code itself.
-#[derive(Default)]
-struct ShapeRecorder {
-    shapes: Mutex<Vec<(String, Shape)>>,
-}
-
-impl SimpleBackend for ShapeRecorder {
-    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        if let Ok(mut shapes) = self.shapes.lock() {
-            shapes.push((name.to_string(), s.clone()));
-        }
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        candle_core::bail!("{name}: shape needed")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        false
-    }
-}
-
-/// Random weights for every recorded shape, scaled like PyTorch's default initialisation
-/// (uniform ±1/√fan_in; norm weights 1 and biases small) so that activations stay in range.
-fn random_weights(shapes: Vec<(String, Shape)>) -> Result<HashMap<String, Tensor>> {
-    let mut weights = HashMap::with_capacity(shapes.len());
-    for (name, shape) in shapes {
-        let dims = shape.dims();
-        let tensor = if dims.len() >= 2 {
-            let fan_in: usize = dims[1..].iter().product();
-            let bound = 1.0 / (fan_in as f64).sqrt();
-            Tensor::rand(-bound as f32, bound as f32, shape, &Device::Cpu)?
-        } else if name.ends_with("weight") {
-            Tensor::ones(shape, DType::F32, &Device::Cpu)?
-        } else {
-            Tensor::rand(-0.02f32, 0.02, shape, &Device::Cpu)?
-        };
-        weights.insert(name, tensor);
-    }
-    Ok(weights)
-}
-
-/// Random weights for everything `build` asks of its `VarBuilder`.
-pub fn weights_for(
-    build: impl FnOnce(VarBuilder) -> Result<()>,
-) -> Result<HashMap<String, Tensor>> {
-    let recorder = Arc::new(ShapeRecorder::default());
-    struct Shared(Arc<ShapeRecorder>);
-    impl SimpleBackend for Shared {
-        fn get(&self, s: Shape, n: &str, h: Init, d: DType, dev: &Device) -> Result<Tensor> {
-            self.0.get(s, n, h, d, dev)
-        }
-        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> Result<Tensor> {
-            self.0.get_unchecked(n, d, dev)
-        }
-        fn contains_tensor(&self, n: &str) -> bool {
-            self.0.contains_tensor(n)
-        }
-    }
-    let vb = VarBuilder::from_backend(Box::new(Shared(recorder.clone())), DType::F32, Device::Cpu);
-    build(vb)?;
-    let shapes = std::mem::take(&mut *recorder.shapes.lock().expect("recorder lock"));
-    random_weights(shapes)
-}
-
-pub fn parameter_count(weights: &HashMap<String, Tensor>) -> usize {
-    weights.values().map(Tensor::elem_count).sum()
-}
+pub use vdm_nodes::models::random::{parameter_count, random_weights_for as weights_for};
 
 /// The full-size SD 1.5 UNet and AnimateDiff v3 motion modules with random weights, f32.
 pub struct RandomModels {

@@ -8,6 +8,7 @@ pub mod load;
 pub mod motion;
 pub mod ops;
 pub mod patcher;
+pub mod random;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

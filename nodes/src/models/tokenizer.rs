@@ -368,3 +368,35 @@ fn read_merges(path: &Path) -> Result<Merges, TokenizerError> {
     }
     Ok(merges)
 }
+/// Writes a small CLIP BPE vocabulary in the files diffusers ships (`vocab.json`,
+/// `merges.txt`) into `dir`: lower-case letters, digits and common punctuation, each alone and
+/// with `</w>`, a few merges, then BOS and EOS last. Prompts tokenise letter by letter; other
+/// characters become the unknown token. Returns the vocabulary size. For tiny models made
+/// without a download: the real vocabulary has 49,408 tokens.
+pub fn write_letter_vocabulary(dir: &Path) -> std::io::Result<usize> {
+    let merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>")];
+    let mut tokens: Vec<String> = Vec::new();
+    for c in ('a'..='z').chain('0'..='9').chain("!',.-".chars()) {
+        tokens.push(c.to_string());
+        tokens.push(format!("{c}</w>"));
+    }
+    tokens.extend(merges.iter().map(|(l, r)| format!("{l}{r}")));
+    tokens.push("<|startoftext|>".into());
+    tokens.push("<|endoftext|>".into());
+    let size = tokens.len();
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, serde_json::json!(i)))
+        .collect();
+    std::fs::write(
+        dir.join("vocab.json"),
+        serde_json::Value::Object(vocab).to_string(),
+    )?;
+    let mut text = String::from("#version: 0.2\n");
+    for (l, r) in merges {
+        text.push_str(&format!("{l} {r}\n"));
+    }
+    std::fs::write(dir.join("merges.txt"), text)?;
+    Ok(size)
+}

@@ -10,6 +10,7 @@ use crate::schedulers::{DdimScheduler, DdimSchedulerConfig};
 use crate::video::editing::{edit_video, EditInputs, EditSettings};
 use crate::video::noise::{video_noise, NoiseMode};
 
+use super::memory;
 use super::objects::{Conditioning, Model};
 use super::sampler::check_steps;
 use super::{
@@ -72,6 +73,33 @@ fn prompt(inputs: &Inputs, name: &str, device: &Device) -> Result<Tensor, NodeFa
     }
 }
 
+/// Refuses, as `input`'s error, sampling `videos` videos of `latents`' size (guided or not)
+/// when it would exceed the memory budget.
+fn check_memory(
+    ctx: &Context,
+    model: &Model,
+    latents: &Tensor,
+    (videos, guided): (usize, bool),
+    input: &str,
+) -> Result<(), NodeFailure> {
+    let (_, channels, frames, height, width) = latents.dims5()?;
+    let per_call = ContextOptions::needed_for(model.unet.max_frames(), frames)
+        .map_or(frames, |options| options.length.min(frames));
+    ctx.memory_budget(latents.device()).check(
+        input,
+        &format!("sampling {videos} × {frames} frames of {width}×{height} latents"),
+        memory::sampling_estimate(
+            &model.unet,
+            videos,
+            channels,
+            frames,
+            (height, width),
+            per_call,
+            guided,
+        ),
+    )
+}
+
 fn ddim() -> Result<DdimScheduler, NodeFailure> {
     Ok(DdimScheduler::new(DdimSchedulerConfig::sd15())?)
 }
@@ -113,6 +141,7 @@ impl Node for VideoInversion {
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let model: Model = inputs.object("model")?;
         let latents = source_latents(&model, &inputs.object("latent")?, "latent")?;
+        check_memory(ctx, &model, &latents, (1, false), "latent")?;
         let text = prompt(inputs, "conditioning", latents.device())?;
         let steps = inputs.usize("steps")?;
         let scheduler = ddim()?;
@@ -215,6 +244,9 @@ impl Node for EntropyEditor {
             noise_blend: inputs.float_or("noise_blend", 0.0)?,
         };
         settings.validate().map_err(NodeFailure::execution)?;
+        // The source's reconstruction and the edit are sampled as one batch of two videos.
+        let guided = settings.guidance_scale > 1.0;
+        check_memory(ctx, &model, &source, (2, guided), "source_latent")?;
         let (_, channels, frames, height, width) = source.dims5()?;
         let fresh_noise = video_noise(
             inputs.int("seed")? as u64,

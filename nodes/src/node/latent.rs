@@ -5,6 +5,7 @@ use serde_json::json;
 use crate::video::preview::UpscaleFilter;
 use crate::video::{latent_file, preview};
 
+use super::memory::Bytes;
 use super::{
     check_filename_prefix, check_input_file, file_entry, resolve_input_path, Context,
     DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
@@ -31,9 +32,23 @@ impl Node for LatentPreview {
             .build()
     }
 
-    fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let latent: Latent = inputs.object("latent")?;
         let upscale = inputs.usize_or("upscale", 8)?;
+        // RGB frames at the upscaled size, and the upscale's copy of them.
+        let pixels_per_value = (upscale * upscale) as u64;
+        let rgb_per_latent_value = pixels_per_value * 3 / 4 + 1;
+        ctx.memory_budget(latent.samples.device()).check(
+            "latent",
+            &format!(
+                "a preview of latents {:?} at {upscale}×",
+                latent.samples.dims()
+            ),
+            Bytes::of(
+                latent.samples.elem_count() as u64,
+                4 * 2 * rgb_per_latent_value,
+            ),
+        )?;
         let frames = preview::latent_to_rgb(&latent.samples, upscale, UpscaleFilter::Nearest)
             .for_input("latent")?;
         Ok(Outputs::one(Images { frames }.into_value()))

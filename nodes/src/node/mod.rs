@@ -4,9 +4,11 @@
 //! This module holds what every node shares: the [`Node`] trait, typed access to inputs with
 //! errors that name the input, the objects that travel as handles, and the registry.
 
+mod demo;
 mod editing;
 mod entropy;
 mod latent;
+pub mod memory;
 mod models;
 mod motion;
 mod noise;
@@ -53,6 +55,7 @@ pub fn registry() -> &'static [Box<dyn Node>] {
         nodes.extend(sampler::nodes());
         nodes.extend(entropy::nodes());
         nodes.extend(editing::nodes());
+        nodes.extend(demo::nodes());
         nodes
     })
 }
@@ -346,6 +349,11 @@ impl<'a> Context<'a> {
         self.setting("output_dir")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// How much a node may allocate on `device` (see [`memory`]).
+    pub fn memory_budget(&self, device: &Device) -> memory::MemoryBudget {
+        memory::MemoryBudget::for_device(self, device)
     }
 
     /// The device nodes compute on: the host's `device` setting (`cpu`, `cuda`, `cuda:N`),

@@ -12,6 +12,7 @@ use crate::models::load::open_vae;
 use crate::models::patcher::PatchedUNet;
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 
+use super::memory::Bytes;
 use super::objects::{Clip, Conditioning, Model, MotionModule, Vae};
 use super::{
     Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
@@ -363,11 +364,14 @@ impl Node for EmptyVideoLatent {
         let height = inputs.usize("height")? / super::noise::LATENT_SCALE;
         let frames = inputs.usize("frames")?;
         let batch = inputs.usize_or("batch_size", 1)?;
-        let samples = Tensor::zeros(
-            (batch, 4, frames, height.max(1), width.max(1)),
-            DType::F32,
-            &ctx.device()?,
+        let (height, width) = (height.max(1), width.max(1));
+        let device = ctx.device()?;
+        ctx.memory_budget(&device).check(
+            "frames",
+            &format!("latents of {batch} × 4 × {frames} × {height} × {width}"),
+            Bytes::f32s(&[batch, 4, frames, height, width]),
         )?;
+        let samples = Tensor::zeros((batch, 4, frames, height, width), DType::F32, &device)?;
         Ok(Outputs::one(Latent { samples }.into_value()))
     }
 }

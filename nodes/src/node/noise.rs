@@ -2,6 +2,7 @@
 
 use crate::video::noise::{video_noise, NoiseMode};
 
+use super::memory::Bytes;
 use super::{
     Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
 };
@@ -46,6 +47,12 @@ impl Node for VideoNoise {
         let rho = inputs.float("correlation")?;
         let batch = inputs.usize_or("batch_size", 1)?;
         let device = ctx.device()?;
+        // The frames are drawn one by one, then assembled: three copies at the peak.
+        ctx.memory_budget(&device).check(
+            "frames",
+            &format!("noise of {batch} × {channels} × {frames} × {height} × {width}"),
+            Bytes::f32s(&[batch, channels, frames, height, width]).times(3),
+        )?;
         let samples = video_noise(
             seed, batch, channels, frames, height, width, mode, rho, &device,
         )

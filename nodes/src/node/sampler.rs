@@ -21,8 +21,8 @@ use crate::video::reuse::{DenoisingReuse, Propagation, ReuseConfig, ReuseMode};
 
 use super::objects::{Conditioning, Context as ContextObject, FreeInit, Model, Motion, Reuse, Vae};
 use super::{
-    Context, DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs,
-    PluginType,
+    memory, Context, DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure,
+    Outputs, PluginType,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
@@ -129,6 +129,25 @@ impl Node for VideoSampler {
                 format!("{channels} latent channels, the model takes {unet_channels}"),
             ));
         }
+        let context_options = match inputs.optional_object::<ContextObject>("context_options")? {
+            Some(c) => Some(c.options),
+            // Past the positional table a single pass is impossible: window by default.
+            None => ContextOptions::needed_for(model.unet.max_frames(), frames),
+        };
+        let frames_per_call = context_options.map_or(frames, |o| o.length.min(frames));
+        ctx.memory_budget(&device).check(
+            "latent_image",
+            &format!("sampling {batch} × {frames} frames of {width}×{height} latents"),
+            memory::sampling_estimate(
+                &model.unet,
+                batch,
+                channels,
+                frames,
+                (height, width),
+                frames_per_call,
+                settings.guidance_scale > 1.0,
+            ),
+        )?;
         let noise = match inputs.optional_object::<Latent>("noise")? {
             Some(n) if n.samples.dims() != latents.dims() => {
                 return Err(NodeFailure::input(
@@ -187,11 +206,6 @@ impl Node for VideoSampler {
             None => None,
         };
 
-        let context_options = match inputs.optional_object::<ContextObject>("context_options")? {
-            Some(c) => Some(c.options),
-            // Past the positional table a single pass is impossible: window by default.
-            None => ContextOptions::needed_for(model.unet.max_frames(), frames),
-        };
         let windows;
         let predictor: &dyn NoisePredictor = match context_options {
             Some(options) => {
@@ -578,7 +592,7 @@ impl Node for VaeDecode {
         let vae: Vae = inputs.object("vae")?;
         let chunk = chunk_of(inputs)?;
         let latents = latent.samples.to_dtype(DType::F32)?;
-        let (batch, channels, frames, _, _) = latents.dims5().for_input("samples")?;
+        let (batch, channels, frames, height, width) = latents.dims5().for_input("samples")?;
         let expected = vae.model.config().latent_channels;
         if channels != expected {
             return Err(NodeFailure::input(
@@ -586,6 +600,18 @@ impl Node for VaeDecode {
                 format!("{channels} latent channels, the VAE takes {expected}"),
             ));
         }
+        let scale = vae.model.config().spatial_scale();
+        let size = (height * scale, width * scale);
+        ctx.memory_budget(vae_device(&vae)).check(
+            "samples",
+            &format!(
+                "decoding {} frames of {}×{} pixels",
+                batch * frames,
+                size.1,
+                size.0
+            ),
+            memory::vae_estimate(&vae.model, batch, frames, size, chunk),
+        )?;
         ctx.progress(0, 1, "decoding");
         // (B, 3, F, H, W) in [−1, 1] → IMAGE (B·F, H, W, 3) in [0, 1].
         let video = vae
@@ -640,6 +666,12 @@ impl Node for VaeEncode {
                 format!("frames smaller than the VAE's scale of {scale} pixels"),
             ));
         }
+        let frames = images.frames.dim(0)?;
+        ctx.memory_budget(vae_device(&vae)).check(
+            "pixels",
+            &format!("encoding {frames} frames of {w}×{h} pixels"),
+            memory::vae_estimate(&vae.model, 1, frames, (h, w), chunk),
+        )?;
         ctx.progress(0, 1, "encoding");
         // IMAGE (F, H, W, 3) in [0, 1] → (1, 3, F, H, W) in [−1, 1], as ComfyUI crops.
         let pixels = images

@@ -2,7 +2,9 @@
 
 use serde_json::json;
 
-use crate::video::io::{load_video, save_video, LoadOptions, VideoFormat};
+use crate::video::io::{load_video, save_video, LoadOptions, MediaError, VideoFormat};
+
+use super::memory::Bytes;
 
 use super::{
     check_filename_prefix, check_input_file, file_entry, resolve_input_path, save_failure, Context,
@@ -36,12 +38,21 @@ impl Node for LoadVideo {
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let path = resolve_input_path(ctx, inputs.string("video")?);
+        // Frames are decoded into host memory, whatever the compute device.
+        let budget = ctx.memory_budget(&candle_core::Device::Cpu);
         let options = LoadOptions {
             frame_load_cap: inputs.usize_or("frame_load_cap", 0)?,
             skip_first_frames: inputs.usize_or("skip_first_frames", 0)?,
             select_every_nth: inputs.usize_or("select_every_nth", 1)?,
+            max_bytes: budget.limit.0,
         };
-        let (frames, fps) = load_video(&path, &options).for_input("video")?;
+        let (frames, fps) = load_video(&path, &options).map_err(|e| match e {
+            MediaError::TooLarge { .. } => NodeFailure::input(
+                "video",
+                format!("{e} (the memory budget: {})", budget.source),
+            ),
+            other => NodeFailure::input("video", other),
+        })?;
         let count = frames.dim(0)? as i64;
         Ok(Outputs {
             values: vec![
@@ -80,6 +91,13 @@ impl Node for SaveVideo {
         let format: VideoFormat = inputs.string("format")?.parse().for_input("format")?;
         let fps = inputs.float("fps")?;
         let loop_count = inputs.usize_or("loop_count", 0)? as u32;
+        // The frames as f32 values on the host, then as 8-bit ones, and the encoded file.
+        let values = images.frames.elem_count() as u64;
+        ctx.memory_budget(&candle_core::Device::Cpu).check(
+            "images",
+            &format!("saving {} frames", images.frames.dim(0)?),
+            Bytes::of(values, 4 + 1 + 1),
+        )?;
         let out_dir = ctx.output_dir();
         let path = save_video(&images.frames, &out_dir, prefix, format, fps, loop_count)
             .map_err(save_failure)?;

@@ -143,7 +143,7 @@ impl Ffmpeg {
             .ok_or_else(|| Self::failure(&self.ffmpeg, path, "no output pipe".to_string()))?;
         let frame_len = stream.width as usize * stream.height as usize * 3;
         let mut buffer = vec![0u8; frame_len];
-        let mut stack = FrameStack::new();
+        let mut stack = FrameStack::new(options.max_bytes);
         let mut stopped_early = false;
         let mut read_error = None;
         for index in 0.. {
@@ -368,6 +368,7 @@ mod tests {
             frame_load_cap: 2,
             skip_first_frames: 1,
             select_every_nth: 2,
+            ..LoadOptions::default()
         };
         let (some, fps) = load_video(&path, &options).unwrap();
         assert_eq!(some.dims(), &[2, 32, 48, 3]);

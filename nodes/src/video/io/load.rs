@@ -24,18 +24,36 @@ pub(super) struct FrameStack {
     size: Option<(u32, u32, PathBuf)>,
     data: Vec<f32>,
     count: usize,
+    max_bytes: u64,
 }
 
 impl FrameStack {
-    pub(super) fn new() -> Self {
+    /// An empty stack that refuses frames past `max_bytes` of f32 values.
+    pub(super) fn new(max_bytes: u64) -> Self {
         Self {
             size: None,
             data: Vec::new(),
             count: 0,
+            max_bytes,
         }
     }
 
+    /// Checks that one more frame of `width` × `height` is the size of the others and fits.
     fn check_size(&mut self, source: &Path, width: u32, height: u32) -> Result<(), MediaError> {
+        let frames = self.count + 1;
+        let needed = (frames as u64)
+            .saturating_mul(u64::from(width) * u64::from(height))
+            .saturating_mul(3 * std::mem::size_of::<f32>() as u64);
+        if needed > self.max_bytes {
+            return Err(MediaError::TooLarge {
+                path: source.to_path_buf(),
+                frames,
+                width,
+                height,
+                needed,
+                limit: self.max_bytes,
+            });
+        }
         match &self.size {
             None => {
                 self.size = Some((width, height, source.to_path_buf()));
@@ -120,19 +138,14 @@ pub(super) fn load_frame_folder(
         let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
         natural_cmp(&name(a).unwrap_or_default(), &name(b).unwrap_or_default())
     });
-    let mut stack = FrameStack::new();
+    let mut stack = FrameStack::new(options.max_bytes);
     for (index, file) in files.iter().enumerate() {
         match options.choose(index) {
             FrameChoice::Skip => continue,
             FrameChoice::Done => break,
             FrameChoice::Take => {}
         }
-        let image = ImageReader::open(file)
-            .map_err(io_error(file))?
-            .with_guessed_format()
-            .map_err(io_error(file))?
-            .decode()
-            .map_err(decode_error(file))?;
+        let image = decode_image(file, options)?;
         stack.push_image(file, &image)?;
     }
     Ok(stack)
@@ -146,7 +159,7 @@ fn collect_animation<'a>(
     frames: image::Frames<'a>,
     options: &LoadOptions,
 ) -> Result<(FrameStack, f64), MediaError> {
-    let mut stack = FrameStack::new();
+    let mut stack = FrameStack::new(options.max_bytes);
     let (mut delay_ms, mut delays) = (0.0f64, 0usize);
     for (index, frame) in frames.enumerate() {
         let choice = options.choose(index);
@@ -178,6 +191,25 @@ fn collect_animation<'a>(
     Ok((stack, fps))
 }
 
+/// The decoders' own cap on one allocation (a frame's canvas): the image crate's default of
+/// 512 MiB, or the memory budget when lower, so that a header claiming a huge canvas fails
+/// before anything is allocated.
+fn decoder_limits(options: &LoadOptions) -> Limits {
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(limits.max_alloc.unwrap_or(u64::MAX).min(options.max_bytes));
+    limits
+}
+
+/// Reads one image file under [`decoder_limits`].
+fn decode_image(path: &Path, options: &LoadOptions) -> Result<DynamicImage, MediaError> {
+    let mut reader = ImageReader::open(path)
+        .map_err(io_error(path))?
+        .with_guessed_format()
+        .map_err(io_error(path))?;
+    reader.limits(decoder_limits(options));
+    reader.decode().map_err(decode_error(path))
+}
+
 fn open_buffered(path: &Path) -> Result<BufReader<fs::File>, MediaError> {
     Ok(BufReader::new(
         fs::File::open(path).map_err(io_error(path))?,
@@ -189,9 +221,8 @@ pub(super) fn load_gif(
     options: &LoadOptions,
 ) -> Result<(FrameStack, f64), MediaError> {
     let mut decoder = GifDecoder::new(open_buffered(path)?).map_err(decode_error(path))?;
-    // The default allocation cap, so that a corrupt header cannot ask for gigabytes.
     decoder
-        .set_limits(Limits::default())
+        .set_limits(decoder_limits(options))
         .map_err(decode_error(path))?;
     collect_animation(path, decoder.into_frames(), options)
 }
@@ -202,7 +233,7 @@ pub(super) fn load_png(
 ) -> Result<(FrameStack, f64), MediaError> {
     let mut decoder = PngDecoder::new(open_buffered(path)?).map_err(decode_error(path))?;
     decoder
-        .set_limits(Limits::default())
+        .set_limits(decoder_limits(options))
         .map_err(decode_error(path))?;
     if decoder.is_apng().map_err(decode_error(path))? {
         let animation = decoder.apng().map_err(decode_error(path))?;
@@ -217,12 +248,7 @@ pub(super) fn load_still(
     path: &Path,
     options: &LoadOptions,
 ) -> Result<(FrameStack, f64), MediaError> {
-    let image = ImageReader::open(path)
-        .map_err(io_error(path))?
-        .with_guessed_format()
-        .map_err(io_error(path))?
-        .decode()
-        .map_err(decode_error(path))?;
+    let image = decode_image(path, options)?;
     single_frame(path, &image, options)
 }
 
@@ -231,7 +257,7 @@ fn single_frame(
     image: &DynamicImage,
     options: &LoadOptions,
 ) -> Result<(FrameStack, f64), MediaError> {
-    let mut stack = FrameStack::new();
+    let mut stack = FrameStack::new(options.max_bytes);
     if options.choose(0) == FrameChoice::Take {
         stack.push_image(path, image)?;
     }

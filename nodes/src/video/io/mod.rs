@@ -69,6 +69,19 @@ pub enum MediaError {
     #[error("{}: {reason}", path.display())]
     NoFrames { path: PathBuf, reason: String },
     #[error(
+        "{}: {frames} frames of {width}×{height} would take {} MiB, over the {} MiB allowed; \
+         load fewer (frame_load_cap, select_every_nth)",
+        path.display(), needed >> 20, limit >> 20
+    )]
+    TooLarge {
+        path: PathBuf,
+        frames: usize,
+        width: u32,
+        height: u32,
+        needed: u64,
+        limit: u64,
+    },
+    #[error(
         "{}: unsupported file type; expected a folder of PNG/JPEG frames, .gif, .png, .jpg/.jpeg, or a video (.mp4, .webm, .mov, .mkv, .avi, .m4v)",
         path.display()
     )]
@@ -102,12 +115,14 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> MediaError + '_ {
 
 /// Which frames of the source to load, as ComfyUI-VideoHelperSuite's Load Video/Load Images:
 /// drop the first `skip_first_frames`, keep every `select_every_nth` of the rest, stop after
-/// `frame_load_cap` kept frames (0 = no cap).
+/// `frame_load_cap` kept frames (0 = no cap). Decoding stops with [`MediaError::TooLarge`]
+/// before the loaded frames would take more than `max_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadOptions {
     pub frame_load_cap: usize,
     pub skip_first_frames: usize,
     pub select_every_nth: usize,
+    pub max_bytes: u64,
 }
 
 impl Default for LoadOptions {
@@ -116,6 +131,7 @@ impl Default for LoadOptions {
             frame_load_cap: 0,
             skip_first_frames: 0,
             select_every_nth: 1,
+            max_bytes: u64::MAX,
         }
     }
 }
@@ -383,6 +399,7 @@ mod tests {
             frame_load_cap: 3,
             skip_first_frames: 1,
             select_every_nth: 2,
+            ..LoadOptions::default()
         };
         let (loaded, fps) = load_video(&path, &options).unwrap();
         assert_eq!(loaded.dims()[0], 3);
