@@ -288,15 +288,7 @@ pub fn write_tiny_models(dir: &std::path::Path) -> TinyModels {
     write_tiny_tokenizer(&checkpoint.join("tokenizer"));
     std::fs::write(
         checkpoint.join("model_index.json"),
-        serde_json::json!({
-            "_class_name": "StableDiffusionPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDIMScheduler"]
-        })
-        .to_string(),
+        vdm_nodes::models::load::sd_pipeline_index().to_string(),
     )
     .unwrap();
     let motion_module = dir.join("animatediff_models").join("tiny-motion");

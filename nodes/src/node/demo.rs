@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use serde_json::{json, Value as Json};
 
 use crate::models::clip::{ClipTextConfig, ClipTextTransformer};
+use crate::models::load::sd_pipeline_index;
 use crate::models::motion::{MotionAdapter, MotionAdapterConfig};
 use crate::models::random::random_weights_for;
 use crate::models::tokenizer::write_letter_vocabulary;
@@ -146,17 +147,7 @@ pub fn write_tiny_random_models(checkpoint: &Path, motion: &Path) -> candle_core
         &weights,
     )?;
 
-    write_json(
-        &staging.join("model_index.json"),
-        &json!({
-            "_class_name": "StableDiffusionPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDIMScheduler"]
-        }),
-    )?;
+    write_json(&staging.join("model_index.json"), &sd_pipeline_index())?;
 
     let motion_staging = temporary(motion);
     let _ = fs::remove_dir_all(&motion_staging);

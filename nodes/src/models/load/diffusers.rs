@@ -234,6 +234,18 @@ impl DiffusersPipeline {
     }
 }
 
+/// The `model_index.json` of an SD 1.x pipeline folder with the components the loaders read.
+pub fn sd_pipeline_index() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"]
+    })
+}
+
 pub(crate) fn read_json(path: &Path) -> LoadResult<serde_json::Value> {
     let text = std::fs::read_to_string(existing(path)?).map_err(|e| LoadError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| LoadError::InvalidConfig {

@@ -29,7 +29,9 @@ pub use animatediff::{
     animatediff_key_to_diffusers, convert_animatediff_motion_module, derive_motion_adapter_config,
     AnimateDiffVersion, MotionAdapterWeights, MotionModuleFormat,
 };
-pub use diffusers::{DiffusersComponent, DiffusersPipeline, TokenizerFiles, WEIGHT_FILE_NAMES};
+pub use diffusers::{
+    sd_pipeline_index, DiffusersComponent, DiffusersPipeline, TokenizerFiles, WEIGHT_FILE_NAMES,
+};
 pub use error::{LoadError, LoadResult, LISTED_KEYS};
 pub use formats::{
     detect_format, open_safetensors, open_safetensors_index, open_torch_checkpoint, open_weights,
