@@ -124,6 +124,18 @@ fn latent_from_bytes(bytes: &[u8]) -> Result<Tensor, String> {
         other => return Err(format!("`{LATENT_KEY}` has unsupported dtype {other:?}")),
     };
     let shape = view.shape().to_vec();
+    // safetensors accepts any shape of zero elements, such as [0, 4, 2^63, 2]; candle computes
+    // the strides of such a shape with unchecked multiplications.
+    let fits = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .is_some();
+    if !fits {
+        return Err(format!(
+            "`{LATENT_KEY}` has shape {shape:?}, whose size overflows"
+        ));
+    }
     let mut latent = Tensor::from_raw_buffer(view.data(), dtype, &shape, &Device::Cpu)
         .and_then(|t| t.to_dtype(DType::F32))
         .map_err(|e| e.to_string())?;
@@ -316,6 +328,20 @@ mod tests {
         let missing = dir.0.join("missing.latent");
         let err = load_latent(&missing, &Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("missing.latent"), "{err}");
+    }
+
+    /// An empty latent of shape [0, 4, 2^63, 2] passed safetensors' checks and overflowed
+    /// candle's stride computation.
+    #[test]
+    fn an_overflowing_empty_shape_is_an_error() {
+        let dir = TempDir::new("overflow");
+        let header = br#"{"latent_tensor":{"dtype":"F32","shape":[0,4,9223372036854775808,2],"data_offsets":[0,0]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        let path = dir.0.join("overflow.latent");
+        fs::write(&path, bytes).unwrap();
+        let err = load_latent(&path, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("overflows"), "{err}");
     }
 
     #[test]
