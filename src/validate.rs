@@ -420,6 +420,8 @@ pub fn check_literal(spec: &InputSpec, value: &Json) -> Result<(), NodeIssue> {
 /// An integer input with a step above 1 (a size that must divide evenly, say) takes only
 /// min + k·step: other values are refused rather than silently rounded.
 fn on_step(name: &str, value: i64, min: i64, step: i64) -> Result<(), NodeIssue> {
+    // In i128: a descriptor's range may span more than i64 holds.
+    let (value, min, step) = (i128::from(value), i128::from(min), i128::from(step));
     if step <= 1 || (value - min).rem_euclid(step) == 0 {
         return Ok(());
     }

@@ -316,6 +316,8 @@ fn options(input: &[u8]) -> LoadOptions {
         skip_first_frames: [0, 0, 0, 1, 2, 1000][(h % 6) as usize],
         select_every_nth: [1, 1, 1, 2, 3][((h >> 8) % 5) as usize],
         frame_load_cap: [0, 0, 0, 1, 2][((h >> 16) % 5) as usize],
+        // As `LoadVideo` under a 128 MiB memory budget: decoding must stop there.
+        max_bytes: 128 << 20,
     }
 }
 

@@ -191,6 +191,48 @@ fn collect_animation<'a>(
     Ok((stack, fps))
 }
 
+/// Runs a decoder, turning a panic on malformed input (the png crate indexes a short palette
+/// chunk, for one) into a decoding error of `path`.
+pub(super) fn without_panics<T>(
+    path: &Path,
+    decode: impl FnOnce() -> Result<T, MediaError>,
+) -> Result<T, MediaError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|payload| {
+        let reason = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown cause".to_owned());
+        Err(MediaError::Decode {
+            path: path.to_path_buf(),
+            message: format!("the decoder failed on malformed data ({reason})"),
+        })
+    })
+}
+
+/// Refuses an image of `width` × `height` pixels taking `needed` bytes once decoded when that
+/// is over the decoders' allocation cap, before anything is allocated: the image crate
+/// allocates the size a header declares when it converts a decoded image.
+fn check_canvas(
+    path: &Path,
+    (width, height): (u32, u32),
+    needed: u64,
+    options: &LoadOptions,
+) -> Result<(), MediaError> {
+    let limit = decoder_limits(options).max_alloc.unwrap_or(u64::MAX);
+    if needed > limit {
+        return Err(MediaError::TooLarge {
+            path: path.to_path_buf(),
+            frames: 1,
+            width,
+            height,
+            needed,
+            limit,
+        });
+    }
+    Ok(())
+}
+
 /// The decoders' own cap on one allocation (a frame's canvas): the image crate's default of
 /// 512 MiB, or the memory budget when lower, so that a header claiming a huge canvas fails
 /// before anything is allocated.
@@ -200,14 +242,21 @@ fn decoder_limits(options: &LoadOptions) -> Limits {
     limits
 }
 
-/// Reads one image file under [`decoder_limits`].
+/// Reads one image file under [`decoder_limits`], its declared size checked first.
 fn decode_image(path: &Path, options: &LoadOptions) -> Result<DynamicImage, MediaError> {
-    let mut reader = ImageReader::open(path)
-        .map_err(io_error(path))?
-        .with_guessed_format()
-        .map_err(io_error(path))?;
-    reader.limits(decoder_limits(options));
-    reader.decode().map_err(decode_error(path))
+    let reader = || -> Result<_, MediaError> {
+        let mut reader = ImageReader::open(path)
+            .map_err(io_error(path))?
+            .with_guessed_format()
+            .map_err(io_error(path))?;
+        reader.limits(decoder_limits(options));
+        Ok(reader)
+    };
+    let (width, height) = reader()?.into_dimensions().map_err(decode_error(path))?;
+    // RGBA at 16 bits per channel, the widest layout a PNG or JPEG decodes to.
+    let widest = u64::from(width).saturating_mul(u64::from(height)) * 8;
+    check_canvas(path, (width, height), widest, options)?;
+    reader()?.decode().map_err(decode_error(path))
 }
 
 fn open_buffered(path: &Path) -> Result<BufReader<fs::File>, MediaError> {
@@ -236,9 +285,14 @@ pub(super) fn load_png(
         .set_limits(decoder_limits(options))
         .map_err(decode_error(path))?;
     if decoder.is_apng().map_err(decode_error(path))? {
+        // Frames are composited onto an RGBA canvas of the image's size.
+        let (width, height) = decoder.dimensions();
+        let canvas = u64::from(width).saturating_mul(u64::from(height)) * 4;
+        check_canvas(path, (width, height), canvas, options)?;
         let animation = decoder.apng().map_err(decode_error(path))?;
         collect_animation(path, animation.into_frames(), options)
     } else {
+        check_canvas(path, decoder.dimensions(), decoder.total_bytes(), options)?;
         let image = DynamicImage::from_decoder(decoder).map_err(decode_error(path))?;
         single_frame(path, &image, options)
     }

@@ -260,7 +260,8 @@ fn load_video_with(
     options.validate()?;
     let metadata = fs::metadata(path).map_err(io_error(path))?;
     let (stack, source_fps) = if metadata.is_dir() {
-        (load_frame_folder(path, options)?, DEFAULT_FPS)
+        let stack = load::without_panics(path, || load_frame_folder(path, options))?;
+        (stack, DEFAULT_FPS)
     } else {
         let extension = path
             .extension()
@@ -268,9 +269,9 @@ fn load_video_with(
             .map(str::to_ascii_lowercase)
             .unwrap_or_default();
         match extension.as_str() {
-            "gif" => load_gif(path, options)?,
-            "png" | "apng" => load_png(path, options)?,
-            "jpg" | "jpeg" => load_still(path, options)?,
+            "gif" => load::without_panics(path, || load_gif(path, options))?,
+            "png" | "apng" => load::without_panics(path, || load_png(path, options))?,
+            "jpg" | "jpeg" => load::without_panics(path, || load_still(path, options))?,
             e if FFMPEG_VIDEO_EXTENSIONS.contains(&e) => ffmpeg.decode(path, options)?,
             _ => {
                 return Err(MediaError::Unsupported {
