@@ -24,10 +24,11 @@ use crate::workflow::{Input, Workflow};
 /// Why a run stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    // Boxed, so that a run's `Result` stays small.
     #[error("the workflow is invalid:\n{}", .0.to_text())]
-    Invalid(ValidationReport),
+    Invalid(Box<ValidationReport>),
     #[error("{0}")]
-    Node(NodeError),
+    Node(Box<NodeError>),
     /// The cancel flag was set: the run stopped at node `node` (before it ran, or at one of its
     /// checks) and nothing after it ran.
     #[error("interrupted at node {node} ({class_type})")]
@@ -120,7 +121,7 @@ impl<'a> Executor<'a> {
     pub fn run(&self, workflow: &Workflow) -> Result<RunSummary, RunError> {
         let report = self.validate(workflow);
         if !report.is_ok() {
-            return Err(RunError::Invalid(report));
+            return Err(RunError::Invalid(Box::new(report)));
         }
         let order = execution_order(workflow, &validate::output_nodes(workflow, self.plugins));
         self.sink.emit(Event::ExecutionStart { nodes: order.len() });
@@ -176,7 +177,7 @@ impl<'a> Executor<'a> {
                         input: error.input.clone().into_option().map(RString::into_string),
                         message: error.message.to_string(),
                     });
-                    return Err(RunError::Node(error));
+                    return Err(RunError::Node(Box::new(error)));
                 }
             };
             if output.values.len() != descriptor.outputs.len() {
@@ -192,7 +193,7 @@ impl<'a> Executor<'a> {
                     )
                     .into(),
                 };
-                return Err(RunError::Node(error));
+                return Err(RunError::Node(Box::new(error)));
             }
             let ui: Json = if output.ui_json.is_empty() {
                 Json::Null
