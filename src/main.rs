@@ -84,7 +84,7 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         cache: Option<PathBuf>,
         /// Width and height of the videos, in pixels (a multiple of 16).
-        #[arg(long, default_value_t = 256, value_parser = parse_demo_size)]
+        #[arg(long, default_value_t = 128, value_parser = parse_demo_size)]
         size: u32,
         /// Frames per video.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=32))]
