@@ -823,3 +823,70 @@ fn the_sampler_and_the_vae_refuse_runs_over_a_lowered_memory_budget() {
         other => panic!("expected the VAE to refuse, got {other:?}"),
     }
 }
+
+#[test]
+fn the_vae_reports_each_chunk_and_stops_when_cancelled() {
+    // Sets the cancel flag at VAEDecode's first chunk, as Ctrl-C would during a long decode.
+    struct CancelInDecode(
+        vdm::events::Recorder,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    );
+    impl vdm::EventSink for CancelInDecode {
+        fn emit(&self, event: vdm::Event) {
+            if matches!(&event, vdm::Event::Progress { node, .. } if node == "3") {
+                self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            self.0.emit(event);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let mut wf =
+        decode_chain(json!({"class_type": "CheckpointLoader", "inputs": {"ckpt_name": "tiny-sd"}}));
+    wf["2"]["inputs"]["frames"] = json!(6);
+    wf["3"]["inputs"]["chunk_frames"] = json!(2);
+    let wf = Workflow::from_json(wf).unwrap();
+    let set = plugins();
+    let run = |sink: &dyn vdm::EventSink, flag| {
+        Executor::new(&set, sink)
+            .with_cancel_flag(flag)
+            .with_setting("output_dir", dir.path().join("out").to_string_lossy())
+            .with_setting("models_dir", models.root.to_string_lossy())
+            .with_setting("device", "cpu")
+            .run(&wf)
+    };
+    let recorder = vdm::events::Recorder::default();
+    run(&recorder, Default::default()).unwrap();
+    let chunks: Vec<(u64, u64)> = recorder
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            vdm::Event::Progress {
+                node, value, max, ..
+            } if node == "3" => Some((*value, *max)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(chunks, [(2, 6), (4, 6), (6, 6)]);
+
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sink = CancelInDecode(Default::default(), flag.clone());
+    match run(&sink, flag) {
+        Err(RunError::Interrupted { node, .. }) => assert_eq!(node, "3"),
+        other => panic!("expected an interruption in VAEDecode, got {other:?}"),
+    }
+    let decoded = sink
+        .0
+         .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, vdm::Event::Progress { node, .. } if node == "3"))
+        .count();
+    assert_eq!(
+        decoded, 1,
+        "the decode stops after the chunk that saw the flag"
+    );
+}

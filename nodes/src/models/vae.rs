@@ -639,9 +639,26 @@ impl AutoencoderKL {
     /// the result is (B, out_channels, F, H, W) or (N, out_channels, H, W), not clamped.
     /// Scales: divides by scaling_factor (and adds shift_factor) before decoding.
     pub fn decode_video(&self, latents: &Tensor, chunk_frames: usize) -> Result<Tensor> {
+        self.decode_video_observed(latents, chunk_frames, &mut |_, _| Ok(()))
+    }
+
+    /// [`Self::decode_video`], calling `after_chunk(frames done, frames)` after each chunk; an
+    /// error from it (the user cancelled, say) stops the decoding.
+    pub fn decode_video_observed(
+        &self,
+        latents: &Tensor,
+        chunk_frames: usize,
+        after_chunk: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Tensor> {
         let (frames, layout) = FrameLayout::flatten(latents)?;
         let raw = self.unscale_latents(&frames)?;
-        let decoded = in_chunks(&raw, None, chunk_frames, |chunk, _| self.decode(chunk))?;
+        let decoded = in_chunks(
+            &raw,
+            None,
+            chunk_frames,
+            |chunk, _| self.decode(chunk),
+            after_chunk,
+        )?;
         layout.unflatten(&decoded)
     }
 
@@ -656,17 +673,35 @@ impl AutoencoderKL {
         chunk_frames: usize,
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.encode_video_observed(video, chunk_frames, noise, &mut |_, _| Ok(()))
+    }
+
+    /// [`Self::encode_video`], calling `after_chunk(frames done, frames)` after each chunk; an
+    /// error from it stops the encoding.
+    pub fn encode_video_observed(
+        &self,
+        video: &Tensor,
+        chunk_frames: usize,
+        noise: Option<&Tensor>,
+        after_chunk: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Tensor> {
         let (frames, layout) = FrameLayout::flatten(video)?;
         let noise = noise
             .map(|n| FrameLayout::flatten(n).map(|(flat, _)| flat))
             .transpose()?;
-        let latents = in_chunks(&frames, noise.as_ref(), chunk_frames, |chunk, noise| {
-            let posterior = self.encode(chunk)?;
-            match noise {
-                Some(noise) => posterior.sample(&noise),
-                None => Ok(posterior.mode()),
-            }
-        })?;
+        let latents = in_chunks(
+            &frames,
+            noise.as_ref(),
+            chunk_frames,
+            |chunk, noise| {
+                let posterior = self.encode(chunk)?;
+                match noise {
+                    Some(noise) => posterior.sample(&noise),
+                    None => Ok(posterior.mode()),
+                }
+            },
+            after_chunk,
+        )?;
         layout.unflatten(&self.scale_latents(&latents)?)
     }
 }
@@ -678,6 +713,7 @@ fn in_chunks(
     extra: Option<&Tensor>,
     chunk: usize,
     mut f: impl FnMut(&Tensor, Option<Tensor>) -> Result<Tensor>,
+    after_chunk: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<Tensor> {
     if chunk == 0 {
         candle_core::bail!("chunk_frames must be at least 1");
@@ -693,6 +729,7 @@ fn in_chunks(
         let len = chunk.min(rows - start);
         let part_extra = extra.map(|e| e.narrow(0, start, len)).transpose()?;
         outputs.push(f(&x.narrow(0, start, len)?, part_extra)?);
+        after_chunk(start + len, rows)?;
     }
     Tensor::cat(&outputs, 0)
 }

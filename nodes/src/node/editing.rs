@@ -14,7 +14,8 @@ use super::memory;
 use super::objects::{Conditioning, Model};
 use super::sampler::check_steps;
 use super::{
-    Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
+    cancelled_or, Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs,
+    PluginType,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
@@ -172,14 +173,6 @@ impl Node for VideoInversion {
         )
         .map_err(|e| cancelled_or(ctx, e))?;
         Ok(Outputs::one(Latent { samples }.into_value()))
-    }
-}
-
-/// The failure for an error of a long computation: cancelled when the user asked to stop.
-fn cancelled_or(ctx: &Context, error: candle_core::Error) -> NodeFailure {
-    match ctx.check_cancelled() {
-        Err(cancelled) => cancelled,
-        Ok(()) => NodeFailure::execution(error),
     }
 }
 

@@ -430,6 +430,14 @@ pub(crate) fn save_failure(error: crate::video::io::MediaError) -> NodeFailure {
     }
 }
 
+/// The failure for an error of a long computation: cancelled when the user asked to stop.
+pub(crate) fn cancelled_or(ctx: &Context, error: candle_core::Error) -> NodeFailure {
+    match ctx.check_cancelled() {
+        Err(cancelled) => cancelled,
+        Ok(()) => NodeFailure::from(error),
+    }
+}
+
 /// ComfyUI's description of a written file: name, subfolder of the output folder, type.
 pub(crate) fn file_entry(out_dir: &Path, path: &Path) -> serde_json::Value {
     let relative = path.strip_prefix(out_dir).unwrap_or(path);

@@ -21,8 +21,8 @@ use crate::video::reuse::{DenoisingReuse, Propagation, ReuseConfig, ReuseMode};
 
 use super::objects::{Conditioning, Context as ContextObject, FreeInit, Model, Motion, Reuse, Vae};
 use super::{
-    memory, Context, DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure,
-    Outputs, PluginType,
+    cancelled_or, memory, Context, DescriptorBuilder, ForInput, Images, Inputs, Latent, Node,
+    NodeFailure, Outputs, PluginType,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
@@ -612,11 +612,15 @@ impl Node for VaeDecode {
             ),
             memory::vae_estimate(&vae.model, batch, frames, size, chunk),
         )?;
-        ctx.progress(0, 1, "decoding");
         // (B, 3, F, H, W) in [−1, 1] → IMAGE (B·F, H, W, 3) in [0, 1].
         let video = vae
             .model
-            .decode_video(&latents.to_device(vae_device(&vae))?, chunk)?;
+            .decode_video_observed(
+                &latents.to_device(vae_device(&vae))?,
+                chunk,
+                &mut chunk_progress(ctx, "decoding"),
+            )
+            .map_err(|e| cancelled_or(ctx, e))?;
         let (_, _, _, h, w) = video.dims5()?;
         let frames_out = video
             .permute((0, 2, 3, 4, 1))?
@@ -624,7 +628,6 @@ impl Node for VaeDecode {
         let frames_out = ((frames_out + 1.0)? / 2.0)?
             .clamp(0f32, 1f32)?
             .to_device(&candle_core::Device::Cpu)?;
-        ctx.progress(1, 1, "decoded");
         Ok(Outputs::one(Images { frames: frames_out }.into_value()))
     }
 }
@@ -672,7 +675,7 @@ impl Node for VaeEncode {
             &format!("encoding {frames} frames of {w}×{h} pixels"),
             memory::vae_estimate(&vae.model, 1, frames, (h, w), chunk),
         )?;
-        ctx.progress(0, 1, "encoding");
+
         // IMAGE (F, H, W, 3) in [0, 1] → (1, 3, F, H, W) in [−1, 1], as ComfyUI crops.
         let pixels = images
             .frames
@@ -683,10 +686,24 @@ impl Node for VaeEncode {
             .permute((3, 0, 1, 2))?
             .unsqueeze(0)?
             .to_device(vae_device(&vae))?;
-        let samples = vae.model.encode_video(&video, chunk, None)?;
-        ctx.progress(1, 1, "encoded");
+        let samples = vae
+            .model
+            .encode_video_observed(&video, chunk, None, &mut chunk_progress(ctx, "encoding"))
+            .map_err(|e| cancelled_or(ctx, e))?;
         Ok(Outputs::one(Latent { samples }.into_value()))
     }
+}
+
+/// Reports each chunk of frames as a step of progress, and stops once the user cancels.
+fn chunk_progress<'c>(
+    ctx: &'c Context<'_>,
+    what: &'c str,
+) -> Box<dyn FnMut(usize, usize) -> candle_core::Result<()> + 'c> {
+    Box::new(move |done, frames| {
+        ctx.progress(done as u64, frames as u64, what);
+        ctx.check_cancelled()
+            .map_err(|_| candle_core::Error::Msg("cancelled".into()))
+    })
 }
 
 fn vae_device(vae: &Vae) -> &candle_core::Device {
