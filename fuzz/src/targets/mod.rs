@@ -14,6 +14,7 @@ mod workflow;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use candle_core::{DType, Device};
 use fastrand::Rng;
 
 /// A reader under test.
@@ -165,6 +166,24 @@ fn pick<'a, T>(rng: &mut Rng, items: &'a [T]) -> &'a T {
 }
 
 /// The seeds as slices, for splicing.
+/// Opens `input`, written as a file of `extension`, with the weight loaders and reads every
+/// tensor, in its own dtype and as f32; the first error is the result.
+fn read_every_tensor(ctx: &Context, extension: &str, input: &[u8]) -> Result<(), String> {
+    let path = ctx.case_file(extension, input);
+    let weights = vdm_nodes::models::load::open_weights(&path).map_err(|e| e.to_string())?;
+    let keys: Vec<String> = weights.keys().map(str::to_owned).collect();
+    let mut result = Ok(());
+    for key in keys {
+        let read = weights
+            .get(&key)
+            .and_then(|_| weights.load(&key, DType::F32, &Device::Cpu));
+        if let (Err(e), Ok(())) = (read, &result) {
+            result = Err(e.to_string());
+        }
+    }
+    result
+}
+
 fn donors(seeds: &[Vec<u8>]) -> Vec<&[u8]> {
     seeds.iter().map(Vec::as_slice).collect()
 }

@@ -9,10 +9,9 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device};
 use fastrand::Rng;
 
-use super::{donors, pick, Context};
+use super::{donors, pick, read_every_tensor, Context};
 use crate::mutate::{crc32, interesting, mutate_bytes, random_string};
 
 /// One pickle opcode with its argument.
@@ -572,18 +571,5 @@ pub(super) fn generate(seeds: &[Vec<u8>], rng: &mut Rng) -> Vec<u8> {
 
 pub(super) fn execute(ctx: &Context, input: &[u8]) -> Result<(), String> {
     let extension = ["ckpt", "pt", "pth", "bin"][(crate::mutate::hash(input) % 4) as usize];
-    let path = ctx.case_file(extension, input);
-    let weights = vdm_nodes::models::load::open_weights(&path).map_err(|e| e.to_string())?;
-    let keys: Vec<String> = weights.keys().map(str::to_owned).collect();
-    // Every tensor is read, in its own dtype and as f32; the first error is the result.
-    let mut result = Ok(());
-    for key in keys {
-        let read = weights
-            .get(&key)
-            .and_then(|_| weights.load(&key, DType::F32, &Device::Cpu));
-        if let (Err(e), Ok(())) = (read, &result) {
-            result = Err(e.to_string());
-        }
-    }
-    result
+    read_every_tensor(ctx, extension, input)
 }

@@ -1,13 +1,12 @@
 //! safetensors files: `open_weights` (format detection, header checks, memory map) and reading
 //! every tensor back, in its own dtype and as f32.
 
-use candle_core::{DType, Device};
 use fastrand::Rng;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Map, Value};
 
-use super::{donors, pick, Context};
+use super::{donors, pick, read_every_tensor, Context};
 use crate::mutate::{interesting, mutate_bytes, random_string, small_or_interesting};
 
 /// dtype names of the format (the ones candle reads and the ones it does not) and nonsense.
@@ -313,18 +312,5 @@ pub(super) fn execute(ctx: &Context, input: &[u8]) -> Result<(), String> {
     } else {
         "safetensors"
     };
-    let path = ctx.case_file(extension, input);
-    let weights = vdm_nodes::models::load::open_weights(&path).map_err(|e| e.to_string())?;
-    let keys: Vec<String> = weights.keys().map(str::to_owned).collect();
-    // Every tensor is read, in its own dtype and as f32; the first error is the result.
-    let mut result = Ok(());
-    for key in keys {
-        let read = weights
-            .get(&key)
-            .and_then(|_| weights.load(&key, DType::F32, &Device::Cpu));
-        if let (Err(e), Ok(())) = (read, &result) {
-            result = Err(e.to_string());
-        }
-    }
-    result
+    read_every_tensor(ctx, extension, input)
 }
