@@ -244,19 +244,17 @@ fn decoder_limits(options: &LoadOptions) -> Limits {
 
 /// Reads one image file under [`decoder_limits`], its declared size checked first.
 fn decode_image(path: &Path, options: &LoadOptions) -> Result<DynamicImage, MediaError> {
-    let reader = || -> Result<_, MediaError> {
-        let mut reader = ImageReader::open(path)
-            .map_err(io_error(path))?
-            .with_guessed_format()
-            .map_err(io_error(path))?;
-        reader.limits(decoder_limits(options));
-        Ok(reader)
-    };
-    let (width, height) = reader()?.into_dimensions().map_err(decode_error(path))?;
+    let mut reader = ImageReader::open(path)
+        .map_err(io_error(path))?
+        .with_guessed_format()
+        .map_err(io_error(path))?;
+    reader.limits(decoder_limits(options));
+    let decoder = reader.into_decoder().map_err(decode_error(path))?;
+    let (width, height) = decoder.dimensions();
     // RGBA at 16 bits per channel, the widest layout a PNG or JPEG decodes to.
     let widest = u64::from(width).saturating_mul(u64::from(height)) * 8;
     check_canvas(path, (width, height), widest, options)?;
-    reader()?.decode().map_err(decode_error(path))
+    DynamicImage::from_decoder(decoder).map_err(decode_error(path))
 }
 
 fn open_buffered(path: &Path) -> Result<BufReader<fs::File>, MediaError> {
