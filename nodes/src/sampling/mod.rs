@@ -8,6 +8,7 @@
 pub mod context;
 pub mod frames;
 pub mod inversion;
+pub mod k_diffusion;
 
 use candle_core::{Result, Tensor};
 
