@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use vdm::events::{EventSink, JsonLines, ProgressBars, Silent};
-use vdm::{plugin, Executor, PluginSet, RunError, Workflow};
+use vdm::{plugin, ui_workflow, Executor, PluginSet, RunError, Workflow};
 
 /// Exit status of a workflow that failed validation (or could not be read as one).
 const EXIT_INVALID: u8 = 2;
@@ -95,6 +95,13 @@ enum Command {
         /// Compute device: auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto", value_parser = parse_device)]
         device: String,
+    },
+    /// Print a ComfyUI UI-format workflow (what the editor's "Save" writes) in the API format,
+    /// as the editor's "Export (API)" would; an API-format file is printed as it is read.
+    /// `run` and `validate` read UI files directly.
+    Convert {
+        /// Workflow file in either format.
+        workflow: PathBuf,
     },
     /// List the loaded nodes (and any refused plugins, on stderr).
     Nodes {
@@ -253,6 +260,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Nodes { json } => list_nodes(&plugins, json),
+        Command::Convert { workflow } => convert(&workflow, &plugins),
         Command::Demo {
             out,
             cache,
@@ -311,7 +319,7 @@ fn main() -> ExitCode {
             json,
         } => {
             let workflow_file = workflow.workflow.clone();
-            let workflow = match read_workflow(&workflow, json) {
+            let workflow = match read_workflow(&workflow, &plugins, json) {
                 Ok(w) => w,
                 Err(code) => return code,
             };
@@ -346,7 +354,7 @@ fn main() -> ExitCode {
             no_retain_freed_memory: _,
         } => {
             let workflow_file = workflow.workflow.clone();
-            let workflow = match read_workflow(&workflow, json_events) {
+            let workflow = match read_workflow(&workflow, &plugins, json_events) {
                 Ok(w) => w,
                 Err(code) => return code,
             };
@@ -434,7 +442,11 @@ fn stop_on_interrupt(cancel: Arc<AtomicBool>) {
 }
 
 /// Reads, parses and applies `--set`; on failure prints the problem and gives the exit code.
-fn read_workflow(args: &WorkflowArgs, json_output: bool) -> Result<Workflow, ExitCode> {
+fn read_workflow(
+    args: &WorkflowArgs,
+    plugins: &PluginSet,
+    json_output: bool,
+) -> Result<Workflow, ExitCode> {
     let fail = |kind: &str, message: String| {
         if json_output {
             println!(
@@ -452,12 +464,18 @@ fn read_workflow(args: &WorkflowArgs, json_output: bool) -> Result<Workflow, Exi
             format!("cannot read {}: {e}", args.workflow.display()),
         )
     })?;
-    let mut workflow = Workflow::parse(&text).map_err(|e| {
+    let (mut workflow, warnings) = ui_workflow::parse_workflow(&text, plugins).map_err(|e| {
         fail(
             "invalid_prompt",
             format!("{}: {e}", args.workflow.display()),
         )
     })?;
+    for warning in warnings
+        .iter()
+        .chain(&vdm::validate::ignored_inputs(&workflow, plugins))
+    {
+        eprintln!("warning: {warning}");
+    }
     for assignment in &args.set {
         apply_set(&mut workflow, assignment).map_err(|e| fail("invalid_prompt", e))?;
     }
@@ -474,6 +492,25 @@ fn apply_set(workflow: &mut Workflow, assignment: &str) -> Result<(), String> {
         .ok_or_else(|| format!("--set {assignment}: expected ID.INPUT=VALUE"))?;
     let value = serde_json::from_str(value).unwrap_or_else(|_| json!(value));
     workflow.set_literal(id, input, value)
+}
+
+fn convert(path: &std::path::Path, plugins: &PluginSet) -> ExitCode {
+    let args = WorkflowArgs {
+        workflow: path.to_owned(),
+        set: Vec::new(),
+    };
+    let workflow = match read_workflow(&args, plugins, false) {
+        Ok(workflow) => workflow,
+        Err(code) => return code,
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&workflow.to_json()).expect("serialisable")
+    );
+    if let Some(why) = plugins.none_found() {
+        eprintln!("{why}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn list_nodes(plugins: &PluginSet, json: bool) -> ExitCode {

@@ -57,6 +57,10 @@ pub struct NodeErrors {
 pub struct ValidationReport {
     pub error: Option<NodeIssue>,
     pub node_errors: BTreeMap<String, NodeErrors>,
+    /// What is ignored rather than refused, one line each naming the node: inputs a node does
+    /// not have (ComfyUI ignores them too, and older workflows carry removed inputs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl ValidationReport {
@@ -106,6 +110,73 @@ impl ValidationReport {
     }
 }
 
+/// One line per input that a node's class does not declare, naming the node: such inputs are
+/// ignored (as ComfyUI ignores them; older workflows carry inputs that were removed since).
+pub fn ignored_inputs(workflow: &Workflow, plugins: &PluginSet) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (id, node) in &workflow.nodes {
+        let Some((_, descriptor)) = plugins.node(&node.class_type) else {
+            continue;
+        };
+        for name in unknown_inputs(descriptor, &node.inputs) {
+            warnings.push(format!(
+                "node {id} ({}): `{name}` is not an input of this node and is ignored",
+                node.class_type
+            ));
+        }
+    }
+    warnings
+}
+
+/// The inputs of a node that its class does not declare.
+fn unknown_inputs<'a>(
+    descriptor: &NodeDescriptor,
+    inputs: &'a BTreeMap<String, Input>,
+) -> impl Iterator<Item = &'a str> + 'a {
+    let declared: BTreeSet<String> = descriptor
+        .required
+        .iter()
+        .chain(descriptor.optional.iter())
+        .map(|s| s.name.to_string())
+        .collect();
+    inputs
+        .keys()
+        .filter(move |name| !declared.contains(name.as_str()))
+        .map(String::as_str)
+}
+
+/// Node packs whose classes are recognisable by name, for the message about a missing class.
+const NODE_PACKS: [(&str, &str); 8] = [
+    ("ADE_", "ComfyUI-AnimateDiff-Evolved"),
+    ("VHS_", "ComfyUI-VideoHelperSuite"),
+    ("ACN_", "ComfyUI-Advanced-ControlNet"),
+    ("IPAdapter", "ComfyUI_IPAdapter_plus"),
+    ("easy ", "ComfyUI-Easy-Use"),
+    ("Impact", "ComfyUI-Impact-Pack"),
+    ("BatchPromptSchedule", "ComfyUI_FizzNodes"),
+    ("CR ", "ComfyUI_Comfyroll_CustomNodes"),
+];
+
+/// Why a class is missing: no plugin provides it, and the node pack it probably comes from.
+fn missing_class_details(class_type: &str) -> String {
+    let pack = NODE_PACKS
+        .iter()
+        .find(|(prefix, _)| class_type.starts_with(prefix))
+        .map(|(_, pack)| *pack)
+        .or_else(|| {
+            class_type
+                .ends_with("|pysssss")
+                .then_some("ComfyUI-Custom-Scripts")
+        })
+        .or_else(|| class_type.ends_with("(rgthree)").then_some("rgthree-comfy"));
+    match pack {
+        Some(pack) => format!(
+            "no loaded plugin provides `{class_type}` (by its name, a node of the {pack} pack)"
+        ),
+        None => format!("no loaded plugin provides `{class_type}`"),
+    }
+}
+
 /// Validates `workflow` against the nodes of `plugins`.
 pub fn validate(workflow: &Workflow, plugins: &PluginSet) -> ValidationReport {
     validate_with(workflow, plugins, |_, _| Vec::new())
@@ -121,7 +192,10 @@ pub fn validate_with(
     plugins: &PluginSet,
     mut check: impl FnMut(&str, &WorkflowNode) -> Vec<CheckedIssue>,
 ) -> ValidationReport {
-    let mut report = ValidationReport::default();
+    let mut report = ValidationReport {
+        warnings: ignored_inputs(workflow, plugins),
+        ..ValidationReport::default()
+    };
     for (id, node) in &workflow.nodes {
         let Some((_, descriptor)) = plugins.node(&node.class_type) else {
             report.push(
@@ -130,12 +204,13 @@ pub fn validate_with(
                 NodeIssue::new(
                     "missing_node_type",
                     "Unknown node type",
-                    format!("no loaded plugin provides `{}`", node.class_type),
+                    missing_class_details(&node.class_type),
                     None,
                 ),
             );
             continue;
         };
+
         let issues = validate_node(workflow, plugins, descriptor, &node.inputs);
         let issues = if issues.is_empty() {
             check(id, node)
@@ -249,31 +324,6 @@ fn validate_node(
                 issues.extend(check_link(workflow, plugins, spec, node, *output))
             }
             Some(Input::Literal(value)) => issues.extend(check_literal(spec, value).err()),
-        }
-    }
-    for name in inputs.keys() {
-        let known = descriptor
-            .required
-            .iter()
-            .chain(descriptor.optional.iter())
-            .any(|s| s.name.as_str() == name);
-        if !known {
-            let names: Vec<&str> = descriptor
-                .required
-                .iter()
-                .chain(descriptor.optional.iter())
-                .map(|s| s.name.as_str())
-                .collect();
-            issues.push(NodeIssue::new(
-                "unknown_input",
-                "Unknown input",
-                format!(
-                    "`{name}` is not an input of {} (inputs: {})",
-                    descriptor.class_type,
-                    names.join(", ")
-                ),
-                Some(name),
-            ));
         }
     }
     issues

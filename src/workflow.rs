@@ -42,12 +42,7 @@ pub enum ParseError {
 
 impl Workflow {
     pub fn parse(text: &str) -> Result<Self, ParseError> {
-        let json: Json = serde_json::from_str(text).map_err(|e| ParseError::Json {
-            line: e.line(),
-            column: e.column(),
-            message: strip_position(&e.to_string()),
-        })?;
-        Self::from_json(json)
+        Self::from_json(parse_json(text)?)
     }
 
     pub fn from_json(json: Json) -> Result<Self, ParseError> {
@@ -65,7 +60,8 @@ impl Workflow {
             && top.contains_key("links")
         {
             return Err(ParseError::Shape(
-                "this is a ComfyUI UI workflow (nodes/links); export it with \"Save (API Format)\""
+                "this is a ComfyUI UI workflow (nodes/links): read it with `ui_workflow::parse_workflow`, \
+                 which needs the loaded nodes"
                     .into(),
             ));
         }
@@ -79,6 +75,34 @@ impl Workflow {
         Ok(Workflow { nodes })
     }
 
+    /// The workflow in the API format.
+    pub fn to_json(&self) -> Json {
+        let nodes: serde_json::Map<String, Json> = self
+            .nodes
+            .iter()
+            .map(|(id, node)| {
+                let inputs: serde_json::Map<String, Json> = node
+                    .inputs
+                    .iter()
+                    .map(|(name, input)| {
+                        let value = match input {
+                            Input::Link { node, output } => serde_json::json!([node, output]),
+                            Input::Literal(value) => value.clone(),
+                        };
+                        (name.clone(), value)
+                    })
+                    .collect();
+                let mut entry =
+                    serde_json::json!({"class_type": node.class_type, "inputs": inputs});
+                if let Some(title) = &node.title {
+                    entry["_meta"] = serde_json::json!({ "title": title });
+                }
+                (id.clone(), entry)
+            })
+            .collect();
+        Json::Object(nodes)
+    }
+
     /// Replaces the literal `input` of node `id` (`--set ID.INPUT=VALUE`).
     pub fn set_literal(&mut self, id: &str, input: &str, value: Json) -> Result<(), String> {
         let node = self
@@ -88,6 +112,15 @@ impl Workflow {
         node.inputs.insert(input.to_owned(), Input::Literal(value));
         Ok(())
     }
+}
+
+/// JSON text as a value, with the position of a syntax error.
+pub fn parse_json(text: &str) -> Result<Json, ParseError> {
+    serde_json::from_str(text).map_err(|e| ParseError::Json {
+        line: e.line(),
+        column: e.column(),
+        message: strip_position(&e.to_string()),
+    })
 }
 
 fn parse_node(id: &str, node: Json) -> Result<WorkflowNode, ParseError> {

@@ -479,3 +479,103 @@ fn demo_runs_every_workflow_then_vid2vid_runs_as_shipped_on_its_models() {
     );
     assert!(shipped_out.join("vid2vid_00001_.gif").is_file());
 }
+
+/// `small_noise_workflow` as the ComfyUI editor saves it: the seed's `control_after_generate`
+/// value, a primitive driving the frame count, a reroute, a note, and a muted preview.
+fn small_noise_ui_workflow() -> Value {
+    json!({
+        "last_node_id": 9, "last_link_id": 5,
+        "nodes": [
+            {"id": 1, "type": "VideoNoise", "mode": 0,
+             "inputs": [{"name": "frames", "type": "INT", "link": 4, "widget": {"name": "frames"}}],
+             "outputs": [{"name": "LATENT", "type": "LATENT", "links": [1]}],
+             "widgets_values": [3, "randomize", 3, 32, 24, 4, "mixed", 0.2, 1]},
+            {"id": 4, "type": "Reroute", "mode": 0,
+             "inputs": [{"name": "", "type": "*", "link": 1}],
+             "outputs": [{"name": "", "type": "LATENT", "links": [2, 5]}]},
+            {"id": 2, "type": "LatentPreview", "mode": 0, "title": "Latent to RGB",
+             "inputs": [{"name": "latent", "type": "LATENT", "link": 2}],
+             "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [3]}],
+             "widgets_values": []},
+            {"id": 3, "type": "SaveVideo", "mode": 0,
+             "inputs": [{"name": "images", "type": "IMAGE", "link": 3}],
+             "outputs": [], "widgets_values": ["clip", "png", 4, 0]},
+            {"id": 5, "type": "PrimitiveNode", "mode": 0, "inputs": [],
+             "outputs": [{"name": "INT", "type": "INT", "links": [4], "widget": {"name": "frames"}}],
+             "widgets_values": [3, "fixed"]},
+            {"id": 6, "type": "Note", "mode": 0, "widgets_values": ["made in the editor"]},
+            {"id": 7, "type": "LatentPreview", "mode": 2,
+             "inputs": [{"name": "latent", "type": "LATENT", "link": 5}],
+             "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": []}]}
+        ],
+        "links": [[1, 1, 0, 4, 0, "LATENT"], [2, 4, 0, 2, 0, "LATENT"], [3, 2, 0, 3, 0, "IMAGE"],
+                  [4, 5, 0, 1, 0, "INT"], [5, 4, 0, 7, 0, "LATENT"]],
+        "groups": [], "config": {}, "extra": {}, "version": 0.4
+    })
+}
+
+#[test]
+fn ui_workflows_convert_validate_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let ui = write(dir.path(), "ui.json", &small_noise_ui_workflow());
+    let output = vdm(&["convert", &ui], dir.path());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let api: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut expected = small_noise_workflow();
+    expected["1"]["inputs"]["batch_size"] = json!(1);
+    expected["3"]["inputs"]["loop_count"] = json!(0);
+    expected["2"]["_meta"] = json!({"title": "Latent to RGB"});
+    assert_eq!(api, expected);
+
+    let output = vdm(&["validate", &ui], dir.path());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out = dir.path().join("out");
+    let output = vdm(
+        &["run", &ui, "--quiet", "--out", out.to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let written: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+    assert_eq!(written.len(), 1, "{written:?}");
+}
+
+#[test]
+fn classes_of_other_node_packs_are_named_and_extra_inputs_only_warn() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wf = small_noise_workflow();
+    wf["1"]["inputs"]["grain"] = json!(0.5);
+    wf["4"] = json!({"class_type": "ADE_AnimateDiffCombine", "inputs": {"images": ["2", 0]}});
+    let path = write(dir.path(), "wf.json", &wf);
+    let output = vdm(&["validate", &path], dir.path());
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("ADE_AnimateDiffCombine") && stderr.contains("ComfyUI-AnimateDiff-Evolved"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("warning: node 1 (VideoNoise): `grain`"),
+        "{stderr}"
+    );
+
+    wf.as_object_mut().unwrap().remove("4");
+    let path = write(dir.path(), "wf.json", &wf);
+    let output = vdm(&["validate", &path], dir.path());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

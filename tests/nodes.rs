@@ -95,10 +95,15 @@ fn every_validation_error_is_reported_at_once_with_node_and_input() {
         s("value_bigger_than_max", "correlation"),
         s("invalid_input_type", "frames"),
         s("value_not_in_list", "mode"),
-        s("unknown_input", "colour"),
     ] {
         assert!(node1.contains(&expected), "{expected:?} not in {node1:?}");
     }
+    // An input the node does not have is ignored with a warning, as ComfyUI ignores it.
+    assert!(!node1
+        .iter()
+        .any(|(_, input)| input.as_deref() == Some("colour")));
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    assert!(report.warnings[0].contains("node 1") && report.warnings[0].contains("`colour`"));
     assert_eq!(
         issues(&report, "2"),
         [("missing_node_type".to_owned(), None)]
