@@ -326,6 +326,10 @@ fn literal_inputs(
 /// A validated literal as the value its kind declares.
 fn literal_value(kind: &InputKind, json: &Json) -> Value {
     match kind {
+        // The u64 range crosses as the i64 of the same bits.
+        kind if kind.is_unsigned_int() => {
+            Value::Int(validate::as_unsigned(json).unwrap_or_default() as i64)
+        }
         InputKind::Int { .. } => Value::Int(as_integer(json).unwrap_or_default()),
         InputKind::Float { .. } => Value::Float(json.as_f64().unwrap_or_default()),
         InputKind::Boolean { .. } => Value::Bool(json.as_bool().unwrap_or_default()),

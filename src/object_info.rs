@@ -41,6 +41,9 @@ pub fn node_info(d: &NodeDescriptor, module: &str) -> Json {
 
 fn input_info(spec: &InputSpec) -> Json {
     let mut options = match &spec.kind {
+        kind @ InputKind::Int { default, step, .. } if kind.is_unsigned_int() => {
+            json!({"default": *default as u64, "min": 0, "max": u64::MAX, "step": step, "control_after_generate": true})
+        }
         InputKind::Int {
             default,
             min,

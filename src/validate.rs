@@ -429,6 +429,11 @@ pub fn check_literal(spec: &InputSpec, value: &Json) -> Result<(), NodeIssue> {
         }
     };
     match &spec.kind {
+        kind if kind.is_unsigned_int() => match (as_unsigned(value), as_integer(value)) {
+            (Some(_), _) => Ok(()),
+            (None, Some(negative)) => range(negative as f64, 0.0, u64::MAX as f64),
+            (None, None) => wrong_type("an integer from 0 to 18446744073709551615"),
+        },
         InputKind::Int {
             min, max, step, ..
         } => match as_integer(value) {
@@ -500,6 +505,17 @@ pub fn as_integer(value: &Json) -> Option<i64> {
             .as_f64()
             .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
             .map(|f| f as i64)
+    })
+}
+
+/// An integer literal of the u64 range: a JSON integer from 0 to 2⁶⁴ − 1, or a float with no
+/// fractional part within it.
+pub fn as_unsigned(value: &Json) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9.0e15)
+            .map(|f| f as u64)
     })
 }
 

@@ -131,6 +131,31 @@ pub enum InputKind {
 }
 
 impl InputKind {
+    /// An `INT` over the whole u64 range, 0 to 2⁶⁴ − 1 (ComfyUI's seeds). It is declared as
+    /// `min: 0, max: -1`, a range that is otherwise empty, so plugins built before it existed
+    /// never declare it by accident; values above `i64::MAX` cross as the `i64` of the same
+    /// bits (read them back with `as u64`).
+    pub const fn unsigned_int(default: u64) -> Self {
+        InputKind::Int {
+            default: default as i64,
+            min: 0,
+            max: -1,
+            step: 1,
+        }
+    }
+
+    /// Whether this is an [`InputKind::unsigned_int`].
+    pub fn is_unsigned_int(&self) -> bool {
+        matches!(
+            self,
+            InputKind::Int {
+                min: 0,
+                max: -1,
+                ..
+            }
+        )
+    }
+
     /// The type name as ComfyUI writes it (`INT`, `FLOAT`, `BOOLEAN`, `STRING`, `COMBO`, or the
     /// object type).
     pub fn type_name(&self) -> &str {

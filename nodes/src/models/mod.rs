@@ -12,4 +12,5 @@ pub mod random;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod weighted_prompt;
 pub mod weights;

@@ -198,7 +198,7 @@ impl Node for EntropyEditor {
             .float("cfg", 7.5, (0.0, 100.0, 0.1), "Guidance scale of the edit (the inversion runs without).")
             .float("inject_until", 0.5, (0.0, 1.0, 0.01), "The share of steps, from the start, with the source's maps injected: higher keeps more of the source's layout and motion.")
             .float("low_entropy_percent", 0.4, (0.0, 1.0, 0.01), "The share of self-attention layers injected, lowest entropy first.")
-            .int("seed", 0, 0, i64::MAX, "Seed of the fresh noise that noise_blend mixes in.")
+            .seed("seed", "Seed of the fresh noise that noise_blend mixes in.")
             .optional()
             .float("noise_blend", 0.0, (0.0, 1.0, 0.01), "β of the start latents √(1 − β)·z_T + √β·ε: fresh noise gives the edit more freedom; 0 starts from the inversion exactly.")
             .output("LATENT", "edited")
@@ -242,7 +242,7 @@ impl Node for EntropyEditor {
         check_memory(ctx, &model, &source, (2, guided), "source_latent")?;
         let (_, channels, frames, height, width) = source.dims5()?;
         let fresh_noise = video_noise(
-            inputs.int("seed")? as u64,
+            inputs.seed("seed")?,
             1,
             channels,
             frames,

@@ -4,6 +4,7 @@
 //! This module holds what every node shares: the [`Node`] trait, typed access to inputs with
 //! errors that name the input, the objects that travel as handles, and the registry.
 
+mod comfy;
 mod demo;
 mod editing;
 mod entropy;
@@ -56,6 +57,7 @@ pub fn registry() -> &'static [Box<dyn Node>] {
         nodes.extend(entropy::nodes());
         nodes.extend(editing::nodes());
         nodes.extend(demo::nodes());
+        nodes.extend(comfy::nodes());
         nodes
     })
 }
@@ -183,6 +185,12 @@ impl Inputs {
             Value::Int(v) => Ok(*v),
             other => Err(Self::mismatch(name, "INT", other)),
         }
+    }
+
+    /// A seed input (declared with `DescriptorBuilder::seed`): its u64 crosses as the i64 of
+    /// the same bits.
+    pub fn seed(&self, name: &str) -> Result<u64, NodeFailure> {
+        Ok(self.int(name)? as u64)
     }
 
     /// An INT that must fit in `usize` (sizes, counts).

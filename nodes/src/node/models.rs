@@ -97,7 +97,7 @@ fn dtype_for(name: &str, device: &Device) -> Result<DType, NodeFailure> {
     }
 }
 
-struct CheckpointLoader;
+pub(super) struct CheckpointLoader;
 
 impl Node for CheckpointLoader {
     fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
@@ -314,15 +314,9 @@ impl Node for TextEncode {
                 ),
             ));
         }
-        let tokenizer = clip.tokenizer.as_ref().ok_or_else(|| {
-            NodeFailure::input(
-                "clip",
-                format!(
-                    "this checkpoint has no CLIP tokenizer; put SD 1.x's tokenizer files (vocab.json, merges.txt) in one of: {}",
-                    clip.tokenizer_search
-                ),
-            )
-        })?;
+        let tokenizer = clip
+            .tokenizer()
+            .map_err(|m| NodeFailure::input("clip", m))?;
         let device = clip.encoder.device().clone();
         let ids = tokenizer
             .encode_to_tensor(&[text], &device)

@@ -24,7 +24,7 @@ impl Node for VideoNoise {
                  Higher correlation gives steadier video with less motion. The noise of frame k depends \
                  only on the seed and k, so lengthening a clip keeps its first frames.",
             )
-            .int("seed", 0, 0, i64::MAX, "Random seed.")
+            .seed("seed", "Random seed.")
             .int("frames", 16, 1, 4096, "Number of frames.")
             .int_step("width", 512, (8, 16384, 8), "Width in pixels; the latent is 1/8 of it.")
             .int_step("height", 512, (8, 16384, 8), "Height in pixels; the latent is 1/8 of it.")
@@ -38,7 +38,7 @@ impl Node for VideoNoise {
     }
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
-        let seed = inputs.int("seed")? as u64;
+        let seed = inputs.seed("seed")?;
         let frames = inputs.usize("frames")?;
         let width = inputs.usize("width")? / LATENT_SCALE;
         let height = inputs.usize("height")? / LATENT_SCALE;

@@ -106,6 +106,18 @@ pub struct Clip {
     pub tokenizer_search: String,
 }
 
+impl Clip {
+    /// The tokenizer, or why there is none.
+    pub fn tokenizer(&self) -> Result<&ClipTokenizer, String> {
+        self.tokenizer.as_deref().ok_or_else(|| {
+            format!(
+                "this checkpoint has no CLIP tokenizer; put SD 1.x's tokenizer files (vocab.json, merges.txt) in one of: {}",
+                self.tokenizer_search
+            )
+        })
+    }
+}
+
 impl std::fmt::Debug for Clip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Clip")
@@ -133,6 +145,12 @@ impl std::fmt::Debug for Vae {
 #[derive(Debug, Clone)]
 pub struct MotionModule {
     pub file: Arc<MotionModuleFile>,
+}
+
+/// A `MASK`: (frames, height, width) in [0, 1], ComfyUI's layout.
+#[derive(Debug, Clone)]
+pub struct Mask {
+    pub mask: Tensor,
 }
 
 /// A `CONDITIONING`: per-video text embeddings (B, 77, D).
@@ -202,6 +220,7 @@ plugin_type!(Conditioning, "CONDITIONING", |c| format!(
     "{:?}",
     c.embeddings.dims()
 ));
+plugin_type!(Mask, "MASK", |m| format!("{:?}", m.mask.dims()));
 plugin_type!(FreeInit, "FREEINIT", |f| format!("{:?}", f.config));
 plugin_type!(Context, "CONTEXT_OPTIONS", |c| format!("{:?}", c.options));
 plugin_type!(EntropyProbe, "ENTROPY_PROBE", |p| format!(

@@ -76,7 +76,7 @@ impl Node for VideoSampler {
             .object("positive", "CONDITIONING", "The prompt.")
             .object("negative", "CONDITIONING", "The negative prompt.")
             .object("latent_image", "LATENT", "Zero latents (text-to-video) or encoded video (video-to-video).")
-            .int("seed", 0, 0, i64::MAX, "Seed of the initial noise (and of FreeInit's fresh noise).")
+            .seed("seed", "Seed of the initial noise (and of FreeInit's fresh noise).")
             .int("steps", 20, 1, 1000, "Denoising steps.")
             .float("cfg", 7.5, (0.0, 100.0, 0.1), "Guidance scale; at 1 or below the negative prompt is not used.")
             .combo("scheduler", &["ddim", "euler"], "DDIM or Euler (discrete), with SD 1.x's training schedule.")
@@ -106,7 +106,7 @@ impl Node for VideoSampler {
         let positive: Conditioning = inputs.object("positive")?;
         let negative: Conditioning = inputs.object("negative")?;
         let latent: Latent = inputs.object("latent_image")?;
-        let seed = inputs.int("seed")? as u64;
+        let seed = inputs.seed("seed")?;
         let steps = inputs.usize("steps")?;
         let strength = inputs.float("denoise")?;
         let settings = SampleSettings {

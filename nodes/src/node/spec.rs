@@ -69,6 +69,11 @@ impl DescriptorBuilder {
         )
     }
 
+    /// A seed: an INT from 0 to 2⁶⁴ − 1, as ComfyUI's seeds (read it with [`super::Inputs::seed`]).
+    pub fn seed(self, name: &str, tooltip: &str) -> Self {
+        self.input(name, InputKind::unsigned_int(0), tooltip)
+    }
+
     /// An INT edited in steps of `step` (image sizes move in multiples of 8).
     pub fn int_step(
         self,

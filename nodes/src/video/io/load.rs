@@ -243,6 +243,24 @@ fn decoder_limits(options: &LoadOptions) -> Limits {
 }
 
 /// Reads one image file under [`decoder_limits`], its declared size checked first.
+/// The alpha channel of a still PNG/JPEG in [0, 1] (height × width, row-major), or `None` when
+/// the image has none. GIFs count as having none, as their palette transparency is not an
+/// alpha channel.
+pub fn load_alpha(path: &Path, options: &LoadOptions) -> Result<Option<Vec<f32>>, MediaError> {
+    let is_gif = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gif"));
+    if is_gif {
+        return Ok(None);
+    }
+    let image = decode_image(path, options)?;
+    if !image.color().has_alpha() {
+        return Ok(None);
+    }
+    Ok(Some(image.to_rgba32f().pixels().map(|p| p.0[3]).collect()))
+}
+
 fn decode_image(path: &Path, options: &LoadOptions) -> Result<DynamicImage, MediaError> {
     let mut reader = ImageReader::open(path)
         .map_err(io_error(path))?

@@ -29,7 +29,7 @@ use std::str::FromStr;
 use candle_core::Tensor;
 
 pub use ffmpeg::Ffmpeg;
-pub use load::natural_cmp;
+pub use load::{load_alpha, natural_cmp};
 pub use naming::{next_counter, resolve_prefix};
 pub use save::save_atomically;
 

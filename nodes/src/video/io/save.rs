@@ -153,11 +153,14 @@ pub(super) fn write_apng(
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         encoder.set_compression(png::Compression::Balanced);
-        encoder.set_animated(frames, plays).map_err(fail)?;
-        let (numerator, denominator) = apng_delay(fps);
-        encoder
-            .set_frame_delay(numerator, denominator)
-            .map_err(fail)?;
+        // One frame is a still image: a plain PNG that every viewer shows.
+        if frames > 1 {
+            encoder.set_animated(frames, plays).map_err(fail)?;
+            let (numerator, denominator) = apng_delay(fps);
+            encoder
+                .set_frame_delay(numerator, denominator)
+                .map_err(fail)?;
+        }
         let mut writer = encoder.write_header().map_err(fail)?;
         for pixels in rgb.iter() {
             writer.write_image_data(pixels).map_err(fail)?;

@@ -1,0 +1,13 @@
+//! ComfyUI's node classes, so that workflows made for ComfyUI (core, AnimateDiff-Evolved,
+//! Video Helper Suite) run unchanged: the same class names, inputs, defaults and outputs,
+//! each a thin adapter over vdm's objects and domain code.
+
+mod core;
+
+use super::Node;
+
+pub fn nodes() -> Vec<Box<dyn Node>> {
+    let mut nodes = Vec::new();
+    nodes.extend(core::nodes());
+    nodes
+}
