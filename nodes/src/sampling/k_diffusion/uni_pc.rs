@@ -11,9 +11,9 @@
 //! the α factors gone, and the two rescalings cancel; this module runs in that scale, on the
 //! sample and estimate the [`Denoiser`] sees. ComfyUI also wraps the denoiser D as a noise
 //! predictor ε = (x − D(x, σ))/σ and turns ε back into x₀ = (x_VP − σ_VP·ε)/α, which is D
-//! itself; the estimate is D directly, without the round trip's rounding (in half precision
-//! at high σ it would lose most of D, which the round trip recovers as a small difference of
-//! large terms).
+//! itself; the estimate is D directly, without the round trip's rounding (the round trip
+//! recovers D/√(σ² + 1) as a difference of terms about σ times larger, which costs digits at
+//! high σ in half precision).
 //!
 //! One step from σ_s to σ_t, with h = λ_t − λ_s = ln(σ_s/σ_t), the newest estimate
 //! m₀ = D(x, σ_s) and, at order p, the p − 1 estimates before it, m_k at σ_{s_k}
@@ -32,11 +32,14 @@
 //! With N σ (N − 1 steps) ComfyUI's order is min(3, N − 2); step i runs at order
 //! min(i + 1, order, N − 1 − i) and the last step has no corrector, so the model is evaluated
 //! N − 1 times. A final σ of 0 is run as 0.001 (λ must be finite there), as ComfyUI does: the
-//! result is the sample at σ = 0.001. With a single step the order is 0 and ComfyUI does not
-//! move the sample: it evaluates the model once (for the callback) and returns the input
-//! rescaled by √(1 + σ₁²)/√(1 + σ₀²), its entry and exit scalings; that is kept for parity.
-//! ComfyUI's UniPC contracts the estimates with `einsum('k,bkchw->bchw')` and so takes 4-D
-//! latents only; here the sample may have any shape.
+//! result is the sample at σ = 0.001.
+//!
+//! With a single step the order is 0 and ComfyUI does not move the sample: it evaluates the
+//! model once (for the callback) and returns the input rescaled by √(1 + σ₁²)/√(1 + σ₀²), its
+//! entry and exit scalings; that is kept for parity. ComfyUI's KSampler builds the σ table of
+//! these two samplers with one step more and drops its penultimate σ; that is the caller's
+//! table, not this sampler's concern. ComfyUI's UniPC contracts the estimates with
+//! `einsum('k,bkchw->bchw')` and so takes 4-D latents only; here the sample may have any shape.
 
 use std::collections::VecDeque;
 
@@ -76,8 +79,8 @@ impl UniPcVariant {
 /// `callback`, if any, is called once per step i, before the step moves the sample from σᵢ
 /// to σᵢ₊₁ (the σ of the table given here, 0 included), with the sample at σᵢ and the model's
 /// estimate there (the `denoised` ComfyUI's callback gets); an error from it stops sampling
-/// and is returned. ComfyUI hands its callback the sample after the step instead, divided by
-/// √(1 + σ²).
+/// and is returned. ComfyUI's callback gets that sample divided by √(1 + σᵢ²), except at the
+/// last step, where it gets the final one.
 ///
 /// Errors on fewer than 2 σ, σ that are not finite, not positive (other than a final 0) or not
 /// strictly decreasing, and on a final 0 after a σ at or below 0.001 (the final 0 is run as
@@ -106,6 +109,8 @@ pub fn sample_unipc(
             })?;
         }
         if order == 0 {
+            // A single step: ComfyUI's solver never moves the sample, only its entry and exit
+            // scalings apply.
             let rescale = ((1.0 + levels[1] * levels[1]) / (1.0 + levels[0] * levels[0])).sqrt();
             return x.affine(rescale, 0.0);
         }
@@ -277,8 +282,8 @@ fn weighted_deltas(deltas: &[Tensor], r: &[f64], rho: &[f64], b_h: f64) -> Resul
     }
 }
 
-/// The right-hand sides i!·(−h)·φ_{i+1}(−h)/B(h), i = 1…`order`, by ComfyUI's recursion
-/// g₁ = φ₁(−h) − 1, g_{i+1} = g_i/(−h) − 1/(i+1)!.
+/// The right-hand sides i!·g_i/B(h), i = 1…`order`, with g_i = (−h)·φ_{i+1}(−h) by ComfyUI's
+/// recursion g₁ = φ₁(−h) − 1, g_{i+1} = g_i/(−h) − 1/(i+1)!.
 fn order_conditions(h: f64, b_h: f64, order: usize) -> Vec<f64> {
     let hh = -h;
     let mut g = hh.exp_m1() / hh - 1.0;
@@ -501,7 +506,7 @@ mod tests {
     #[test]
     fn refuses_bad_sigma_tables() -> Result<()> {
         let x = Tensor::zeros((1, 4, 2, 4, 4), DType::F32, &Device::Cpu)?;
-        let cases: [(&[f64], &str); 7] = [
+        let cases: [(&[f64], &str); 9] = [
             (&[], "at least 2"),
             (&[14.6], "at least 2"),
             (&[14.6, f64::NAN, 0.0], "not finite"),
@@ -509,12 +514,10 @@ mod tests {
             (&[1.0, 2.0, 0.0], "strictly decrease"),
             (&[2.0, 1.0, 1.0], "strictly decrease"),
             (&[2.0, 0.0, 0.0], "positive"),
-        ];
-        let more: [(&[f64], &str); 2] = [
             (&[2.0, 1.0, -0.5], "positive"),
             (&[2.0, 0.001, 0.0], "run as 0.001"),
         ];
-        for (sigmas, expected) in cases.iter().chain(more.iter()) {
+        for (sigmas, expected) in cases {
             let mut model = Analytic {
                 c: x.zeros_like()?,
                 calls: 0,
