@@ -451,11 +451,18 @@ mod tests {
             sample_unipc(&mut model, x.clone(), &sigmas, variant, Some(&mut record))?;
             assert_eq!(seen.len(), sigmas.len() - 1);
             let expected = get(&fx, &format!("denoised_{name}_8_zero"));
+            let comfyui_x = get(&fx, &format!("callback_x_{name}_8_zero"));
             for (i, (index, sigma, sigma_next, x_i, denoised)) in seen.iter().enumerate() {
                 assert_eq!(*index, i);
                 assert_eq!((*sigma, *sigma_next), (sigmas[i], sigmas[i + 1]));
                 if i == 0 {
                     assert_eq!(max_abs_diff(x_i, &x), 0.0);
+                }
+                // ComfyUI's sample is x/√(1 + σᵢ²), but after the last step at the last one.
+                if i + 1 < seen.len() {
+                    let scaled = x_i.affine(1.0 / (1.0 + sigmas[i] * sigmas[i]).sqrt(), 0.0)?;
+                    let err = max_abs_diff(&scaled, &comfyui_x.get(i)?);
+                    assert!(err <= 1e-10, "{name} step {i}: x differs by {err:.3e}");
                 }
                 let err = max_abs_diff(denoised, &expected.get(i)?);
                 assert!(
