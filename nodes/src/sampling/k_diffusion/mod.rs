@@ -7,6 +7,8 @@
 //! estimates, Heun evaluates twice per step), so each is a function from the starting sample
 //! and the σ table to the final sample.
 
+pub mod uni_pc;
+
 use candle_core::{Result, Tensor};
 
 /// The model as k-diffusion sees it.
