@@ -17,9 +17,14 @@
 //!
 //! The block transform is the one place where the CPU matters: torch compiles it once per CPU
 //! capability and picks one at start-up ([`NormalKernel`]). The AVX2 build evaluates log, sin
-//! and cos with avx_mathfun.h's polynomials, reproduced here operation for operation in f32;
-//! the portable build calls the C library's `logf`, `sinf` and `cosf`, as Rust's `f32`
-//! methods do on the same system.
+//! and cos with avx_mathfun.h's polynomials, reproduced here operation for operation in f32,
+//! with the multiply-adds that the PyPI wheel's compiler fused into FMA instructions fused
+//! (as libtorch_cpu.so's `NormalFill16<float>` of the AVX2 build disassembles); the portable
+//! build calls the C library's `logf`, `sinf` and `cosf`, as Rust's `f32` methods do, so its
+//! bits hold where Rust and torch use the same C library (glibc on Linux).
+//!
+//! Checked bit for bit against torch 2.15 from PyPI (tests/fixtures/torch_random): both
+//! kernels, float32, float64, float16 and bfloat16, seeds up to 2⁶⁴ − 1, every path.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -197,7 +202,7 @@ impl TorchGenerator {
 
     /// float32 standard normal noise of `shape`, in row-major order, exactly as
     /// `torch.randn(shape, dtype=torch.float32, generator=self)` on the CPU with this
-    /// generator's kernel.
+    /// generator's kernel, by the path the module documentation describes for its size.
     pub fn randn(&mut self, shape: &[usize]) -> Vec<f32> {
         let len = shape.iter().product();
         if len < BLOCK {
@@ -331,8 +336,13 @@ fn normal_block_f64(block: &mut [f64]) {
 }
 
 /// torch's AVX2 block transform, one lane at a time: every lane of the vector code is
-/// independent, and each vector multiply, add, subtract and square root rounds as the f32
-/// operation does, so evaluating the lanes in turn gives the same bits.
+/// independent, and each vector multiply, add, subtract, fused multiply-add and square root
+/// rounds as the f32 operation does, so evaluating the lanes in turn gives the same bits.
+///
+/// avx_mathfun.h writes separate multiplies and adds; GCC, building the wheel with FMA enabled
+/// for this capability, fuses some of them (not all: a product that feeds two operations, or
+/// whose sum is formed later, stays rounded). Each `mul_add` below stands for one of those
+/// fused instructions and each plain `*` and `+` for an unfused one.
 mod avx2 {
     use super::{HALF_BLOCK, MEAN, STD, TWO_PI};
 
@@ -352,7 +362,7 @@ mod avx2 {
 
     // The constants of avx_mathfun.h (Cephes' logf, sinf and cosf): double literals there,
     // rounded to f32 when they fill the vectors.
-    const SQRT_HALF: f32 = 0.707_106_781_186_547_524_f64 as f32;
+    const SQRT_HALF: f32 = std::f64::consts::FRAC_1_SQRT_2 as f32;
     const LOG_POLYNOMIAL: [f32; 9] = [
         7.037_683_629_2E-2_f64 as f32,
         -1.151_461_031_0E-1_f64 as f32,
@@ -377,8 +387,8 @@ mod avx2 {
     const FOUR_OVER_PI: f32 = 1.273_239_544_735_16_f64 as f32;
     const MINUS_PI_OVER_4: [f32; 3] = [
         -0.785_156_25_f64 as f32,
-        -2.418_756_484_985_351_562_5e-4_f64 as f32,
-        -3.774_894_977_445_941_08e-8_f64 as f32,
+        -2.418_756_484_985_351_6e-4_f64 as f32,
+        -3.774_894_977_445_941e-8_f64 as f32,
     ];
     const SIN_POLYNOMIAL: [f32; 3] = [
         -1.951_529_589_1E-4_f64 as f32,
@@ -392,7 +402,8 @@ mod avx2 {
     ];
 
     /// `log256_ps` for one lane: the mantissa m in [0.5, 1) and exponent e of x, shifted to
-    /// m ∈ [√½, √2) − 1, then ln x = m + m³·P(m) − m²/2 + e·ln 2, with ln 2 in two parts.
+    /// m ∈ [√½, √2) − 1, then ln x = m + m³·P(m) − m²/2 + e·ln 2, with ln 2 in two parts
+    /// (Horner steps, the m³·P(m) + e·ln2_low, the − m²/2 and the + e·ln2_high fused).
     /// NaN for x ≤ 0.
     fn log(x: f32) -> f32 {
         let invalid = x <= 0.0;
@@ -422,8 +433,9 @@ mod avx2 {
     }
 
     /// `sincos256_ps` for one lane: |x| reduced by the multiple j of π/4 (j rounded up to
-    /// even), both polynomials evaluated on the remainder, and each result taking the one
-    /// that suits its octant and the sign that j and the sign of x give it.
+    /// even, the three reduction steps fused), both polynomials evaluated on the remainder,
+    /// and each result taking the one that suits its octant and the sign that j and the sign
+    /// of x give it.
     fn sin_cos(x: f32) -> (f32, f32) {
         let sin_sign = x.to_bits() & SIGN_BIT;
         let x = f32::from_bits(x.to_bits() & !SIGN_BIT);
@@ -464,10 +476,11 @@ mod avx2 {
     }
 }
 
-/// Fresh noise for ancestral and SDE samplers as ComfyUI's `default_noise_sampler` draws it
-/// on the CPU: one generator seeded with the sampler's seed, one `torch.randn` of the shape and
-/// dtype of the sample per call. (ComfyUI draws this noise on the sample's device, so a run on
-/// a GPU uses that device's generator, which this does not reproduce.)
+/// Fresh noise as ComfyUI's `default_noise_sampler` draws it on the CPU, the noise of its
+/// ancestral samplers: one generator seeded with the sampler's seed, one `torch.randn` of the
+/// shape and dtype of the sample per call. (ComfyUI draws this noise on the sample's device,
+/// so a run on a GPU uses that device's generator, which this does not reproduce; its SDE
+/// samplers default to a Brownian-tree noise sampler instead.)
 #[derive(Clone)]
 pub struct TorchNoise {
     generator: TorchGenerator,
@@ -539,7 +552,7 @@ mod tests {
         format!("shape_{}", dims.join("x"))
     }
 
-    fn expected<'a>(fixture: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
+    fn fixture_tensor<'a>(fixture: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
         fixture
             .get(key)
             .unwrap_or_else(|| panic!("{key} is not in the fixture"))
@@ -548,7 +561,7 @@ mod tests {
     /// Asserts that `actual` has the bits of the fixture tensor `key` (converted to f32, which
     /// is exact for every stored dtype), naming the first value that differs.
     fn assert_bits_eq(fixture: &HashMap<String, Tensor>, key: &str, actual: &Tensor) {
-        let expected = expected(fixture, key);
+        let expected = fixture_tensor(fixture, key);
         assert_eq!(actual.dims(), expected.dims(), "{key}: shape");
         assert_eq!(actual.dtype(), expected.dtype(), "{key}: dtype");
         let as_f32 = |t: &Tensor| -> Vec<f32> {
