@@ -9,6 +9,7 @@ pub mod context;
 pub mod frames;
 pub mod inversion;
 pub mod k_diffusion;
+pub mod torch_random;
 
 use candle_core::{Result, Tensor};
 
