@@ -32,10 +32,12 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
 /// The folders of the models folder where each kind of model is looked for (ComfyUI's names).
 const CHECKPOINT_FOLDERS: &[&str] = &["checkpoints", "diffusers"];
 const VAE_FOLDERS: &[&str] = &["vae"];
-const MOTION_MODULE_FOLDERS: &[&str] = &["animatediff_models", "animatediff_motion_modules"];
+pub(super) const MOTION_MODULE_FOLDERS: &[&str] = &["animatediff_models", "animatediff_motion_modules"];
+/// AnimateDiff-Evolved's folder of motion LoRAs.
+pub(super) const MOTION_LORA_FOLDERS: &[&str] = &["animatediff_motion_lora"];
 
 /// The check of a model input given as a literal: that the file can be found.
-fn check_model(inputs: &Inputs, ctx: &Context, input: &str, folders: &[&str]) -> Vec<NodeFailure> {
+pub(super) fn check_model(inputs: &Inputs, ctx: &Context, input: &str, folders: &[&str]) -> Vec<NodeFailure> {
     match inputs.get(input) {
         Some(Value::Str(name)) => resolve_model(ctx, input, folders, name)
             .err()
@@ -46,8 +48,9 @@ fn check_model(inputs: &Inputs, ctx: &Context, input: &str, folders: &[&str]) ->
 }
 
 /// Finds a model file: the path as given when it exists, else under `<models>/<folder>/`
-/// (ComfyUI's folder names), else an error saying where it looked.
-fn resolve_model(
+/// (ComfyUI's folder names), else an error saying where it looked. Names may use either
+/// slash for subfolders (workflows made on Windows write `sd15\\model.safetensors`).
+pub(super) fn resolve_model(
     ctx: &Context,
     input: &str,
     folders: &[&str],
@@ -60,10 +63,18 @@ fn resolve_model(
     if given.exists() {
         return Ok(given);
     }
+    let parts: Vec<&str> = name.split(['/', '\\']).filter(|part| !part.is_empty()).collect();
+    if parts.contains(&"..") {
+        return Err(NodeFailure::input(
+            input,
+            format!("model name `{name}` climbs out of the models folder with `..`"),
+        ));
+    }
+    let relative: PathBuf = parts.iter().collect();
     let mut tried = vec![given.display().to_string()];
     if let Some(models) = ctx.setting("models_dir") {
         for folder in folders {
-            let candidate = Path::new(&models).join(folder).join(name);
+            let candidate = Path::new(&models).join(folder).join(&relative);
             if candidate.exists() {
                 return Ok(candidate);
             }

@@ -1,0 +1,202 @@
+//! The model as ComfyUI's samplers call it: an ε-predicting UNet (or a wrapper of one, such as
+//! context windows) behind classifier-free guidance, seen as a [`Denoiser`] (ComfyUI's
+//! `CFGGuider` over a `ModelSamplingDiscrete` model).
+//!
+//! At noise level σ the model sees x / √(σ² + 1) at the training timestep nearest to σ, and
+//! returns ε; the denoised estimate is x − σ·ε. With a guidance scale other than 1 the
+//! negative prompt is evaluated in the same batch (first half) and the estimates are mixed as
+//! uncond + scale·(cond − uncond); at exactly 1 only the positive prompt runs, as ComfyUI
+//! skips the negative branch there.
+
+use candle_core::{Result, Tensor};
+
+use super::model_sampling::ModelSamplingDiscrete;
+use super::Denoiser;
+use crate::models::call::{GuidanceLayout, RunObserver, SamplingStep};
+use crate::sampling::{NoisePredictor, PredictRequest};
+
+/// Classifier-free guidance over a noise predictor, for one sampling run.
+pub struct GuidedDenoiser<'a> {
+    predictor: &'a dyn NoisePredictor,
+    model_sampling: &'a ModelSamplingDiscrete,
+    /// (B, S, D) text embeddings of the positive and negative prompts, of one length.
+    positive: Tensor,
+    negative: Tensor,
+    cfg: f64,
+    run: Option<&'a RunObserver>,
+    /// The step the next evaluation belongs to, and the steps of the run.
+    step: usize,
+    steps: usize,
+}
+
+impl<'a> GuidedDenoiser<'a> {
+    /// Guidance of `scale` between `positive` and `negative` embeddings ((1 or B, S, D)
+    /// each, B videos in the latents). Prompts of different lengths (chunked long prompts)
+    /// are repeated to their least common multiple, which leaves cross-attention unchanged
+    /// (every key and value appears equally often), so that both run in one batch.
+    pub fn new(
+        predictor: &'a dyn NoisePredictor,
+        model_sampling: &'a ModelSamplingDiscrete,
+        positive: &Tensor,
+        negative: &Tensor,
+        cfg: f64,
+        steps: usize,
+    ) -> Result<Self> {
+        let (positive, negative) = same_length(positive, negative)?;
+        Ok(Self {
+            predictor,
+            model_sampling,
+            positive,
+            negative,
+            cfg,
+            run: None,
+            step: 0,
+            steps,
+        })
+    }
+
+    /// Records the run's state (processors' observations) in `run`.
+    pub fn with_observer(mut self, run: &'a RunObserver) -> Self {
+        self.run = Some(run);
+        self
+    }
+
+    /// Sets the index of the step the next evaluations belong to (the sampler's callback
+    /// moves it on after each step).
+    pub fn set_step(&mut self, step: usize) {
+        self.step = step;
+    }
+
+    /// Whether the negative prompt is evaluated (ComfyUI skips it at a scale of exactly 1).
+    fn guided(&self) -> bool {
+        (self.cfg - 1.0).abs() > 1e-9 * self.cfg.abs().max(1.0)
+    }
+
+    /// The text embeddings for `batch` videos.
+    fn per_video(text: &Tensor, batch: usize) -> Result<Tensor> {
+        match text.dim(0)? {
+            b if b == batch => Ok(text.clone()),
+            1 => text.repeat((batch, 1, 1)),
+            b => candle_core::bail!("{b} prompts for {batch} videos"),
+        }
+    }
+}
+
+impl Denoiser for GuidedDenoiser<'_> {
+    fn denoise(&mut self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+        let batch = x.dim(0)?;
+        let timestep = self.model_sampling.timestep(sigma) as f64;
+        let input = self.model_sampling.calculate_input(sigma, x)?;
+        let positive = Self::per_video(&self.positive, batch)?;
+        let (latents, text, guidance) = if self.guided() {
+            let negative = Self::per_video(&self.negative, batch)?;
+            (
+                Tensor::cat(&[&input, &input], 0)?,
+                Tensor::cat(&[&negative, &positive], 0)?,
+                GuidanceLayout::UncondThenCond,
+            )
+        } else {
+            (input, positive, GuidanceLayout::Conditional)
+        };
+        let eps = self.predictor.predict(&PredictRequest {
+            latents: &latents,
+            timestep,
+            text: &text,
+            step: Some(SamplingStep {
+                index: self.step.min(self.steps.saturating_sub(1)),
+                count: self.steps,
+                timestep,
+            }),
+            guidance,
+            frame_positions: None,
+            run: self.run,
+        })?;
+        if eps.dims() != latents.dims() {
+            candle_core::bail!(
+                "the noise prediction has shape {:?} for latents of shape {:?}",
+                eps.dims(),
+                latents.dims()
+            );
+        }
+        let eps = match guidance {
+            GuidanceLayout::Conditional => eps,
+            GuidanceLayout::UncondThenCond => {
+                let (uncond, cond) = (eps.narrow(0, 0, batch)?, eps.narrow(0, batch, batch)?);
+                (&uncond + ((cond - &uncond)? * self.cfg)?)?
+            }
+        };
+        self.model_sampling.calculate_denoised(sigma, &eps, x)
+    }
+}
+
+/// Both embeddings repeated along the token axis to the least common multiple of their
+/// lengths.
+fn same_length(positive: &Tensor, negative: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (_, positive_len, positive_dim) = positive.dims3()?;
+    let (_, negative_len, negative_dim) = negative.dims3()?;
+    if positive_dim != negative_dim {
+        candle_core::bail!(
+            "the prompts' embeddings differ in width: {positive_dim} and {negative_dim}"
+        );
+    }
+    let lcm = positive_len / gcd(positive_len, negative_len) * negative_len;
+    let repeat = |t: &Tensor, len: usize| -> Result<Tensor> {
+        if len == lcm {
+            Ok(t.clone())
+        } else {
+            t.repeat((1, lcm / len, 1))
+        }
+    };
+    Ok((repeat(positive, positive_len)?, repeat(negative, negative_len)?))
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// A predictor whose ε is the mean of the text embeddings, per video: guidance mixes it.
+    struct TextMean;
+
+    impl NoisePredictor for TextMean {
+        fn predict(&self, request: &PredictRequest) -> Result<Tensor> {
+            let mean = request.text.mean_keepdim(1)?.mean_keepdim(2)?; // (B, 1, 1)
+            request
+                .latents
+                .zeros_like()?
+                .broadcast_add(&mean.unsqueeze(3)?.unsqueeze(4)?)
+        }
+
+        fn max_frames(&self) -> Option<usize> {
+            None
+        }
+    }
+
+    #[test]
+    fn guidance_mixes_the_branches_and_scale_one_skips_the_negative() {
+        let model = ModelSamplingDiscrete::sd().unwrap();
+        let device = Device::Cpu;
+        let x = Tensor::ones((1, 4, 2, 2, 2), DType::F32, &device).unwrap();
+        let positive = Tensor::full(3f32, (1, 77, 8), &device).unwrap();
+        // A chunked negative prompt of twice the length.
+        let negative = Tensor::full(1f32, (1, 154, 8), &device).unwrap();
+        let sigma = 2.0;
+        let value = |cfg: f64| -> f32 {
+            let mut denoiser =
+                GuidedDenoiser::new(&TextMean, &model, &positive, &negative, cfg, 1).unwrap();
+            let out = denoiser.denoise(&x, sigma).unwrap();
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
+        };
+        // ε = 1 + cfg·(3 − 1); denoised = 1 − σ·ε.
+        assert!((value(7.5) - (1.0 - 2.0 * 16.0)).abs() < 1e-5);
+        assert!((value(1.0) - (1.0 - 2.0 * 3.0)).abs() < 1e-5);
+    }
+}
