@@ -38,3 +38,9 @@ pub struct StepInfo<'a> {
 
 /// Called after each step; an error stops sampling (cancellation) and is returned.
 pub type StepCallback<'a> = dyn FnMut(&StepInfo<'_>) -> Result<()> + 'a;
+
+pub mod model_sampling;
+pub mod sigmas;
+
+pub use model_sampling::{BetaSchedule, ModelSamplingDiscrete};
+pub use sigmas::{calculate_sigmas, Scheduler};
