@@ -39,8 +39,12 @@ pub struct StepInfo<'a> {
 /// Called after each step; an error stops sampling (cancellation) and is returned.
 pub type StepCallback<'a> = dyn FnMut(&StepInfo<'_>) -> Result<()> + 'a;
 
+pub mod brownian;
 pub mod model_sampling;
+pub mod samplers;
 pub mod sigmas;
 
+pub use brownian::{BrownianNoise, BrownianTime, GaussianSource};
 pub use model_sampling::{BetaSchedule, ModelSamplingDiscrete};
+pub use samplers::{sample, SamplerKind};
 pub use sigmas::{calculate_sigmas, Scheduler};

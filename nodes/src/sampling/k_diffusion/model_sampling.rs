@@ -78,7 +78,7 @@ impl BetaSchedule {
                     .collect();
                 alpha_bar
                     .windows(2)
-                    .map(|pair| (1.0 - (pair[1] / alpha_bar[0]) / (pair[0] / alpha_bar[0])))
+                    .map(|pair| 1.0 - (pair[1] / alpha_bar[0]) / (pair[0] / alpha_bar[0]))
                     .map(|beta| beta.clamp(0.0, 0.999))
                     .collect()
             }
@@ -370,7 +370,11 @@ pub(crate) mod tests {
         let probes = values(&reference, "timestep.sigma");
         let timesteps = values(&reference, "timestep.timestep");
         for (sigma, t) in probes.iter().zip(&timesteps) {
-            assert_eq!(sampling.timestep(*sigma) as f64, *t, "timestep of σ = {sigma}");
+            assert_eq!(
+                sampling.timestep(*sigma) as f64,
+                *t,
+                "timestep of σ = {sigma}"
+            );
         }
         let probes = values(&reference, "sigma.timestep");
         let ours: Vec<f64> = probes.iter().map(|t| sampling.sigma(*t)).collect();
@@ -397,7 +401,9 @@ pub(crate) mod tests {
         let input = sampling.calculate_input(3.0, &x)?.to_vec1::<f32>()?;
         let scale = 1.0 / 10f32.sqrt();
         assert_eq!(input, [3.0 * scale, -4.0 * scale]);
-        let denoised = sampling.calculate_denoised(2.0, &eps, &x)?.to_vec1::<f32>()?;
+        let denoised = sampling
+            .calculate_denoised(2.0, &eps, &x)?
+            .to_vec1::<f32>()?;
         assert_eq!(denoised, [1.0, -5.0]);
         let latent = Tensor::new(&[1.0f32, 1.0], &dev)?;
         let scaled = sampling.noise_scaling(2.0, &eps, &latent, false)?;

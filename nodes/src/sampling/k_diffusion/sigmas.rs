@@ -383,7 +383,11 @@ mod tests {
                         assert!(error <= 1e-12, "{key}: one step at σ_max, got {ours:?}");
                         continue;
                     }
-                    assert_eq!(ours.len(), expected.len(), "{key}: {ours:?} vs {expected:?}");
+                    assert_eq!(
+                        ours.len(),
+                        expected.len(),
+                        "{key}: {ours:?} vs {expected:?}"
+                    );
                     let error = relative_error(&ours, &expected);
                     assert!(error <= 1e-5, "{key}: relative error {error}");
                     assert_eq!(ours.last(), Some(&0.0), "{key} ends in 0");
@@ -413,7 +417,9 @@ mod tests {
         for scheduler in Scheduler::ALL {
             assert_eq!(Scheduler::from_comfy_name(scheduler.name())?, scheduler);
         }
-        let error = Scheduler::from_comfy_name("cosine").unwrap_err().to_string();
+        let error = Scheduler::from_comfy_name("cosine")
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("karras"), "{error}");
         let model = ModelSamplingDiscrete::sd()?;
         assert!(calculate_sigmas(&model, Scheduler::Karras, 0).is_err());
