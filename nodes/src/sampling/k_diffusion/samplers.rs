@@ -943,64 +943,89 @@ mod tests {
         }
     }
 
+    /// How many times ComfyUI's run `key` ("main.euler", …) called the model, from the
+    /// fixture's README.json.
+    fn comfyui_model_calls(key: &str) -> usize {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/k_diffusion/README.json"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let readme: serde_json::Value = serde_json::from_str(&text).unwrap();
+        readme["samplers.safetensors"]["runs"][key]["model_calls"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no model_calls for {key} in README.json")) as usize
+    }
+
     #[test]
     fn every_sampler_matches_comfyui() -> Result<()> {
         let reference: HashMap<String, Tensor> = fixture("samplers.safetensors");
-        let x = reference["input.x"].clone();
-        let sigmas = values(&reference, "input.sigmas");
-        for kind in SamplerKind::ALL {
-            let name = reference_name(kind);
-            let calls = values(&reference, &format!("sampler.{name}.noise_calls"));
-            let mut noise = Recorded {
-                draws: reference["input.noise"].clone(),
-                expected: calls.chunks(2).map(|c| (c[0], c[1])).collect(),
-                calls: 0,
-            };
-            let mut denoiser = Analytic {
-                target: reference["input.target"].clone(),
-                calls: 0,
-            };
-            let mut seen = Vec::new();
-            let mut callback = |step: &StepInfo<'_>| {
-                seen.push((step.index, step.sigma, step.denoised.clone()));
-                Ok(())
-            };
-            let output = sample(
-                kind,
-                &mut denoiser,
-                x.clone(),
-                &sigmas,
-                &mut noise,
-                Some(&mut callback),
-            )?;
-            let error = relative_error(
-                &flat(&output),
-                &values(&reference, &format!("sampler.{name}.output")),
-            );
-            assert!(error <= 1e-5, "{}: relative error {error}", kind.name());
-            assert_eq!(
-                noise.calls,
-                noise.expected.len(),
-                "{}: noise calls",
-                kind.name()
-            );
-            let denoised = &reference[&format!("sampler.{name}.denoised")];
-            assert_eq!(
-                seen.len(),
-                sigmas.len() - 1,
-                "{}: callback calls",
-                kind.name()
-            );
-            for (step, (index, sigma, ours)) in seen.iter().enumerate() {
-                assert_eq!((*index, *sigma), (step, sigmas[step]));
-                let error = relative_error(&flat(ours), &flat(&denoised.get(step)?));
-                assert!(
-                    error <= 1e-5,
-                    "{} step {step}: relative error {error}",
-                    kind.name()
+        let start_noise = (&reference["input.x"] / values(&reference, "input.sigmas.main")[0])?;
+        let long_run = [
+            SamplerKind::Lms,
+            SamplerKind::Heunpp2,
+            SamplerKind::Dpmpp2m,
+            SamplerKind::Dpmpp2mSde,
+            SamplerKind::Dpmpp3mSde,
+            SamplerKind::Ipndm,
+            SamplerKind::IpndmV,
+        ];
+        let cases = [
+            ("main", &SamplerKind::ALL[..]),
+            ("long", &long_run[..]),
+            ("partial", &SamplerKind::ALL[..]),
+        ];
+        for (case, kinds) in cases {
+            let sigmas = values(&reference, &format!("input.sigmas.{case}"));
+            let x = (&start_noise * sigmas[0])?;
+            for &kind in kinds {
+                let key = format!("{case}.{}", reference_name(kind));
+                let calls = values(&reference, &format!("{key}.noise_calls"));
+                let mut noise = Recorded {
+                    draws: reference["input.noise"].clone(),
+                    expected: calls.chunks(2).map(|c| (c[0], c[1])).collect(),
+                    calls: 0,
+                };
+                let mut denoiser = Analytic {
+                    target: reference["input.target"].clone(),
+                    calls: 0,
+                };
+                let mut seen = Vec::new();
+                let mut callback = |step: &StepInfo<'_>| {
+                    seen.push((step.index, step.sigma, step.denoised.clone()));
+                    Ok(())
+                };
+                let output = sample(
+                    kind,
+                    &mut denoiser,
+                    x.clone(),
+                    &sigmas,
+                    &mut noise,
+                    Some(&mut callback),
+                )?;
+                let name = format!("{case}: {}", kind.name());
+                let error = relative_error(
+                    &flat(&output),
+                    &values(&reference, &format!("{key}.output")),
                 );
+                assert!(error <= 1e-5, "{name}: relative error {error}");
+                assert_eq!(output.dtype(), DType::F32);
+                assert_eq!(noise.calls, noise.expected.len(), "{name}: noise calls");
+                assert_eq!(
+                    denoiser.calls,
+                    comfyui_model_calls(&key),
+                    "{name}: model calls"
+                );
+                assert_eq!(seen.len(), sigmas.len() - 1, "{name}: callback calls");
+                let Some(denoised) = reference.get(&format!("{key}.denoised")) else {
+                    continue;
+                };
+                for (step, (index, sigma, ours)) in seen.iter().enumerate() {
+                    assert_eq!((*index, *sigma), (step, sigmas[step]));
+                    let error = relative_error(&flat(ours), &flat(&denoised.get(step)?));
+                    assert!(error <= 1e-5, "{name} step {step}: relative error {error}");
+                }
             }
-            assert_eq!(output.dtype(), DType::F32);
         }
         Ok(())
     }
