@@ -6,6 +6,19 @@
 //! [`crate::schedulers`], these samplers run their own loop (multistep solvers keep earlier
 //! estimates, Heun evaluates twice per step), so each is a function from the starting sample
 //! and the σ table to the final sample.
+//!
+//! The pieces: [`model_sampling`] (the model's σ table and its ε parameterisation),
+//! [`sigmas`] (the schedulers that pick the σ table of a run), [`samplers`] (the sampling
+//! loops) and [`brownian`] (the Brownian-path noise of the SDE samplers). A run as ComfyUI's
+//! `KSampler` makes it:
+//!
+//! ```text
+//! let model = ModelSamplingDiscrete::sd()?;
+//! let sigmas = calculate_sigmas(&model, Scheduler::Karras, steps)?;
+//! let x = model.noise_scaling(sigmas[0], &noise, &latent, model.max_denoise(sigmas[0]))?;
+//! let mut path = BrownianNoise::new(gaussian_source);
+//! let x0 = sample(SamplerKind::Dpmpp2mSde, &mut denoiser, x, &sigmas, &mut path, None)?;
+//! ```
 
 pub mod uni_pc;
 
@@ -40,3 +53,13 @@ pub struct StepInfo<'a> {
 
 /// Called after each step; an error stops sampling (cancellation) and is returned.
 pub type StepCallback<'a> = dyn FnMut(&StepInfo<'_>) -> Result<()> + 'a;
+
+pub mod brownian;
+pub mod model_sampling;
+pub mod samplers;
+pub mod sigmas;
+
+pub use brownian::{BrownianNoise, BrownianTime, GaussianSource};
+pub use model_sampling::{BetaSchedule, ModelSamplingDiscrete};
+pub use samplers::{sample, SamplerKind};
+pub use sigmas::{calculate_sigmas, Scheduler};
