@@ -96,7 +96,7 @@ impl Node for EntropyProbeNode {
             .map_err(NodeFailure::execution)?;
         Ok(Outputs {
             values: vec![
-                Model { unet }.into_value(),
+                model.with_unet(unet).into_value(),
                 EntropyProbe { table }.into_value(),
             ],
             ui: None,
@@ -263,7 +263,7 @@ impl Node for AttentionPerturb {
         } else {
             with_bindings(&model.unet, &selection, processor)?
         };
-        Ok(Outputs::one(Model { unet }.into_value()))
+        Ok(Outputs::one(model.with_unet(unet).into_value()))
     }
 }
 
@@ -345,6 +345,6 @@ impl Node for EntropyEnhance {
             }
         };
         let unet = with_bindings(&model.unet, &temporal, processor)?;
-        Ok(Outputs::one(Model { unet }.into_value()))
+        Ok(Outputs::one(model.with_unet(unet).into_value()))
     }
 }

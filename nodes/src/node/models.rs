@@ -32,12 +32,18 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
 /// The folders of the models folder where each kind of model is looked for (ComfyUI's names).
 const CHECKPOINT_FOLDERS: &[&str] = &["checkpoints", "diffusers"];
 const VAE_FOLDERS: &[&str] = &["vae"];
-pub(super) const MOTION_MODULE_FOLDERS: &[&str] = &["animatediff_models", "animatediff_motion_modules"];
+pub(super) const MOTION_MODULE_FOLDERS: &[&str] =
+    &["animatediff_models", "animatediff_motion_modules"];
 /// AnimateDiff-Evolved's folder of motion LoRAs.
 pub(super) const MOTION_LORA_FOLDERS: &[&str] = &["animatediff_motion_lora"];
 
 /// The check of a model input given as a literal: that the file can be found.
-pub(super) fn check_model(inputs: &Inputs, ctx: &Context, input: &str, folders: &[&str]) -> Vec<NodeFailure> {
+pub(super) fn check_model(
+    inputs: &Inputs,
+    ctx: &Context,
+    input: &str,
+    folders: &[&str],
+) -> Vec<NodeFailure> {
     match inputs.get(input) {
         Some(Value::Str(name)) => resolve_model(ctx, input, folders, name)
             .err()
@@ -63,7 +69,10 @@ pub(super) fn resolve_model(
     if given.exists() {
         return Ok(given);
     }
-    let parts: Vec<&str> = name.split(['/', '\\']).filter(|part| !part.is_empty()).collect();
+    let parts: Vec<&str> = name
+        .split(['/', '\\'])
+        .filter(|part| !part.is_empty())
+        .collect();
     if parts.contains(&"..") {
         return Err(NodeFailure::input(
             input,
@@ -159,10 +168,7 @@ impl Node for CheckpointLoader {
             .join(", ");
         Ok(Outputs {
             values: vec![
-                Model {
-                    unet: PatchedUNet::new(Arc::new(checkpoint.unet)),
-                }
-                .into_value(),
+                Model::new(PatchedUNet::new(Arc::new(checkpoint.unet))).into_value(),
                 Clip {
                     encoder: Arc::new(checkpoint.text_encoder),
                     tokenizer: checkpoint.tokenizer.map(Arc::new),
@@ -286,7 +292,7 @@ impl Node for ApplyMotionModule {
             .unet
             .with_motion(adapter, scale)
             .map_err(|e| NodeFailure::input("motion_module", e))?;
-        Ok(Outputs::one(Model { unet }.into_value()))
+        Ok(Outputs::one(model.with_unet(unet).into_value()))
     }
 }
 

@@ -268,7 +268,7 @@ impl Node for TemporalAttentionInjector {
         };
         let unet = apply_motion_adaptive(&model.unet, config, amplitude)
             .map_err(NodeFailure::execution)?;
-        Ok(Outputs::one(Model { unet }.into_value()))
+        Ok(Outputs::one(model.with_unet(unet).into_value()))
     }
 }
 

@@ -11,6 +11,7 @@ use crate::models::clip::ClipTextTransformer;
 use crate::models::patcher::PatchedUNet;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::vae::AutoencoderKL;
+use crate::sampling::k_diffusion::ModelSamplingDiscrete;
 use crate::sampling::ContextOptions;
 use crate::video::entropy::EntropyTable;
 use crate::video::freeinit::FreeInitConfig;
@@ -89,10 +90,40 @@ impl PluginType for Images {
     }
 }
 
-/// A `MODEL`: a frozen UNet and its patches (motion module, attention processors).
+/// A `MODEL`: a frozen UNet and its patches (motion module, attention processors), and how
+/// ComfyUI's samplers run it.
 #[derive(Debug, Clone)]
 pub struct Model {
     pub unet: PatchedUNet,
+    pub sampling: SamplingSettings,
+}
+
+impl Model {
+    pub fn new(unet: PatchedUNet) -> Self {
+        Self {
+            unet,
+            sampling: SamplingSettings::default(),
+        }
+    }
+
+    /// This model with `unet` in place of its UNet, keeping its sampling settings.
+    pub fn with_unet(&self, unet: PatchedUNet) -> Self {
+        Self {
+            unet,
+            sampling: self.sampling.clone(),
+        }
+    }
+}
+
+/// What ComfyUI and AnimateDiff-Evolved nodes set on a `MODEL` for ComfyUI's samplers
+/// (`KSampler`) besides patches.
+#[derive(Debug, Clone, Default)]
+pub struct SamplingSettings {
+    /// The training noise schedule the samplers' σ come from; `None` is the checkpoint's (SD:
+    /// ComfyUI's `linear`).
+    pub model_sampling: Option<Arc<ModelSamplingDiscrete>>,
+    /// Context windows for clips longer than the motion module sees at once.
+    pub context: Option<ContextOptions>,
 }
 
 /// A `CLIP`: the text encoder, its tokenizer when one was found, and the layer to stop at.

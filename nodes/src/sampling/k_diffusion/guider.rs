@@ -8,6 +8,9 @@
 //! uncond + scale·(cond − uncond); at exactly 1 only the positive prompt runs, as ComfyUI
 //! skips the negative branch there.
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use candle_core::{Result, Tensor};
 
 use super::model_sampling::ModelSamplingDiscrete;
@@ -24,8 +27,9 @@ pub struct GuidedDenoiser<'a> {
     negative: Tensor,
     cfg: f64,
     run: Option<&'a RunObserver>,
-    /// The step the next evaluation belongs to, and the steps of the run.
-    step: usize,
+    /// The step the next evaluation belongs to (moved on by whoever sees the steps end), and
+    /// the steps of the run.
+    step: Rc<Cell<usize>>,
     steps: usize,
 }
 
@@ -50,7 +54,7 @@ impl<'a> GuidedDenoiser<'a> {
             negative,
             cfg,
             run: None,
-            step: 0,
+            step: Rc::new(Cell::new(0)),
             steps,
         })
     }
@@ -61,10 +65,10 @@ impl<'a> GuidedDenoiser<'a> {
         self
     }
 
-    /// Sets the index of the step the next evaluations belong to (the sampler's callback
-    /// moves it on after each step).
-    pub fn set_step(&mut self, step: usize) {
-        self.step = step;
+    /// The index of the step the next evaluations belong to, for the sampler's step callback
+    /// to move on after each step (a sampler may evaluate the model more than once per step).
+    pub fn step_counter(&self) -> Rc<Cell<usize>> {
+        self.step.clone()
     }
 
     /// Whether the negative prompt is evaluated (ComfyUI skips it at a scale of exactly 1).
@@ -103,7 +107,7 @@ impl Denoiser for GuidedDenoiser<'_> {
             timestep,
             text: &text,
             step: Some(SamplingStep {
-                index: self.step.min(self.steps.saturating_sub(1)),
+                index: self.step.get().min(self.steps.saturating_sub(1)),
                 count: self.steps,
                 timestep,
             }),
@@ -147,7 +151,10 @@ fn same_length(positive: &Tensor, negative: &Tensor) -> Result<(Tensor, Tensor)>
             t.repeat((1, lcm / len, 1))
         }
     };
-    Ok((repeat(positive, positive_len)?, repeat(negative, negative_len)?))
+    Ok((
+        repeat(positive, positive_len)?,
+        repeat(negative, negative_len)?,
+    ))
 }
 
 fn gcd(a: usize, b: usize) -> usize {

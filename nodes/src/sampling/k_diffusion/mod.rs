@@ -55,11 +55,13 @@ pub struct StepInfo<'a> {
 pub type StepCallback<'a> = dyn FnMut(&StepInfo<'_>) -> Result<()> + 'a;
 
 pub mod brownian;
+pub mod guider;
 pub mod model_sampling;
 pub mod samplers;
 pub mod sigmas;
 
 pub use brownian::{BrownianNoise, BrownianTime, GaussianSource};
+pub use guider::GuidedDenoiser;
 pub use model_sampling::{BetaSchedule, ModelSamplingDiscrete};
 pub use samplers::{sample, SamplerKind};
 pub use sigmas::{calculate_sigmas, Scheduler};

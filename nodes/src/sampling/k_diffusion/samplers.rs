@@ -14,6 +14,7 @@
 
 use candle_core::{Result, Tensor};
 
+use super::uni_pc::{sample_unipc, UniPcVariant};
 use super::{Denoiser, NoiseSampler, StepCallback, StepInfo};
 
 /// A ComfyUI sampler name. The `_gpu` variants differ from the plain ones only in where
@@ -44,11 +45,15 @@ pub enum SamplerKind {
     /// ComfyUI's "ddim": the Euler sampler (ComfyUI only changes how inpainting draws its
     /// noise).
     Ddim,
+    /// UniPC with the B(h) = h variant ([`super::uni_pc`]).
+    UniPc,
+    /// UniPC with B(h) = eʰ − 1.
+    UniPcBh2,
 }
 
 impl SamplerKind {
     /// Every sampler, in the order of ComfyUI's `SAMPLER_NAMES`.
-    pub const ALL: [SamplerKind; 22] = [
+    pub const ALL: [SamplerKind; 24] = [
         Self::Euler,
         Self::EulerAncestral,
         Self::Heun,
@@ -71,6 +76,8 @@ impl SamplerKind {
         Self::Ipndm,
         Self::IpndmV,
         Self::Ddim,
+        Self::UniPc,
+        Self::UniPcBh2,
     ];
 
     /// The sampler of a ComfyUI sampler name.
@@ -112,6 +119,8 @@ impl SamplerKind {
             Self::Ipndm => "ipndm",
             Self::IpndmV => "ipndm_v",
             Self::Ddim => "ddim",
+            Self::UniPc => "uni_pc",
+            Self::UniPcBh2 => "uni_pc_bh2",
         }
     }
 
@@ -132,10 +141,13 @@ impl SamplerKind {
     }
 
     /// Whether ComfyUI's `KSampler` computes the σ table for one step more and drops its
-    /// next-to-last value for this sampler (dpm_2 and dpm_2_ancestral: their midpoint
-    /// evaluation would otherwise sit very close to 0 at the last step).
+    /// next-to-last value for this sampler (dpm_2 and dpm_2_ancestral, whose midpoint
+    /// evaluation would otherwise sit very close to 0 at the last step, and UniPC).
     pub fn discards_penultimate_sigma(self) -> bool {
-        matches!(self, Self::Dpm2 | Self::Dpm2Ancestral)
+        matches!(
+            self,
+            Self::Dpm2 | Self::Dpm2Ancestral | Self::UniPc | Self::UniPcBh2
+        )
     }
 }
 
@@ -196,6 +208,12 @@ pub fn sample(
         SamplerKind::Lcm => lcm(&mut run, x, sigmas),
         SamplerKind::Ipndm => ipndm(&mut run, x, sigmas),
         SamplerKind::IpndmV => ipndm_v(&mut run, x, sigmas),
+        SamplerKind::UniPc => {
+            sample_unipc(run.denoiser, x, sigmas, UniPcVariant::Bh1, run.callback)
+        }
+        SamplerKind::UniPcBh2 => {
+            sample_unipc(run.denoiser, x, sigmas, UniPcVariant::Bh2, run.callback)
+        }
     }
 }
 
@@ -978,7 +996,11 @@ mod tests {
         for (case, kinds) in cases {
             let sigmas = values(&reference, &format!("input.sigmas.{case}"));
             let x = (&start_noise * sigmas[0])?;
-            for &kind in kinds {
+            // UniPC is checked against its own fixture, in `uni_pc`.
+            let checked_here = kinds
+                .iter()
+                .filter(|kind| !matches!(kind, SamplerKind::UniPc | SamplerKind::UniPcBh2));
+            for &kind in checked_here {
                 let key = format!("{case}.{}", reference_name(kind));
                 let calls = values(&reference, &format!("{key}.noise_calls"));
                 let mut noise = Recorded {
