@@ -17,6 +17,10 @@ pub enum ContextSchedule {
     /// animatediff-cli's uniform schedule: windows at strides 1, 2, 4, ... whose offset moves
     /// with the step, wrapping around the clip when `closed_loop`.
     Uniform,
+    /// The uniform schedule without wrapping (AnimateDiff-Evolved's "standard uniform"): a
+    /// window that would run past the last frame is moved back to end there, and repeated
+    /// windows are dropped.
+    StandardUniform,
 }
 
 /// How overlapping predictions are weighted.
@@ -25,6 +29,9 @@ pub enum ContextFuse {
     Flat,
     /// Weights rise linearly to the window's middle and fall again, so window edges count less.
     Pyramid,
+    /// Weight 1 except over the overlap at each inner edge of a window, where it ramps
+    /// linearly from (almost) 0 to 1, so neighbouring windows cross-fade.
+    OverlapLinear,
 }
 
 impl FromStr for ContextSchedule {
@@ -33,8 +40,9 @@ impl FromStr for ContextSchedule {
         match s {
             "static" => Ok(Self::Static),
             "uniform" => Ok(Self::Uniform),
+            "standard_uniform" => Ok(Self::StandardUniform),
             other => Err(format!(
-                "unknown context schedule `{other}` (expected static or uniform)"
+                "unknown context schedule `{other}` (expected static, uniform or standard_uniform)"
             )),
         }
     }
@@ -46,8 +54,9 @@ impl FromStr for ContextFuse {
         match s {
             "flat" => Ok(Self::Flat),
             "pyramid" => Ok(Self::Pyramid),
+            "overlap-linear" => Ok(Self::OverlapLinear),
             other => Err(format!(
-                "unknown context fuse method `{other}` (expected flat or pyramid)"
+                "unknown context fuse method `{other}` (expected flat, pyramid or overlap-linear)"
             )),
         }
     }
@@ -111,8 +120,49 @@ impl ContextOptions {
         }
         match self.schedule {
             ContextSchedule::Static => self.static_windows(frames),
-            ContextSchedule::Uniform => self.uniform_windows(frames, step),
+            ContextSchedule::Uniform => self.uniform_windows(frames, step, self.closed_loop),
+            ContextSchedule::StandardUniform => self.standard_uniform_windows(frames, step),
         }
+    }
+
+    /// The uniform windows, each one that wraps past the last frame moved back to end there
+    /// (and, when the next window lacks the frame it wrapped to, a window starting at that
+    /// frame added after it); a window equal to an earlier one is dropped.
+    fn standard_uniform_windows(&self, frames: usize, step: usize) -> Vec<Vec<usize>> {
+        let mut windows = self.uniform_windows(frames, step, false);
+        let mut index = 0;
+        while index < windows.len() {
+            let window = &mut windows[index];
+            if let Some(roll) = (1..window.len()).find(|&i| window[i] < window[i - 1]) {
+                let wrapped_to = window[roll];
+                // Relative to its first frame, then slid so that it ends on the last frame.
+                let first = window[0];
+                for frame in window.iter_mut() {
+                    *frame = (*frame + frames - first) % frames;
+                }
+                let end_delta = frames - 1 - window[window.len() - 1];
+                for frame in window.iter_mut() {
+                    // A strided window that wraps more than once has frames past its last
+                    // one; those wrap again rather than leave the clip.
+                    *frame = (*frame + end_delta) % frames;
+                }
+                let next = (index + 1) % windows.len();
+                if !windows[next].contains(&wrapped_to) {
+                    let added = (wrapped_to..wrapped_to + self.length)
+                        .map(|frame| frame.min(frames - 1))
+                        .collect();
+                    windows.insert(index + 1, added);
+                }
+            }
+            index += 1;
+        }
+        let mut unique: Vec<Vec<usize>> = Vec::with_capacity(windows.len());
+        for window in windows {
+            if !unique.contains(&window) {
+                unique.push(window);
+            }
+        }
+        unique
     }
 
     fn static_windows(&self, frames: usize) -> Vec<Vec<usize>> {
@@ -139,19 +189,20 @@ impl ContextOptions {
         windows
     }
 
-    fn uniform_windows(&self, frames: usize, step: usize) -> Vec<Vec<usize>> {
+    fn uniform_windows(&self, frames: usize, step: usize, closed_loop: bool) -> Vec<Vec<usize>> {
         let levels = {
             let needed = (frames as f64 / self.length as f64).log2().ceil() as usize + 1;
             self.stride.min(needed).max(1)
         };
         let halving = ordered_halving(step as u64);
-        let pad = (frames as f64 * halving).round() as usize;
+        // Python's round: halves to even.
+        let pad = (frames as f64 * halving).round_ties_even() as usize;
         let mut windows = Vec::new();
         for level in 0..levels {
             let stride = 1usize << level;
             let start = (halving * stride as f64) as usize + pad;
             let end = frames + pad;
-            let end = if self.closed_loop {
+            let end = if closed_loop {
                 end
             } else {
                 end.saturating_sub(self.overlap)
@@ -170,11 +221,36 @@ impl ContextOptions {
         windows
     }
 
-    /// Per-position weights inside one window.
-    pub fn weights(&self, len: usize) -> Vec<f64> {
+    /// Per-position weights inside `window`, one of the windows over `frames` frames.
+    pub fn weights(&self, window: &[usize], frames: usize) -> Vec<f64> {
+        let len = window.len();
         match self.fuse {
             ContextFuse::Flat => vec![1.0; len],
             ContextFuse::Pyramid => (0..len).map(|i| (i + 1).min(len - i) as f64).collect(),
+            ContextFuse::OverlapLinear => {
+                let mut weights = vec![1.0; len];
+                let overlap = self.overlap.min(len);
+                // torch.linspace(1e-37, 1, overlap): the first value stands in for 0, so
+                // that a frame covered by one window only never gets a zero total.
+                let ramp: Vec<f64> = match overlap {
+                    0 => Vec::new(),
+                    1 => vec![1e-37],
+                    n => (0..n)
+                        .map(|i| 1e-37 + (1.0 - 1e-37) * i as f64 / (n - 1) as f64)
+                        .collect(),
+                };
+                if window.iter().min().is_some_and(|&first| first > 0) {
+                    weights[..overlap].copy_from_slice(&ramp);
+                }
+                if window.iter().max().is_some_and(|&last| last + 1 < frames) {
+                    for (weight, value) in
+                        weights[len - overlap..].iter_mut().zip(ramp.iter().rev())
+                    {
+                        *weight = *value;
+                    }
+                }
+                weights
+            }
         }
     }
 }
@@ -246,7 +322,7 @@ impl ContextWindows<'_> {
         let parts = windows
             .iter()
             .filter_map(|window| {
-                let weights = self.options.weights(window.len());
+                let weights = self.options.weights(window, span);
                 let mut part = WindowPart {
                     frames: Vec::new(),
                     positions: Vec::new(),
@@ -325,6 +401,62 @@ impl NoisePredictor for ContextWindows<'_> {
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
+
+    #[test]
+    fn standard_uniform_windows_match_animatediff_evolved() {
+        // (frames, length, overlap, stride, step) and AnimateDiff-Evolved's
+        // `create_windows_uniform_standard` for them.
+        let range = |a: usize, b: usize| (a..b).collect::<Vec<_>>();
+        let cases = [
+            ((24, 16, 4, 1, 0), vec![range(0, 16), range(8, 24)]),
+            ((24, 16, 4, 1, 1), vec![range(8, 24), range(0, 16)]),
+            (
+                (24, 16, 4, 1, 3),
+                vec![range(8, 24), range(0, 16), range(6, 22)],
+            ),
+            (
+                (20, 8, 2, 2, 5),
+                vec![
+                    range(12, 20),
+                    range(0, 8),
+                    range(4, 12),
+                    (5..20).step_by(2).collect(),
+                    range(1, 9),
+                ],
+            ),
+        ];
+        for ((frames, length, overlap, stride, step), expected) in cases {
+            let options = ContextOptions {
+                length,
+                overlap,
+                stride,
+                closed_loop: false,
+                schedule: ContextSchedule::StandardUniform,
+                fuse: ContextFuse::Flat,
+            };
+            assert_eq!(
+                options.windows(frames, step),
+                expected,
+                "{frames} frames, step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn overlap_linear_ramps_only_inner_edges() {
+        let options = ContextOptions {
+            length: 6,
+            overlap: 3,
+            fuse: ContextFuse::OverlapLinear,
+            ..ContextOptions::default()
+        };
+        let first = options.weights(&[0, 1, 2, 3, 4, 5], 12);
+        assert_eq!(&first[..3], [1.0, 1.0, 1.0]);
+        assert_eq!(first[3], 1.0);
+        assert!((first[4] - 0.5).abs() < 1e-12 && first[5] < 1e-30);
+        let middle = options.weights(&[3, 4, 5, 6, 7, 8], 12);
+        assert!(middle[0] < 1e-30 && (middle[1] - 0.5).abs() < 1e-12 && middle[2] == 1.0);
+    }
 
     use super::*;
     use crate::models::call::SamplingStep;
@@ -522,7 +654,10 @@ mod tests {
     #[test]
     fn pyramid_weights_peak_in_the_middle() {
         let opts = ContextOptions::default();
-        assert_eq!(opts.weights(6), [1.0, 2.0, 3.0, 3.0, 2.0, 1.0]);
-        assert_eq!(opts.weights(5), [1.0, 2.0, 3.0, 2.0, 1.0]);
+        assert_eq!(
+            opts.weights(&[0, 1, 2, 3, 4, 5], 6),
+            [1.0, 2.0, 3.0, 3.0, 2.0, 1.0]
+        );
+        assert_eq!(opts.weights(&[0, 1, 2, 3, 4], 5), [1.0, 2.0, 3.0, 2.0, 1.0]);
     }
 }
