@@ -144,7 +144,7 @@ fn denoise_zero_and_a_start_past_the_end_return_the_latents() {
     let mut decoded_zeros = core_txt2img();
     decoded_zeros["8"]["inputs"]["samples"] = json!(["5", 0]);
     let zeros = images_of(&decoded_zeros, &models.root, &dir.path().join("b"));
-    assert_eq!(unchanged, zeros);
+    assert!(unchanged == zeros, "denoise 0 changed the latents");
 
     let mut late = core_txt2img();
     late["3"] = json!({"class_type": "KSamplerAdvanced", "inputs": {
@@ -152,7 +152,10 @@ fn denoise_zero_and_a_start_past_the_end_return_the_latents() {
         "sampler_name": "euler", "scheduler": "karras", "positive": ["6", 0], "negative": ["7", 0],
         "latent_image": ["5", 0], "start_at_step": 3, "end_at_step": 10000,
         "return_with_leftover_noise": "disable"}});
-    assert_eq!(images_of(&late, &models.root, &dir.path().join("c")), zeros);
+    assert!(
+        images_of(&late, &models.root, &dir.path().join("c")) == zeros,
+        "a start past the end changed the latents"
+    );
 }
 
 #[test]
@@ -209,4 +212,153 @@ fn every_sampler_and_scheduler_runs() {
         let images = images_of(&workflow, &models.root, &out);
         assert_eq!(images.len(), 1, "{sampler} {scheduler}");
     }
+}
+
+/// AnimateDiff-Evolved's Gen2 text-to-video graph as the editor saves it (UI format): load
+/// and apply a motion model, evolved sampling with context options and FreeNoise sample
+/// settings, 8 frames in windows of 4.
+fn ade_txt2vid_ui(noise_type: &str) -> Value {
+    let node = |id: u64, class: &str, inputs: Value, outputs: Value, widgets: Value| json!({"id": id, "type": class, "mode": 0, "inputs": inputs, "outputs": outputs, "widgets_values": widgets});
+    let input =
+        |name: &str, kind: &str, link: u64| json!({"name": name, "type": kind, "link": link});
+    json!({
+        "last_node_id": 12, "last_link_id": 14, "version": 0.4,
+        "nodes": [
+            node(4, "CheckpointLoaderSimple", json!([]), json!([]), json!(["tiny-sd"])),
+            node(2, "ADE_LoadAnimateDiffModel", json!([]), json!([]), json!(["tiny-motion"])),
+            node(3, "ADE_ApplyAnimateDiffModelSimple", json!([input("motion_model", "MOTION_MODEL_ADE", 1)]), json!([]), json!([])),
+            node(5, "ADE_StandardStaticContextOptions", json!([]), json!([]), json!([4, 2, "pyramid", false, 0, 1])),
+            node(6, "ADE_AnimateDiffSamplingSettings", json!([]), json!([]), json!([0, noise_type, "comfy", 0, false])),
+            node(7, "ADE_UseEvolvedSampling",
+                 json!([input("model", "MODEL", 2), input("m_models", "M_MODELS", 3),
+                        input("context_options", "CONTEXT_OPTIONS", 4), input("sample_settings", "SAMPLE_SETTINGS", 5)]),
+                 json!([]), json!(["autoselect"])),
+            node(8, "CLIPTextEncode", json!([input("clip", "CLIP", 6)]), json!([]), json!(["a (red:1.2) fox running"])),
+            node(9, "CLIPTextEncode", json!([input("clip", "CLIP", 7)]), json!([]), json!(["blurry"])),
+            node(10, "EmptyLatentImage", json!([]), json!([]), json!([96, 128, 8])),
+            node(11, "KSampler",
+                 json!([input("model", "MODEL", 8), input("positive", "CONDITIONING", 9),
+                        input("negative", "CONDITIONING", 10), input("latent_image", "LATENT", 11)]),
+                 json!([]), json!([888, "fixed", 2, 7.5, "euler_ancestral", "karras", 1.0])),
+            node(12, "VAEDecode", json!([input("samples", "LATENT", 12), input("vae", "VAE", 13)]), json!([]), json!([])),
+            node(1, "SaveImage", json!([input("images", "IMAGE", 14)]), json!([]), json!(["AnimateDiff"])),
+            node(20, "Note", json!([]), json!([]), json!(["Made with AnimateDiff-Evolved's sample graph"]))
+        ],
+        "links": [
+            [1, 2, 0, 3, 0, "MOTION_MODEL_ADE"], [2, 4, 0, 7, 0, "MODEL"], [3, 3, 0, 7, 1, "M_MODELS"],
+            [4, 5, 0, 7, 2, "CONTEXT_OPTIONS"], [5, 6, 0, 7, 3, "SAMPLE_SETTINGS"], [6, 4, 1, 8, 0, "CLIP"],
+            [7, 4, 1, 9, 0, "CLIP"], [8, 7, 0, 11, 0, "MODEL"], [9, 8, 0, 11, 1, "CONDITIONING"],
+            [10, 9, 0, 11, 2, "CONDITIONING"], [11, 10, 0, 11, 3, "LATENT"], [12, 11, 0, 12, 0, "LATENT"],
+            [13, 4, 2, 12, 1, "VAE"], [14, 12, 0, 1, 0, "IMAGE"]
+        ]
+    })
+}
+
+/// Converts a UI workflow with the loaded nodes, as `vdm run` does.
+fn from_ui(ui: &Value) -> Value {
+    let set = plugins();
+    let (workflow, warnings) =
+        vdm::ui_workflow::parse_workflow(&ui.to_string(), &set).unwrap_or_else(|e| panic!("{e}"));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    workflow.to_json()
+}
+
+#[test]
+fn animatediff_evolved_gen2_graph_runs_from_its_ui_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let api = from_ui(&ade_txt2vid_ui("FreeNoise"));
+    assert_eq!(api["6"]["inputs"]["noise_type"], "FreeNoise");
+    assert_eq!(api["11"]["inputs"]["seed"], 888);
+    let frames = images_of(&api, &models.root, &dir.path().join("free"));
+    assert_eq!(frames.len(), 8);
+    // FreeNoise changes the noise of the frames after the first window, so the video (which
+    // noise each frame gets is checked in `sampling::comfy_noise`).
+    let plain = images_of(
+        &from_ui(&ade_txt2vid_ui("default")),
+        &models.root,
+        &dir.path().join("plain"),
+    );
+    assert_eq!(plain.len(), 8);
+    assert!(plain != frames, "FreeNoise left the video unchanged");
+}
+
+/// The core graph with a Gen1 AnimateDiff loader between the checkpoint and the sampler.
+fn gen1_graph(extra_inputs: Value) -> Value {
+    let mut graph = core_txt2img();
+    graph["5"]["inputs"]["batch_size"] = json!(4);
+    let mut inputs =
+        json!({"model": ["4", 0], "model_name": "tiny-motion", "beta_schedule": "autoselect"});
+    for (k, v) in extra_inputs.as_object().unwrap() {
+        inputs[k] = v.clone();
+    }
+    graph["20"] = json!({"class_type": "ADE_AnimateDiffLoaderGen1", "inputs": inputs});
+    graph["3"]["inputs"]["model"] = json!(["20", 0]);
+    graph["3"]["inputs"]["steps"] = json!(2);
+    graph
+}
+
+#[test]
+fn motion_effect_zero_is_the_image_model_and_scale_changes_the_video() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let run = |name: &str, graph: &Value| images_of(graph, &models.root, &dir.path().join(name));
+
+    // The image model, sampled with the schedule autoselect picks for AnimateDiff models.
+    let mut image_model = core_txt2img();
+    image_model["5"]["inputs"]["batch_size"] = json!(4);
+    image_model["3"]["inputs"]["steps"] = json!(2);
+    image_model["20"] = json!({"class_type": "ADE_UseEvolvedSampling",
+                               "inputs": {"model": ["4", 0], "beta_schedule": "sqrt_linear (AnimateDiff)"}});
+    image_model["3"]["inputs"]["model"] = json!(["20", 0]);
+    let without_motion = run("image", &image_model);
+
+    let mut no_effect = gen1_graph(json!({"effect_multival": ["21", 0]}));
+    no_effect["21"] = json!({"class_type": "ADE_MultivalDynamic", "inputs": {"float_val": 0.0}});
+    assert!(
+        run("effect0", &no_effect) == without_motion,
+        "effect 0 differs from the image model"
+    );
+
+    let with_motion = run("motion", &gen1_graph(json!({})));
+    assert!(
+        with_motion != without_motion,
+        "the motion module changed nothing"
+    );
+    let mut scaled = gen1_graph(json!({"scale_multival": ["21", 0]}));
+    scaled["21"] = json!({"class_type": "ADE_MultivalDynamic", "inputs": {"float_val": 1.5}});
+    assert!(
+        run("scaled", &scaled) != with_motion,
+        "the motion scale changed nothing"
+    );
+
+    // The legacy loader with legacy uniform context options runs too.
+    let mut legacy = gen1_graph(json!({"context_options": ["22", 0], "motion_scale": 1.0}));
+    legacy["20"]["class_type"] = json!("ADE_AnimateDiffLoaderWithContext");
+    legacy["22"] = json!({"class_type": "ADE_AnimateDiffUniformContextOptions", "inputs": {
+        "context_length": 2, "context_stride": 1, "context_overlap": 1, "context_schedule": "uniform",
+        "closed_loop": false}});
+    assert_eq!(run("legacy", &legacy).len(), 4);
+}
+
+#[test]
+fn unsupported_animatediff_evolved_settings_name_the_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let mut graph = gen1_graph(json!({"context_options": ["22", 0]}));
+    graph["22"] = json!({"class_type": "ADE_StandardStaticContextOptions", "inputs": {
+        "context_length": 4, "context_overlap": 1, "start_percent": 0.5}});
+    let set = plugins();
+    let workflow = Workflow::from_json(graph).unwrap();
+    let error = Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", dir.path().join("out").to_string_lossy())
+        .with_setting("models_dir", models.root.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&workflow)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("22") && error.contains("start_percent"),
+        "{error}"
+    );
 }

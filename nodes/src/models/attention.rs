@@ -171,6 +171,30 @@ impl AttentionProcessor for ScaledDotProduct {
     }
 }
 
+/// Attention with the keys multiplied by `factor` (AnimateDiff-Evolved's motion scale on
+/// temporal attention): the logits scale by it, so above 1 each frame attends more sharply to
+/// the frames most like it, below 1 more evenly to all.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyScale {
+    pub factor: f64,
+}
+
+impl AttentionProcessor for KeyScale {
+    fn attend(&self, call: &AttentionCall, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        scaled_dot_product(q, k, v, call.scale * self.factor)
+    }
+
+    fn weights(
+        &self,
+        call: &AttentionCall,
+        q: &Tensor,
+        k: &Tensor,
+        _rows: &[usize],
+    ) -> Result<Tensor> {
+        attention_probs(q, k, call.scale * self.factor)
+    }
+}
+
 /// Largest attention-score block computed at once by the composed computation. The full score
 /// tensor of SD's first spatial layer at 64×64 latents, 16 frames and guidance is 32·8·4096²
 /// floats (17 GiB), so longer sequences are processed in slices of queries: rows of a softmax

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use vdm_ffi::Value;
 
-use crate::models::checkpoint::{load_checkpoint, open_motion_module};
+use crate::models::checkpoint::{load_checkpoint, open_motion_module, MotionModuleFile};
 use crate::models::load::open_vae;
 use crate::models::patcher::PatchedUNet;
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -225,6 +225,16 @@ impl Node for VaeLoader {
     }
 }
 
+/// Reads the motion module `name` (a path, or a file under the motion-module folders); errors
+/// name the `model_name` input.
+pub(super) fn open_motion_module_file(
+    ctx: &Context,
+    name: &str,
+) -> Result<Arc<MotionModuleFile>, NodeFailure> {
+    let path = resolve_model(ctx, "model_name", MOTION_MODULE_FOLDERS, name)?;
+    Ok(Arc::new(open_motion_module(&path).for_input("model_name")?))
+}
+
 struct MotionModuleLoader;
 
 impl Node for MotionModuleLoader {
@@ -244,19 +254,8 @@ impl Node for MotionModuleLoader {
     }
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
-        let path = resolve_model(
-            ctx,
-            "model_name",
-            MOTION_MODULE_FOLDERS,
-            inputs.string("model_name")?,
-        )?;
-        let file = open_motion_module(&path).for_input("model_name")?;
-        Ok(Outputs::one(
-            MotionModule {
-                file: Arc::new(file),
-            }
-            .into_value(),
-        ))
+        let file = open_motion_module_file(ctx, inputs.string("model_name")?)?;
+        Ok(Outputs::one(MotionModule { file }.into_value()))
     }
 }
 

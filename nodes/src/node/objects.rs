@@ -11,6 +11,7 @@ use crate::models::clip::ClipTextTransformer;
 use crate::models::patcher::PatchedUNet;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::vae::AutoencoderKL;
+use crate::sampling::comfy_noise::NoiseSettings;
 use crate::sampling::k_diffusion::ModelSamplingDiscrete;
 use crate::sampling::ContextOptions;
 use crate::video::entropy::EntropyTable;
@@ -124,6 +125,46 @@ pub struct SamplingSettings {
     pub model_sampling: Option<Arc<ModelSamplingDiscrete>>,
     /// Context windows for clips longer than the motion module sees at once.
     pub context: Option<ContextOptions>,
+    /// How the initial noise is drawn (AnimateDiff-Evolved's sample settings).
+    pub noise: NoiseSettings,
+}
+
+/// A `MOTION_MODEL_ADE`: a motion module file as AnimateDiff-Evolved's loader returns it.
+#[derive(Debug, Clone)]
+pub struct AdeMotionModel {
+    pub file: Arc<MotionModuleFile>,
+}
+
+/// One motion model to apply, with AnimateDiff-Evolved's settings.
+#[derive(Debug, Clone)]
+pub struct AppliedMotionModel {
+    pub file: Arc<MotionModuleFile>,
+    /// Multiplier of the temporal attention's keys (`scale_multival`; 1 as trained).
+    pub attention_scale: f64,
+    /// Weight of the modules' output against their input (`effect_multival`; 1 as trained,
+    /// 0 the image model).
+    pub effect: f64,
+    /// Where in the schedule the modules act, as ComfyUI's percentages.
+    pub start_percent: f64,
+    pub end_percent: f64,
+}
+
+/// An `M_MODELS`: motion models to apply, in the order they run.
+#[derive(Debug, Clone, Default)]
+pub struct MotionModelList {
+    pub models: Vec<AppliedMotionModel>,
+}
+
+/// A `MULTIVAL`: one value for every frame (AnimateDiff-Evolved's multival, without a mask).
+#[derive(Debug, Clone, Copy)]
+pub struct Multival {
+    pub value: f64,
+}
+
+/// A `SAMPLE_SETTINGS` of AnimateDiff-Evolved.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SampleSettings {
+    pub noise: NoiseSettings,
 }
 
 /// A `CLIP`: the text encoder, its tokenizer when one was found, and the layer to stop at.
@@ -252,6 +293,19 @@ plugin_type!(Conditioning, "CONDITIONING", |c| format!(
     c.embeddings.dims()
 ));
 plugin_type!(Mask, "MASK", |m| format!("{:?}", m.mask.dims()));
+plugin_type!(AdeMotionModel, "MOTION_MODEL_ADE", |m| m
+    .file
+    .description
+    .clone());
+plugin_type!(MotionModelList, "M_MODELS", |m| format!(
+    "{} motion models",
+    m.models.len()
+));
+plugin_type!(Multival, "MULTIVAL", |m| format!("{}", m.value));
+plugin_type!(SampleSettings, "SAMPLE_SETTINGS", |s| format!(
+    "{:?}",
+    s.noise
+));
 plugin_type!(FreeInit, "FREEINIT", |f| format!("{:?}", f.config));
 plugin_type!(Context, "CONTEXT_OPTIONS", |c| format!("{:?}", c.options));
 plugin_type!(EntropyProbe, "ENTROPY_PROBE", |p| format!(

@@ -5,6 +5,7 @@
 //! steer this loop: context windows wrap the predictor ([`ContextWindows`]), FreeInit runs the
 //! loop several times (`video::freeinit`), denoising reuse is a frame strategy.
 
+pub mod comfy_noise;
 pub mod context;
 pub mod frames;
 pub mod inversion;

@@ -271,6 +271,17 @@ impl TorchGenerator {
         values
     }
 
+    /// `torch.randperm(n, generator=…)` on the CPU: 0, 1, …, n − 1 shuffled by Fisher–Yates,
+    /// position i swapped with i + `random() % (n − i)` (aten's `randperm_cpu`).
+    pub fn randperm(&mut self, n: usize) -> Vec<usize> {
+        let mut permutation: Vec<usize> = (0..n).collect();
+        for i in 0..n.saturating_sub(1) {
+            let offset = (u64::from(self.random()) % (n - i) as u64) as usize;
+            permutation.swap(i, i + offset);
+        }
+        permutation
+    }
+
     /// [`Self::randn`] as a float32 tensor of `shape` on `device`.
     pub fn randn_tensor(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
         Tensor::from_vec(self.randn(shape), shape, device)
@@ -511,6 +522,23 @@ impl NoiseSampler for TorchNoise {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn randperm_matches_torch() {
+        // torch.randperm(n, generator=torch.Generator().manual_seed(seed)), torch 2.15.
+        let cases: [(u64, &[usize]); 6] = [
+            (0, &[0, 1, 3, 2]),
+            (0, &[4, 0, 5, 3, 2, 6, 1]),
+            (0, &[8, 0, 5, 9, 7, 4, 2, 10, 3, 1, 11, 6]),
+            (1, &[1, 3, 2, 0]),
+            (1, &[1, 4, 6, 8, 11, 0, 5, 3, 2, 9, 10, 7]),
+            (42, &[6, 8, 1, 7, 0, 2, 10, 11, 4, 3, 5, 9]),
+        ];
+        for (seed, expected) in cases {
+            let permutation = super::TorchGenerator::new(seed).randperm(expected.len());
+            assert_eq!(permutation, expected, "seed {seed}");
+        }
+    }
+
     use std::collections::HashMap;
 
     use super::*;

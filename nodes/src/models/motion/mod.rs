@@ -189,6 +189,30 @@ pub trait ModuleGate: Send + Sync {
     fn gate(&self, slot: &str, pass: &ForwardPass) -> Result<f64>;
 }
 
+/// A gate that lets the motion modules act only while the noise level is within a range of
+/// the sampling schedule, given as ComfyUI's percentages: from `start_percent` (0 = the
+/// noisiest end) to `end_percent` (1 = clean). Percent p is the timestep (1 − p)·(T − 1) of
+/// T training timesteps; outside a sampling loop (no step known) the modules act.
+#[derive(Debug, Clone, Copy)]
+pub struct TimestepRangeGate {
+    pub start_percent: f64,
+    pub end_percent: f64,
+    pub train_timesteps: usize,
+}
+
+impl ModuleGate for TimestepRangeGate {
+    fn gate(&self, _slot: &str, pass: &ForwardPass) -> Result<f64> {
+        let Some(step) = pass.step else {
+            return Ok(1.0);
+        };
+        let last = (self.train_timesteps - 1) as f64;
+        let from = (1.0 - self.start_percent) * last;
+        let inside_start = self.start_percent <= 0.0 || step.timestep <= from;
+        let inside_end = self.end_percent >= 1.0 || step.timestep > (1.0 - self.end_percent) * last;
+        Ok(if inside_start && inside_end { 1.0 } else { 0.0 })
+    }
+}
+
 /// Motion modules applied to one UNet forward pass: each module's residual contribution is
 /// multiplied by `scale` (1 = diffusers, 0 = the plain image UNet) and by the gate's factor for
 /// its slot, when a gate is given.

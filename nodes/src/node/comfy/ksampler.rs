@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::sampling::comfy_noise::initial_noise;
 use crate::sampling::k_diffusion::{
     calculate_sigmas, sample, BrownianNoise, GuidedDenoiser, ModelSamplingDiscrete, NoiseSampler,
     SamplerKind, Scheduler, StepInfo,
@@ -233,8 +234,11 @@ impl SamplerRun {
         )?;
 
         let shape = (batch, channels, frames, height, width);
+        // ComfyUI's noise, or what AnimateDiff-Evolved's sample settings make of it (FreeNoise
+        // and repeated-context noise follow the context windows the workflow set).
         let noise = if self.add_noise {
-            comfy_noise(&mut TorchGenerator::new(self.seed), shape, &device)?
+            let span = model.sampling.context.map(|c| (c.length, c.overlap));
+            initial_noise(&model.sampling.noise, self.seed, shape, span, &device)?
         } else {
             latents.zeros_like()?
         };

@@ -2,6 +2,7 @@
 //! Video Helper Suite) run unchanged: the same class names, inputs, defaults and outputs,
 //! each a thin adapter over vdm's objects and domain code.
 
+mod ade;
 mod core;
 mod ksampler;
 
@@ -10,6 +11,7 @@ use super::Node;
 pub fn nodes() -> Vec<Box<dyn Node>> {
     let mut nodes = Vec::new();
     nodes.extend(core::nodes());
+    nodes.extend(ade::nodes());
     nodes.extend(ksampler::nodes());
     nodes
 }
