@@ -362,3 +362,29 @@ fn unsupported_animatediff_evolved_settings_name_the_input() {
         "{error}"
     );
 }
+
+#[test]
+fn freeinit_iterations_refine_and_one_iteration_is_the_plain_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let with_iterations = |iterations: u64| {
+        let mut graph = gen1_graph(json!({"sample_settings": ["23", 0]}));
+        graph["23"] = json!({"class_type": "ADE_AnimateDiffSamplingSettings", "inputs": {
+            "batch_offset": 0, "noise_type": "default", "seed_gen": "comfy", "seed_offset": 0,
+            "iteration_opts": ["24", 0]}});
+        graph["24"] = json!({"class_type": "ADE_IterationOptsFreeInit", "inputs": {
+            "iterations": iterations, "filter": "butterworth", "d_s": 0.25, "d_t": 0.25,
+            "n_butterworth": 4, "sigma_step": 999, "apply_to_1st_iter": false,
+            "init_type": "FreeInit [sampler sigma]", "iter_batch_offset": 0, "iter_seed_offset": 1}});
+        graph
+    };
+    let run = |name: &str, graph: &Value| images_of(graph, &models.root, &dir.path().join(name));
+    let plain = run("plain", &gen1_graph(json!({})));
+    assert!(
+        run("one", &with_iterations(1)) == plain,
+        "one FreeInit iteration changed the run"
+    );
+    let refined = run("two", &with_iterations(2));
+    assert_eq!(refined.len(), plain.len());
+    assert!(refined != plain, "a second FreeInit pass changed nothing");
+}

@@ -15,7 +15,7 @@ use crate::sampling::comfy_noise::NoiseSettings;
 use crate::sampling::k_diffusion::ModelSamplingDiscrete;
 use crate::sampling::ContextOptions;
 use crate::video::entropy::EntropyTable;
-use crate::video::freeinit::FreeInitConfig;
+use crate::video::freeinit::{ComfyReinit, FreeInitConfig};
 use crate::video::motion::MotionField;
 use crate::video::reuse::ReuseMode;
 
@@ -127,6 +127,23 @@ pub struct SamplingSettings {
     pub context: Option<ContextOptions>,
     /// How the initial noise is drawn (AnimateDiff-Evolved's sample settings).
     pub noise: NoiseSettings,
+    /// FreeInit passes (AnimateDiff-Evolved's iteration options).
+    pub iterations: Option<IterationOptions>,
+}
+
+/// An `ITERATION_OPTS` of AnimateDiff-Evolved: FreeInit passes of ComfyUI's samplers.
+#[derive(Debug, Clone, Copy)]
+pub struct IterationOptions {
+    /// Passes, filter and stop frequencies.
+    pub config: FreeInitConfig,
+    pub reinit: ComfyReinit,
+    /// The timestep whose σ the result is diffused to between passes.
+    pub sigma_step: usize,
+    /// Re-initialise before the first pass too (from the input latents).
+    pub apply_to_first: bool,
+    /// Added per pass to the batch offset and seed offset of the fresh noise.
+    pub iter_batch_offset: usize,
+    pub iter_seed_offset: i64,
 }
 
 /// A `MOTION_MODEL_ADE`: a motion module file as AnimateDiff-Evolved's loader returns it.
@@ -165,6 +182,7 @@ pub struct Multival {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SampleSettings {
     pub noise: NoiseSettings,
+    pub iterations: Option<IterationOptions>,
 }
 
 /// A `CLIP`: the text encoder, its tokenizer when one was found, and the layer to stop at.
@@ -305,6 +323,10 @@ plugin_type!(Multival, "MULTIVAL", |m| format!("{}", m.value));
 plugin_type!(SampleSettings, "SAMPLE_SETTINGS", |s| format!(
     "{:?}",
     s.noise
+));
+plugin_type!(IterationOptions, "ITERATION_OPTS", |i| format!(
+    "{:?}",
+    i.config
 ));
 plugin_type!(FreeInit, "FREEINIT", |f| format!("{:?}", f.config));
 plugin_type!(Context, "CONTEXT_OPTIONS", |c| format!("{:?}", c.options));

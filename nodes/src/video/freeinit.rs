@@ -152,6 +152,74 @@ pub fn sample_with_freeinit(
     })
 }
 
+/// How AnimateDiff-Evolved re-initialises the noise between FreeInit passes of ComfyUI's
+/// samplers (its `init_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComfyReinit {
+    /// "FreeInit [sampler sigma]" / "FreeInit [model sigma]": the previous result in the VAE's
+    /// unscaled units is diffused to the noise level σ of timestep `sigma_step`, divided by the
+    /// latent scale (ᾱ = 1 / (1 + (σ/s)²), as diffusers' DDIM `add_noise` would on unscaled
+    /// latents), with the current noise.
+    FreeInit,
+    /// "DinkInit_v1": (x + noise₀·σ)·ᾱ with ᾱ = 1 / (1 + σ²), from the first pass's noise.
+    DinkInitV1,
+}
+
+impl ComfyReinit {
+    pub const NAMES: [&'static str; 3] = [
+        "FreeInit [sampler sigma]",
+        "FreeInit [model sigma]",
+        "DinkInit_v1",
+    ];
+}
+
+impl FromStr for ComfyReinit {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "FreeInit [sampler sigma]" | "FreeInit [model sigma]" => Ok(Self::FreeInit),
+            "DinkInit_v1" => Ok(Self::DinkInitV1),
+            other => Err(format!(
+                "unknown FreeInit init type `{other}` (expected one of {})",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+/// The noise of the next pass of ComfyUI's samplers under AnimateDiff-Evolved's FreeInit:
+/// `previous` (the last pass's result, or the input latents before the first; scaled latents,
+/// (B, C, F, h, w)) diffused to `sigma` (the model's σ of the chosen timestep), its low
+/// frequencies mixed with the high ones of `fresh` noise. `noise` is the current pass's noise
+/// and `first_noise` the first pass's; `latent_scale` is the VAE's scaling factor.
+#[allow(clippy::too_many_arguments)]
+pub fn comfy_reinitialized_noise(
+    reinit: ComfyReinit,
+    cfg: &FreeInitConfig,
+    previous: &Tensor,
+    noise: &Tensor,
+    first_noise: &Tensor,
+    fresh: &Tensor,
+    sigma: f64,
+    latent_scale: f64,
+) -> Result<Tensor> {
+    // ComfyUI's samplers see latents in the VAE's own units.
+    let unscaled = (previous / latent_scale)?;
+    let diffused = match reinit {
+        ComfyReinit::FreeInit => {
+            let sigma = sigma / latent_scale;
+            let alpha_bar = 1.0 / (sigma * sigma + 1.0);
+            ((&unscaled * alpha_bar.sqrt())? + (noise * (1.0 - alpha_bar).sqrt())?)?
+        }
+        ComfyReinit::DinkInitV1 => {
+            let alpha_bar = 1.0 / (sigma * sigma + 1.0);
+            ((&unscaled + (first_noise * sigma)?)? * alpha_bar)?
+        }
+    };
+    mix_frequencies(&diffused, fresh, cfg)
+}
+
 /// The low-pass mask over (frames, height, width) in centred (fftshift-ed) frequency order,
 /// as diffusers' `_get_freeinit_freq_filter` builds it; shape (frames, height, width).
 pub fn low_pass_filter(

@@ -12,11 +12,12 @@ use crate::sampling::comfy_noise::{NoiseSettings, NoiseType, SeedGeneration};
 use crate::sampling::k_diffusion::{BetaSchedule, ModelSamplingDiscrete};
 use crate::sampling::{ContextFuse, ContextOptions, ContextSchedule};
 use crate::schedulers::{BetaSchedule as DiffusersBeta, NoiseScheduleConfig};
+use crate::video::freeinit::{ComfyReinit, FreeInitConfig};
 
 use super::super::models::{open_motion_module_file, MOTION_MODULE_FOLDERS};
 use super::super::objects::{
-    AdeMotionModel, AppliedMotionModel, Context as ContextObject, Model, MotionModelList, Multival,
-    SampleSettings,
+    AdeMotionModel, AppliedMotionModel, Context as ContextObject, IterationOptions, Model,
+    MotionModelList, Multival, SampleSettings,
 };
 use super::super::{
     Context, DescriptorBuilder, ForInput, Inputs, Node, NodeFailure, Outputs, PluginType,
@@ -36,6 +37,7 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
         Box::new(ContextOptionsNode(ContextKind::LoopedUniform)),
         Box::new(ContextOptionsNode(ContextKind::LegacyUniform)),
         Box::new(SampleSettingsNode),
+        Box::new(IterationOptsFreeInit),
     ]
 }
 
@@ -329,6 +331,7 @@ impl Evolved<'_> {
         }
         if let Some(settings) = self.sample_settings {
             evolved.sampling.noise = settings.noise;
+            evolved.sampling.iterations = settings.iterations;
         }
         Ok(evolved)
     }
@@ -633,6 +636,7 @@ impl Node for SampleSettingsNode {
             .combo("seed_gen", &SeedGeneration::NAMES, "How the seed becomes noise ([gpu]: drawn on the CPU here).")
             .int("seed_offset", 0, i64::MIN, i64::MAX, "Added to the sampler's seed.")
             .optional()
+            .object("iteration_opts", "ITERATION_OPTS", "FreeInit passes.")
             // A socket only, as AnimateDiff-Evolved's `forceInput` INT.
             .object("seed_override", "INT", "A seed used instead of the sampler's.")
             .boolean("adapt_denoise_steps", false, "Not supported beyond its default (false).")
@@ -661,6 +665,54 @@ impl Node for SampleSettingsNode {
             batch_offset: inputs.usize("batch_offset")?,
             seed_override,
         };
-        Ok(Outputs::one(SampleSettings { noise }.into_value()))
+        let iterations = inputs.optional_object::<IterationOptions>("iteration_opts")?;
+        Ok(Outputs::one(
+            SampleSettings { noise, iterations }.into_value(),
+        ))
+    }
+}
+
+struct IterationOptsFreeInit;
+
+impl Node for IterationOptsFreeInit {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("ADE_IterationOptsFreeInit", "FreeInit Iteration Options 🎭🅐🅓", &format!("{CATEGORY}/iteration opts"))
+            .description("FreeInit for ComfyUI's samplers: after each pass the result is diffused back and its low frequencies kept, with fresh high-frequency noise.")
+            .int("iterations", 2, 1, i64::MAX, "Sampling passes in all.")
+            .combo("filter", &["gaussian", "butterworth", "ideal", "box"], "The low-pass filter.")
+            .float("d_s", 0.25, (0.0, 1.0, 0.001), "Spatial stop frequency.")
+            .float("d_t", 0.25, (0.0, 1.0, 0.001), "Temporal stop frequency.")
+            .int("n_butterworth", 4, 1, 100, "Butterworth order.")
+            .int("sigma_step", 999, 1, 999, "Timestep whose noise level the result is diffused to.")
+            .boolean("apply_to_1st_iter", false, "Re-initialise before the first pass too.")
+            .combo("init_type", &ComfyReinit::NAMES, "How the result is diffused back.")
+            .optional()
+            .int("iter_batch_offset", 0, 0, i64::MAX, "Batch offset of the fresh noise, per pass.")
+            .int("iter_seed_offset", 1, i64::MIN, i64::MAX, "Seed offset of the fresh noise, per pass.")
+            .output("ITERATION_OPTS", "ITERATION_OPTS")
+            .build()
+    }
+
+    fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let config = FreeInitConfig {
+            iterations: inputs.usize("iterations")?,
+            filter: inputs.string("filter")?.parse().for_input("filter")?,
+            order: inputs.usize("n_butterworth")? as u32,
+            spatial_stop_frequency: inputs.float("d_s")?,
+            temporal_stop_frequency: inputs.float("d_t")?,
+            fast_sampling: false,
+        };
+        let options = IterationOptions {
+            config,
+            reinit: inputs.string("init_type")?.parse().for_input("init_type")?,
+            sigma_step: inputs.usize("sigma_step")?,
+            apply_to_first: inputs.bool("apply_to_1st_iter")?,
+            iter_batch_offset: inputs.usize_or("iter_batch_offset", 0)?,
+            iter_seed_offset: match inputs.get("iter_seed_offset") {
+                Some(_) => inputs.int("iter_seed_offset")?,
+                None => 1,
+            },
+        };
+        Ok(Outputs::one(options.into_value()))
     }
 }

@@ -4,13 +4,14 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::sampling::comfy_noise::initial_noise;
+use crate::sampling::comfy_noise::{initial_noise, NoiseSettings};
 use crate::sampling::k_diffusion::{
     calculate_sigmas, sample, BrownianNoise, GuidedDenoiser, ModelSamplingDiscrete, NoiseSampler,
     SamplerKind, Scheduler, StepInfo,
 };
 use crate::sampling::torch_random::TorchGenerator;
 use crate::sampling::{ContextOptions, ContextWindows, NoisePredictor};
+use crate::video::freeinit::comfy_reinitialized_noise;
 
 use super::super::memory;
 use super::super::objects::{Conditioning, Model};
@@ -18,6 +19,10 @@ use super::super::{
     cancelled_or, Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs,
     PluginType,
 };
+
+/// SD 1.x's latent scale (the VAE's `scaling_factor`), which AnimateDiff-Evolved's FreeInit
+/// divides by.
+const SD_LATENT_SCALE: f64 = 0.18215;
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
     vec![Box::new(KSampler), Box::new(KSamplerAdvanced)]
@@ -236,19 +241,14 @@ impl SamplerRun {
         let shape = (batch, channels, frames, height, width);
         // ComfyUI's noise, or what AnimateDiff-Evolved's sample settings make of it (FreeNoise
         // and repeated-context noise follow the context windows the workflow set).
-        let noise = if self.add_noise {
-            let span = model.sampling.context.map(|c| (c.length, c.overlap));
-            initial_noise(&model.sampling.noise, self.seed, shape, span, &device)?
+        let span = model.sampling.context.map(|c| (c.length, c.overlap));
+        let noise_for =
+            |settings: &NoiseSettings| initial_noise(settings, self.seed, shape, span, &device);
+        let first_noise = if self.add_noise {
+            noise_for(&model.sampling.noise)?
         } else {
             latents.zeros_like()?
         };
-        let first = sigmas[0];
-        let x = model_sampling.noise_scaling(
-            first,
-            &noise,
-            &latents,
-            model_sampling.max_denoise(first),
-        )?;
 
         let windows;
         let predictor: &dyn NoisePredictor = match context {
@@ -261,41 +261,88 @@ impl SamplerRun {
             }
             None => &model.unet,
         };
+        let positive = positive
+            .embeddings
+            .to_device(&device)?
+            .to_dtype(DType::F32)?;
+        let negative = negative
+            .embeddings
+            .to_device(&device)?
+            .to_dtype(DType::F32)?;
         let total = sigmas.len() - 1;
-        let mut denoiser = GuidedDenoiser::new(
-            predictor,
-            &model_sampling,
-            &positive
-                .embeddings
-                .to_device(&device)?
-                .to_dtype(DType::F32)?,
-            &negative
-                .embeddings
-                .to_device(&device)?
-                .to_dtype(DType::F32)?,
-            cfg,
-            total,
-        )
-        .map_err(|e| NodeFailure::input("negative", e))?;
-        let step = denoiser.step_counter();
-        let mut noise_sampler = self.noise_sampler(kind, shape);
-        let mut callback = |info: &StepInfo<'_>| -> candle_core::Result<()> {
-            step.set(info.index + 1);
-            ctx.progress((info.index + 1) as u64, total as u64, "sampling");
-            if ctx.check_cancelled().is_err() {
-                candle_core::bail!("cancelled");
-            }
-            Ok(())
+        let freeinit = model.sampling.iterations;
+        let passes = freeinit.map_or(1, |f| f.config.iterations.max(1));
+
+        // One pass of the sampler from `noise`, its steps numbered after `done` of all passes.
+        let run_pass = |noise: &Tensor, done: usize| -> Result<Tensor, NodeFailure> {
+            let first = sigmas[0];
+            let x = model_sampling.noise_scaling(
+                first,
+                noise,
+                &latents,
+                model_sampling.max_denoise(first),
+            )?;
+            let mut denoiser =
+                GuidedDenoiser::new(predictor, &model_sampling, &positive, &negative, cfg, total)
+                    .map_err(|e| NodeFailure::input("negative", e))?;
+            let step = denoiser.step_counter();
+            let mut noise_sampler = self.noise_sampler(kind, shape);
+            let mut callback = |info: &StepInfo<'_>| -> candle_core::Result<()> {
+                step.set(info.index + 1);
+                let text = if passes > 1 {
+                    format!("sampling (FreeInit pass {} of {passes})", done / total + 1)
+                } else {
+                    "sampling".to_owned()
+                };
+                ctx.progress(
+                    (done + info.index + 1) as u64,
+                    (passes * total) as u64,
+                    &text,
+                );
+                if ctx.check_cancelled().is_err() {
+                    candle_core::bail!("cancelled");
+                }
+                Ok(())
+            };
+            sample(
+                kind,
+                &mut denoiser,
+                x,
+                &sigmas,
+                noise_sampler.as_mut(),
+                Some(&mut callback),
+            )
+            .map_err(|e| cancelled_or(ctx, e))
         };
-        let samples = sample(
-            kind,
-            &mut denoiser,
-            x,
-            &sigmas,
-            noise_sampler.as_mut(),
-            Some(&mut callback),
-        )
-        .map_err(|e| cancelled_or(ctx, e))?;
+
+        let mut noise = first_noise.clone();
+        let mut output: Option<Tensor> = None;
+        for pass in 0..passes {
+            if let Some(freeinit) = freeinit.filter(|f| pass > 0 || f.apply_to_first) {
+                // Fresh high frequencies from the seed moved on by the pass's offsets.
+                let mut fresh_settings = model.sampling.noise;
+                fresh_settings.seed_offset = fresh_settings
+                    .seed_offset
+                    .wrapping_add(freeinit.iter_seed_offset.wrapping_mul(pass as i64));
+                fresh_settings.batch_offset += freeinit.iter_batch_offset * pass;
+                let fresh = noise_for(&fresh_settings)?;
+                let previous = output.as_ref().unwrap_or(&latents);
+                let table = model_sampling.sigmas();
+                let sigma = f64::from(table[freeinit.sigma_step.min(table.len() - 1)]);
+                noise = comfy_reinitialized_noise(
+                    freeinit.reinit,
+                    &freeinit.config,
+                    previous,
+                    &noise,
+                    &first_noise,
+                    &fresh,
+                    sigma,
+                    SD_LATENT_SCALE,
+                )?;
+            }
+            output = Some(run_pass(&noise, pass * total)?);
+        }
+        let samples = output.unwrap_or(latents);
         Ok(Outputs::one(Latent { samples }.into_value()))
     }
 
