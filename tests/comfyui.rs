@@ -388,3 +388,52 @@ fn freeinit_iterations_refine_and_one_iteration_is_the_plain_run() {
     assert_eq!(refined.len(), plain.len());
     assert!(refined != plain, "a second FreeInit pass changed nothing");
 }
+
+#[test]
+fn prompt_travel_gives_each_frame_its_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let run = |name: &str, graph: &Value| images_of(graph, &models.root, &dir.path().join(name));
+    // Windows of 2 frames, so each window takes its frames' embeddings.
+    let base = || {
+        let mut graph = gen1_graph(json!({"context_options": ["22", 0]}));
+        graph["22"] = json!({"class_type": "ADE_StandardStaticContextOptions", "inputs": {
+            "context_length": 2, "context_overlap": 1}});
+        graph
+    };
+    let schedule = |prompts: &str| {
+        let mut graph = base();
+        graph["30"] = json!({"class_type": "ADE_PromptSchedulingLatents", "inputs": {
+            "prompts": prompts, "clip": ["4", 1], "latent": ["5", 0], "print_schedule": true,
+            "tensor_interp": "lerp"}});
+        graph["3"]["inputs"]["positive"] = json!(["30", 0]);
+        graph["3"]["inputs"]["latent_image"] = json!(["30", 1]);
+        graph
+    };
+    let mut plain = base();
+    plain["6"]["inputs"]["text"] = json!("a fox");
+    let single = run("single", &plain);
+    // One keyframe is the prompt for every frame.
+    assert!(
+        run("constant", &schedule("\"0\": \"a fox\"")) == single,
+        "a one-prompt schedule differs"
+    );
+    let travelled = run(
+        "travel",
+        &schedule("\"0\": \"a fox\", \"3\": \"(a dog:1.3) in snow\""),
+    );
+    assert_eq!(travelled.len(), 4);
+    assert!(travelled != single, "the schedule changed nothing");
+
+    let mut bad = schedule("0 = a fox");
+    bad["3"]["inputs"]["steps"] = json!(1);
+    let set = plugins();
+    let error = Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", dir.path().join("bad").to_string_lossy())
+        .with_setting("models_dir", models.root.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&Workflow::from_json(bad).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("30") && error.contains("prompts"), "{error}");
+}

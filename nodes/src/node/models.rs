@@ -338,7 +338,9 @@ impl Node for TextEncode {
             .encode_to_tensor(&[text], &device)
             .for_input("text")?;
         let embeddings = clip.encoder.forward_with_clip_skip(&ids, clip_skip)?;
-        Ok(Outputs::one(Conditioning { embeddings }.into_value()))
+        Ok(Outputs::one(
+            Conditioning::per_video(embeddings).into_value(),
+        ))
     }
 }
 

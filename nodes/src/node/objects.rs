@@ -243,10 +243,22 @@ pub struct Mask {
     pub mask: Tensor,
 }
 
-/// A `CONDITIONING`: per-video text embeddings (B, 77, D).
+/// A `CONDITIONING`: text embeddings, one per video (B, 77·chunks, D), or with `per_frame`
+/// one per frame of a video (F, 77·chunks, D; prompt travel).
 #[derive(Debug, Clone)]
 pub struct Conditioning {
     pub embeddings: Tensor,
+    pub per_frame: bool,
+}
+
+impl Conditioning {
+    /// One prompt for every video.
+    pub fn per_video(embeddings: Tensor) -> Self {
+        Self {
+            embeddings,
+            per_frame: false,
+        }
+    }
 }
 
 /// `FREEINIT` settings for the sampler.

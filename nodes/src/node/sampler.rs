@@ -173,6 +173,12 @@ impl Node for VideoSampler {
             )?,
         };
         let per_video = |c: &Conditioning, name: &str| -> Result<Tensor, NodeFailure> {
+            if c.per_frame {
+                return Err(NodeFailure::input(
+                    name,
+                    "a prompt schedule (one embedding per frame) is sampled with KSampler",
+                ));
+            }
             let e = c.embeddings.to_device(&device)?.to_dtype(DType::F32)?;
             match e.dim(0)? {
                 b if b == batch => Ok(e),

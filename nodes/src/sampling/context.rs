@@ -352,10 +352,25 @@ impl NoisePredictor for ContextWindows<'_> {
         let device = latents.device();
         let mut sum = latents.zeros_like()?;
         let mut weight_sum = vec![0.0f64; frames];
+        let (batch, ..) = latents.dims5()?;
+        // Text of one embedding per frame (prompt travel) goes with its frames.
+        let per_frame_text = frames > 1 && request.text.dim(0)? == batch * frames;
         for part in &parts {
             let gathered = gather_frames(latents, &part.frames)?;
+            let text = if per_frame_text {
+                let rows: Vec<u32> = (0..batch)
+                    .flat_map(|b| part.frames.iter().map(move |&f| (b * frames + f) as u32))
+                    .collect();
+                let count = rows.len();
+                request
+                    .text
+                    .index_select(&Tensor::from_vec(rows, count, device)?, 0)?
+            } else {
+                request.text.clone()
+            };
             let eps = self.inner.predict(&PredictRequest {
                 latents: &gathered,
+                text: &text,
                 frame_positions: part.frame_positions(),
                 ..*request
             })?;

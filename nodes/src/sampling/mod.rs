@@ -31,7 +31,8 @@ pub struct PredictRequest<'a> {
     /// (B, C, F, h, w) latents, already scaled for the model.
     pub latents: &'a Tensor,
     pub timestep: f64,
-    /// Per-video text embeddings (B, S, D).
+    /// Text embeddings: one per video (B, S, D) or one per frame (B·F, S, D, frame-major
+    /// within each video; prompt travel).
     pub text: &'a Tensor,
     pub step: Option<SamplingStep>,
     pub guidance: GuidanceLayout,

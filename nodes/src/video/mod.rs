@@ -29,6 +29,7 @@ pub mod motion;
 pub mod motion_adaptive;
 pub mod noise;
 pub mod preview;
+pub mod prompt_travel;
 pub mod resize;
 pub mod reuse;
 

@@ -13,14 +13,19 @@ use crate::sampling::k_diffusion::{BetaSchedule, ModelSamplingDiscrete};
 use crate::sampling::{ContextFuse, ContextOptions, ContextSchedule};
 use crate::schedulers::{BetaSchedule as DiffusersBeta, NoiseScheduleConfig};
 use crate::video::freeinit::{ComfyReinit, FreeInitConfig};
+use crate::video::prompt_travel::{
+    frame_embeddings, parse_schedule, with_affixes, Blend, Keyframe,
+};
+
+use super::core::encode_prompt;
 
 use super::super::models::{open_motion_module_file, MOTION_MODULE_FOLDERS};
 use super::super::objects::{
-    AdeMotionModel, AppliedMotionModel, Context as ContextObject, IterationOptions, Model,
-    MotionModelList, Multival, SampleSettings,
+    AdeMotionModel, AppliedMotionModel, Clip, Conditioning, Context as ContextObject,
+    IterationOptions, Model, MotionModelList, Multival, SampleSettings,
 };
 use super::super::{
-    Context, DescriptorBuilder, ForInput, Inputs, Node, NodeFailure, Outputs, PluginType,
+    Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
@@ -38,6 +43,10 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
         Box::new(ContextOptionsNode(ContextKind::LegacyUniform)),
         Box::new(SampleSettingsNode),
         Box::new(IterationOptsFreeInit),
+        Box::new(PromptScheduling { with_latents: true }),
+        Box::new(PromptScheduling {
+            with_latents: false,
+        }),
     ]
 }
 
@@ -714,5 +723,149 @@ impl Node for IterationOptsFreeInit {
             },
         };
         Ok(Outputs::one(options.into_value()))
+    }
+}
+
+/// `ADE_PromptScheduling` (its length from the keyframes or `max_length`) and
+/// `ADE_PromptSchedulingLatents` (its length from the latents, which it passes on).
+struct PromptScheduling {
+    with_latents: bool,
+}
+
+impl Node for PromptScheduling {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        let (class, title) = if self.with_latents {
+            (
+                "ADE_PromptSchedulingLatents",
+                "Prompt Scheduling [Latents] 🎭🅐🅓",
+            )
+        } else {
+            ("ADE_PromptScheduling", "Prompt Scheduling 🎭🅐🅓")
+        };
+        let mut builder = DescriptorBuilder::new(class, title, &format!("{CATEGORY}/scheduling"))
+            .description("Prompt travel: a prompt per keyframe (\"0\": \"a cat\", \"8\": \"a dog\"), blended into one text embedding per frame. Feed the CONDITIONING to KSampler.")
+            .text("prompts", "", "The schedule: \"index\": \"prompt\" entries, or index = \"prompt\".")
+            .object("clip", "CLIP", "The text encoder.");
+        if self.with_latents {
+            builder = builder.object(
+                "latent",
+                "LATENT",
+                "The latents, whose frame count is the schedule's length.",
+            );
+        }
+        builder = builder
+            .optional()
+            // Sockets only, as AnimateDiff-Evolved's `forceInput` strings.
+            .object("prepend_text", "STRING", "Text put before every prompt.")
+            .object("append_text", "STRING", "Text put after every prompt.")
+            .boolean(
+                "print_schedule",
+                false,
+                "Report each frame's prompt in the node's output.",
+            );
+        if !self.with_latents {
+            builder = builder.int(
+                "max_length",
+                0,
+                0,
+                i64::MAX,
+                "Frames of the schedule (0: up to the last keyframe).",
+            );
+        }
+        builder = builder.combo(
+            "tensor_interp",
+            &Blend::NAMES,
+            "How neighbouring prompts are blended.",
+        );
+        builder = builder.output("CONDITIONING", "CONDITIONING");
+        if self.with_latents {
+            builder = builder.output("LATENT", "LATENT");
+        }
+        builder.build()
+    }
+
+    fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let clip: Clip = inputs.object("clip")?;
+        let latent = if self.with_latents {
+            Some(inputs.object::<Latent>("latent")?)
+        } else {
+            None
+        };
+        let text = inputs.string("prompts")?;
+        let frames = match &latent {
+            Some(latent) => {
+                let (videos, _, frames, _, _) = latent.samples.dims5().for_input("latent")?;
+                videos * frames
+            }
+            None => inputs.usize_or("max_length", 0)?,
+        };
+        let keyframes = parse_schedule(text, frames).for_input("prompts")?;
+        let frames = if frames == 0 {
+            keyframes.last().map_or(1, |k| k.frame + 1)
+        } else {
+            frames
+        };
+        let optional_text = |name: &str| -> Result<String, NodeFailure> {
+            match inputs.get(name) {
+                Some(_) => Ok(inputs.string(name)?.to_owned()),
+                None => Ok(String::new()),
+            }
+        };
+        let (prepend, append) = (
+            optional_text("prepend_text")?,
+            optional_text("append_text")?,
+        );
+        let keyframes: Vec<Keyframe> = keyframes
+            .into_iter()
+            .map(|k| Keyframe {
+                prompt: with_affixes(&k.prompt, &prepend, &append),
+                ..k
+            })
+            .collect();
+        let blend: Blend = match inputs.get("tensor_interp") {
+            Some(_) => inputs
+                .string("tensor_interp")?
+                .parse()
+                .for_input("tensor_interp")?,
+            None => Blend::Lerp,
+        };
+        let mut dropped = Vec::new();
+        let embeddings = frame_embeddings(&keyframes, frames, blend, |prompt| {
+            let (embedding, names) = encode_prompt(&clip, prompt, "prompts")
+                .map_err(|e| candle_core::Error::Msg(e.message))?;
+            dropped.extend(names);
+            Ok(embedding)
+        })
+        .for_input("prompts")?;
+        let mut ui = serde_json::Map::new();
+        if inputs.bool_or("print_schedule", false)? {
+            let schedule: Vec<String> = keyframes
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{}{} = \"{}\"",
+                        k.frame,
+                        if k.hold { ":" } else { "" },
+                        k.prompt
+                    )
+                })
+                .collect();
+            ui.insert("schedule".into(), serde_json::json!(schedule));
+        }
+        if !dropped.is_empty() {
+            ui.insert("dropped_embeddings".into(), serde_json::json!(dropped));
+        }
+        let mut values = vec![Conditioning {
+            embeddings,
+            per_frame: true,
+        }
+        .into_value()];
+        if let Some(latent) = latent {
+            values.push(latent.into_value());
+        }
+        Ok(Outputs {
+            values,
+            ui: (!ui.is_empty()).then_some(serde_json::Value::Object(ui)),
+        })
     }
 }

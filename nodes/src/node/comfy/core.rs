@@ -104,26 +104,35 @@ impl Node for ClipTextEncode {
 
     fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
         let clip: Clip = inputs.object("clip")?;
-        let text = inputs.string("text")?;
-        let tokenizer = clip
-            .tokenizer()
-            .map_err(|m| NodeFailure::input("clip", m))?;
-        let tokens = tokenize_weighted(tokenizer, text).for_input("text")?;
-        let device = clip.encoder.device().clone();
-        let embeddings = encode_weighted(
-            &clip.encoder,
-            &tokens,
-            &empty_chunk(tokenizer),
-            clip.clip_skip,
-            &device,
-        )?;
-        let ui = (!tokens.dropped_embeddings.is_empty())
-            .then(|| json!({"dropped_embeddings": tokens.dropped_embeddings}));
+        let (embeddings, dropped) = encode_prompt(&clip, inputs.string("text")?, "text")?;
+        let ui = (!dropped.is_empty()).then(|| json!({"dropped_embeddings": dropped}));
         Ok(Outputs {
-            values: vec![Conditioning { embeddings }.into_value()],
+            values: vec![Conditioning::per_video(embeddings).into_value()],
             ui,
         })
     }
+}
+
+/// `text` encoded as ComfyUI's CLIPTextEncode does: (1, 77·chunks, D), and the names of the
+/// textual-inversion embeddings it dropped. Errors name `input`.
+pub(super) fn encode_prompt(
+    clip: &Clip,
+    text: &str,
+    input: &str,
+) -> Result<(Tensor, Vec<String>), NodeFailure> {
+    let tokenizer = clip
+        .tokenizer()
+        .map_err(|m| NodeFailure::input("clip", m))?;
+    let tokens = tokenize_weighted(tokenizer, text).for_input(input)?;
+    let device = clip.encoder.device().clone();
+    let embeddings = encode_weighted(
+        &clip.encoder,
+        &tokens,
+        &empty_chunk(tokenizer),
+        clip.clip_skip,
+        &device,
+    )?;
+    Ok((embeddings, tokens.dropped_embeddings))
 }
 
 struct EmptyLatentImage;

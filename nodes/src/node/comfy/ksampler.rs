@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::sampling::comfy_noise::{initial_noise, NoiseSettings};
 use crate::sampling::k_diffusion::{
     calculate_sigmas, sample, BrownianNoise, GuidedDenoiser, ModelSamplingDiscrete, NoiseSampler,
-    SamplerKind, Scheduler, StepInfo,
+    PromptEmbeddings, SamplerKind, Scheduler, StepInfo,
 };
 use crate::sampling::torch_random::TorchGenerator;
 use crate::sampling::{ContextOptions, ContextWindows, NoisePredictor};
@@ -261,14 +261,15 @@ impl SamplerRun {
             }
             None => &model.unet,
         };
-        let positive = positive
-            .embeddings
-            .to_device(&device)?
-            .to_dtype(DType::F32)?;
-        let negative = negative
-            .embeddings
-            .to_device(&device)?
-            .to_dtype(DType::F32)?;
+        let embeddings = |c: &Conditioning| -> Result<PromptEmbeddings, NodeFailure> {
+            let tensor = c.embeddings.to_device(&device)?.to_dtype(DType::F32)?;
+            Ok(if c.per_frame {
+                PromptEmbeddings::PerFrame(tensor)
+            } else {
+                PromptEmbeddings::PerVideo(tensor)
+            })
+        };
+        let (positive, negative) = (embeddings(&positive)?, embeddings(&negative)?);
         let total = sigmas.len() - 1;
         let freeinit = model.sampling.iterations;
         let passes = freeinit.map_or(1, |f| f.config.iterations.max(1));

@@ -3,7 +3,7 @@
 //! each a thin adapter over vdm's objects and domain code.
 
 mod ade;
-mod core;
+pub(super) mod core;
 mod ksampler;
 
 use super::Node;

@@ -18,13 +18,56 @@ use super::Denoiser;
 use crate::models::call::{GuidanceLayout, RunObserver, SamplingStep};
 use crate::sampling::{NoisePredictor, PredictRequest};
 
+/// The text embeddings of one prompt: one for every video, or one for every frame (prompt
+/// travel).
+#[derive(Debug, Clone)]
+pub enum PromptEmbeddings {
+    /// (1 or B, S, D).
+    PerVideo(Tensor),
+    /// (F or B·F, S, D), frame-major within each video.
+    PerFrame(Tensor),
+}
+
+impl PromptEmbeddings {
+    fn tensor(&self) -> &Tensor {
+        match self {
+            Self::PerVideo(t) | Self::PerFrame(t) => t,
+        }
+    }
+
+    fn with_tensor(&self, tensor: Tensor) -> Self {
+        match self {
+            Self::PerVideo(_) => Self::PerVideo(tensor),
+            Self::PerFrame(_) => Self::PerFrame(tensor),
+        }
+    }
+
+    /// The rows for `batch` videos of `frames` frames: (B, S, D) per video, (B·F, S, D) per
+    /// frame.
+    fn rows(&self, batch: usize, frames: usize) -> Result<Tensor> {
+        let tensor = self.tensor();
+        let rows = tensor.dim(0)?;
+        let (unit, name) = match self {
+            Self::PerVideo(_) => (1, "videos"),
+            Self::PerFrame(_) => (frames, "frames"),
+        };
+        if rows == batch * unit {
+            Ok(tensor.clone())
+        } else if rows == unit {
+            tensor.repeat((batch, 1, 1))
+        } else {
+            candle_core::bail!("{rows} prompt embeddings for {batch} × {unit} {name}")
+        }
+    }
+}
+
 /// Classifier-free guidance over a noise predictor, for one sampling run.
 pub struct GuidedDenoiser<'a> {
     predictor: &'a dyn NoisePredictor,
     model_sampling: &'a ModelSamplingDiscrete,
-    /// (B, S, D) text embeddings of the positive and negative prompts, of one length.
-    positive: Tensor,
-    negative: Tensor,
+    /// Text embeddings of the positive and negative prompts, of one length.
+    positive: PromptEmbeddings,
+    negative: PromptEmbeddings,
     cfg: f64,
     run: Option<&'a RunObserver>,
     /// The step the next evaluation belongs to (moved on by whoever sees the steps end), and
@@ -41,12 +84,16 @@ impl<'a> GuidedDenoiser<'a> {
     pub fn new(
         predictor: &'a dyn NoisePredictor,
         model_sampling: &'a ModelSamplingDiscrete,
-        positive: &Tensor,
-        negative: &Tensor,
+        positive: &PromptEmbeddings,
+        negative: &PromptEmbeddings,
         cfg: f64,
         steps: usize,
     ) -> Result<Self> {
-        let (positive, negative) = same_length(positive, negative)?;
+        let (equal_positive, equal_negative) = same_length(positive.tensor(), negative.tensor())?;
+        let (positive, negative) = (
+            positive.with_tensor(equal_positive),
+            negative.with_tensor(equal_negative),
+        );
         Ok(Self {
             predictor,
             model_sampling,
@@ -75,25 +122,37 @@ impl<'a> GuidedDenoiser<'a> {
     fn guided(&self) -> bool {
         (self.cfg - 1.0).abs() > 1e-9 * self.cfg.abs().max(1.0)
     }
-
-    /// The text embeddings for `batch` videos.
-    fn per_video(text: &Tensor, batch: usize) -> Result<Tensor> {
-        match text.dim(0)? {
-            b if b == batch => Ok(text.clone()),
-            1 => text.repeat((batch, 1, 1)),
-            b => candle_core::bail!("{b} prompts for {batch} videos"),
-        }
-    }
 }
 
 impl Denoiser for GuidedDenoiser<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f64) -> Result<Tensor> {
-        let batch = x.dim(0)?;
+        let (batch, _, frames, _, _) = x.dims5()?;
         let timestep = self.model_sampling.timestep(sigma) as f64;
         let input = self.model_sampling.calculate_input(sigma, x)?;
-        let positive = Self::per_video(&self.positive, batch)?;
+        let positive = self.positive.rows(batch, frames)?;
         let (latents, text, guidance) = if self.guided() {
-            let negative = Self::per_video(&self.negative, batch)?;
+            let negative = self.negative.rows(batch, frames)?;
+            // A per-video negative beside a per-frame positive is repeated for each frame.
+            let negative = match (&self.positive, &self.negative) {
+                (PromptEmbeddings::PerFrame(_), PromptEmbeddings::PerVideo(_)) => {
+                    let (_, tokens, width) = negative.dims3()?;
+                    negative
+                        .unsqueeze(1)?
+                        .broadcast_as((batch, frames, tokens, width))?
+                        .reshape((batch * frames, tokens, width))?
+                }
+                _ => negative,
+            };
+            let positive = match (&self.positive, &self.negative) {
+                (PromptEmbeddings::PerVideo(_), PromptEmbeddings::PerFrame(_)) => {
+                    let (_, tokens, width) = positive.dims3()?;
+                    positive
+                        .unsqueeze(1)?
+                        .broadcast_as((batch, frames, tokens, width))?
+                        .reshape((batch * frames, tokens, width))?
+                }
+                _ => positive.clone(),
+            };
             (
                 Tensor::cat(&[&input, &input], 0)?,
                 Tensor::cat(&[&negative, &positive], 0)?,
@@ -197,6 +256,10 @@ mod tests {
         let negative = Tensor::full(1f32, (1, 154, 8), &device).unwrap();
         let sigma = 2.0;
         let value = |cfg: f64| -> f32 {
+            let (positive, negative) = (
+                PromptEmbeddings::PerVideo(positive.clone()),
+                PromptEmbeddings::PerVideo(negative.clone()),
+            );
             let mut denoiser =
                 GuidedDenoiser::new(&TextMean, &model, &positive, &negative, cfg, 1).unwrap();
             let out = denoiser.denoise(&x, sigma).unwrap();

@@ -61,7 +61,7 @@ pub mod samplers;
 pub mod sigmas;
 
 pub use brownian::{BrownianNoise, BrownianTime, GaussianSource};
-pub use guider::GuidedDenoiser;
+pub use guider::{GuidedDenoiser, PromptEmbeddings};
 pub use model_sampling::{BetaSchedule, ModelSamplingDiscrete};
 pub use samplers::{sample, SamplerKind};
 pub use sigmas::{calculate_sigmas, Scheduler};
