@@ -53,8 +53,84 @@ pub(super) fn check_model(
     }
 }
 
-/// Finds a model file: the path as given when it exists, else under `<models>/<folder>/`
-/// (ComfyUI's folder names), else an error saying where it looked. Names may use either
+/// The folders searched for models of `folders` (ComfyUI's folder names), in order:
+/// `<models>/<folder>` for each name, then the folders that `extra_model_paths.yaml` adds for
+/// those names. The file is read where a ComfyUI installation keeps it, beside the models
+/// folder, or inside it.
+pub(super) fn model_search_dirs(models: &Path, folders: &[&str]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = folders.iter().map(|f| models.join(f)).collect();
+    let candidates = [
+        models
+            .parent()
+            .map(|root| root.join("extra_model_paths.yaml")),
+        Some(models.join("extra_model_paths.yaml")),
+    ];
+    for file in candidates.into_iter().flatten() {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            let yaml_dir = file.parent().unwrap_or(Path::new("."));
+            for (folder, dir) in extra_model_paths(&text, yaml_dir) {
+                if folders.contains(&folder.as_str()) && !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+            }
+        }
+    }
+    dirs
+}
+
+/// The (folder name, path) pairs of an `extra_model_paths.yaml`, as ComfyUI reads them: each
+/// top-level section may set `base_path` (relative to the file's folder) that the section's
+/// paths are relative to; a folder name takes one path or several, one per line. A file that
+/// is not such YAML adds nothing.
+fn extra_model_paths(text: &str, yaml_dir: &Path) -> Vec<(String, PathBuf)> {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let Ok(documents) = YamlLoader::load_from_str(text) else {
+        return Vec::new();
+    };
+    let mut paths = Vec::new();
+    for document in &documents {
+        let Some(sections) = document.as_hash() else {
+            continue;
+        };
+        for section in sections.values() {
+            let Some(entries) = section.as_hash() else {
+                continue;
+            };
+            let base = entries
+                .get(&Yaml::String("base_path".into()))
+                .and_then(Yaml::as_str)
+                .map(|b| yaml_dir.join(expand_home(b)));
+            for (key, value) in entries {
+                let (Some(folder), Some(value)) = (key.as_str(), value.as_str()) else {
+                    continue;
+                };
+                if folder == "base_path" {
+                    continue;
+                }
+                for line in value.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    let path = expand_home(line);
+                    let full = match &base {
+                        Some(base) => base.join(path),
+                        None => yaml_dir.join(path),
+                    };
+                    paths.push((folder.to_owned(), full));
+                }
+            }
+        }
+    }
+    paths
+}
+
+/// `~/…` with the home folder, as ComfyUI's `expanduser`.
+fn expand_home(path: &str) -> PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(path),
+    }
+}
+
+/// Finds a model file: the path as given when it exists, else in the folders of
+/// [`model_search_dirs`], else an error saying where it looked. Names may use either
 /// slash for subfolders (workflows made on Windows write `sd15\\model.safetensors`).
 pub(super) fn resolve_model(
     ctx: &Context,
@@ -82,8 +158,8 @@ pub(super) fn resolve_model(
     let relative: PathBuf = parts.iter().collect();
     let mut tried = vec![given.display().to_string()];
     if let Some(models) = ctx.setting("models_dir") {
-        for folder in folders {
-            let candidate = Path::new(&models).join(folder).join(&relative);
+        for dir in model_search_dirs(Path::new(&models), folders) {
+            let candidate = dir.join(&relative);
             if candidate.exists() {
                 return Ok(candidate);
             }
@@ -385,5 +461,44 @@ impl Node for EmptyVideoLatent {
         )?;
         let samples = Tensor::zeros((batch, 4, frames, height, width), DType::F32, &device)?;
         Ok(Outputs::one(Latent { samples }.into_value()))
+    }
+}
+
+#[cfg(test)]
+mod model_folder_tests {
+    use super::*;
+
+    #[test]
+    fn extra_model_paths_add_folders_as_comfyui_reads_them() {
+        let dir = crate::video::TempDir::new("extra-paths");
+        let root = dir.0.join("ComfyUI");
+        let models = root.join("models");
+        std::fs::create_dir_all(&models).unwrap();
+        std::fs::write(
+            root.join("extra_model_paths.yaml"),
+            "# comment\na111:\n    base_path: /opt/webui/\n    checkpoints: models/Stable-diffusion\n    \
+             loras: |\n         models/Lora\n         models/LyCORIS\n\nmine:\n    animatediff_models: motion\n",
+        )
+        .unwrap();
+        assert_eq!(
+            model_search_dirs(&models, &["checkpoints"]),
+            [
+                models.join("checkpoints"),
+                PathBuf::from("/opt/webui/models/Stable-diffusion")
+            ]
+        );
+        assert_eq!(
+            model_search_dirs(&models, &["loras"])[1..],
+            [
+                PathBuf::from("/opt/webui/models/Lora"),
+                PathBuf::from("/opt/webui/models/LyCORIS")
+            ]
+        );
+        assert_eq!(
+            model_search_dirs(&models, &["animatediff_models"])[1],
+            root.join("motion")
+        );
+        std::fs::write(root.join("extra_model_paths.yaml"), "{ not: [yaml").unwrap();
+        assert_eq!(model_search_dirs(&models, &["vae"]), [models.join("vae")]);
     }
 }
