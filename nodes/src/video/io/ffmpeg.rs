@@ -197,6 +197,74 @@ impl Ffmpeg {
         fps: f64,
         loop_count: u32,
     ) -> Result<(), MediaError> {
+        self.encode_h264_with(path, rgb, fps, loop_count, &H264Settings::default())
+    }
+
+    /// H.264 in MP4 with `settings`; odd sizes are padded by one black row/column. The clip
+    /// is written `loop_count` + 1 times over, as an MP4 cannot loop.
+    pub(super) fn encode_h264_with(
+        &self,
+        path: &Path,
+        rgb: &Rgb8Frames,
+        fps: f64,
+        loop_count: u32,
+        settings: &H264Settings,
+    ) -> Result<(), MediaError> {
+        let crf = settings.crf.to_string();
+        let output = [
+            "-vf",
+            "pad=ceil(iw/2)*2:ceil(ih/2)*2",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            settings.pix_fmt.as_str(),
+            "-crf",
+            &crf,
+            "-f",
+            "mp4",
+        ];
+        self.encode(path, rgb, fps, loop_count + 1, &output, "write MP4 videos")
+    }
+
+    /// An animated WebP through ffmpeg's libwebp; `loop_count` 0 loops forever, n plays n
+    /// times, as the format's loop field means.
+    pub(super) fn encode_webp(
+        &self,
+        path: &Path,
+        rgb: &Rgb8Frames,
+        fps: f64,
+        loop_count: u32,
+        settings: &WebpSettings,
+    ) -> Result<(), MediaError> {
+        let quality = settings.quality.to_string();
+        let loops = loop_count.to_string();
+        let lossless = if settings.lossless { "1" } else { "0" };
+        let output = [
+            "-c:v",
+            "libwebp_anim",
+            "-lossless",
+            lossless,
+            "-quality",
+            &quality,
+            "-loop",
+            &loops,
+            "-f",
+            "webp",
+        ];
+        self.encode(path, rgb, fps, 1, &output, "write animated WebP images")
+    }
+
+    /// Pipes `copies` passes over the frames into ffmpeg as raw RGB at `fps` and has it write
+    /// `path` with `output_args`.
+    fn encode(
+        &self,
+        path: &Path,
+        rgb: &Rgb8Frames,
+        fps: f64,
+        copies: u32,
+        output_args: &[&str],
+        purpose: &str,
+    ) -> Result<(), MediaError> {
         let mut command = Command::new(&self.ffmpeg);
         command
             .args([
@@ -204,18 +272,16 @@ impl Ffmpeg {
             ])
             .args(["-s", &format!("{}x{}", rgb.width, rgb.height)])
             .args(["-framerate", &fps.to_string(), "-i", "-"])
-            .args(["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"])
-            .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "19"])
-            .args(["-f", "mp4"])
+            .args(output_args)
             .arg(path)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = Self::spawn(&self.ffmpeg, &mut command, "write MP4 videos")?;
+        let mut child = Self::spawn(&self.ffmpeg, &mut command, purpose)?;
         let stderr = drain(child.stderr.take());
         let mut write_error = None;
         if let Some(mut stdin) = child.stdin.take() {
-            'copies: for _ in 0..=loop_count {
+            'copies: for _ in 0..copies {
                 for pixels in rgb.iter() {
                     if let Err(err) = stdin.write_all(pixels) {
                         write_error = Some(err);
@@ -238,6 +304,30 @@ impl Ffmpeg {
         }
         Ok(())
     }
+}
+
+/// Encoder settings of an H.264 MP4: the constant rate factor (0 lossless … 51 worst; higher
+/// values are taken as 51 by x264) and the pixel format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct H264Settings {
+    pub crf: u32,
+    pub pix_fmt: String,
+}
+
+impl Default for H264Settings {
+    fn default() -> Self {
+        Self {
+            crf: 19,
+            pix_fmt: "yuv420p".to_string(),
+        }
+    }
+}
+
+/// Encoder settings of an animated WebP: lossless, or lossy at `quality` (0–100).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebpSettings {
+    pub lossless: bool,
+    pub quality: u32,
 }
 
 /// Collects a child's stderr on a thread, so that a chatty child never blocks on a full pipe.
@@ -307,7 +397,10 @@ mod tests {
     use std::fs;
 
     use crate::video::io::tests::{gradient_clip, mean_abs_diff, names_in};
-    use crate::video::io::{load_video, load_video_with, save_video, save_video_with, VideoFormat};
+    use crate::video::io::{
+        load_video, load_video_with, save_h264, save_video, save_video_with, save_webp,
+        VideoFormat,
+    };
     use crate::video::TempDir;
 
     #[test]
@@ -377,5 +470,65 @@ mod tests {
         let odd_path = save_video(&odd, &dir.0, "odd", VideoFormat::Mp4, 8.0, 1).unwrap();
         let (odd_loaded, _) = load_video(&odd_path, &LoadOptions::default()).unwrap();
         assert_eq!(odd_loaded.dims(), &[4, 8, 10, 3]);
+    }
+
+    /// The canvas size, loop count and number of frames of an animated WebP, from its chunks.
+    fn webp_animation(bytes: &[u8]) -> (u32, u32, u16, usize) {
+        assert_eq!(&bytes[..4], b"RIFF");
+        assert_eq!(&bytes[8..12], b"WEBP");
+        let (mut size, mut loops, mut frames) = ((0, 0), 0, 0);
+        let mut at = 12;
+        while at + 8 <= bytes.len() {
+            let tag = &bytes[at..at + 4];
+            let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+            let body = &bytes[at + 8..at + 8 + len];
+            let u24 = |b: &[u8]| u32::from(b[0]) | u32::from(b[1]) << 8 | u32::from(b[2]) << 16;
+            match tag {
+                b"VP8X" => size = (u24(&body[4..7]) + 1, u24(&body[7..10]) + 1),
+                b"ANIM" => loops = u16::from_le_bytes([body[4], body[5]]),
+                b"ANMF" => frames += 1,
+                _ => {}
+            }
+            at += 8 + len + len % 2;
+        }
+        (size.0, size.1, loops, frames)
+    }
+
+    #[test]
+    fn animated_webp_and_h264_settings_through_ffmpeg() {
+        let ffmpeg = Ffmpeg::default();
+        if !ffmpeg.is_available() {
+            eprintln!("skipping animated_webp_and_h264_settings_through_ffmpeg: ffmpeg/ffprobe not on PATH");
+            return;
+        }
+        let dir = TempDir::new("webp");
+        let clip = gradient_clip(5, 12, 20);
+        for (lossless, loops) in [(true, 0u32), (false, 3)] {
+            let settings = WebpSettings {
+                lossless,
+                quality: 80,
+            };
+            let path = save_webp(&clip, &dir.0, "anim", 8.0, loops, &settings, &ffmpeg).unwrap();
+            assert_eq!(path.extension().unwrap(), "webp");
+            let bytes = fs::read(&path).unwrap();
+            assert_eq!(webp_animation(&bytes), (20, 12, loops as u16, 5));
+        }
+        let settings = H264Settings {
+            crf: 30,
+            pix_fmt: "yuv420p10le".to_string(),
+        };
+        let path = save_h264(&clip, &dir.0, "clip", 8.0, 1, &settings, &ffmpeg).unwrap();
+        let (loaded, _) = load_video(&path, &LoadOptions::default()).unwrap();
+        assert_eq!(loaded.dims(), &[10, 12, 20, 3]);
+        let absent = Ffmpeg {
+            ffmpeg: PathBuf::from("vdm-no-such-ffmpeg"),
+            ffprobe: PathBuf::from("vdm-no-such-ffprobe"),
+        };
+        let settings = WebpSettings {
+            lossless: true,
+            quality: 80,
+        };
+        let err = save_webp(&clip, &dir.0, "none", 8.0, 0, &settings, &absent).unwrap_err();
+        assert!(matches!(err, MediaError::FfmpegMissing { .. }), "{err}");
     }
 }

@@ -117,10 +117,9 @@ fn is_frame_file(path: &Path) -> bool {
     matches!(extension.as_deref(), Some("png" | "jpg" | "jpeg")) && path.is_file()
 }
 
-pub(super) fn load_frame_folder(
-    folder: &Path,
-    options: &LoadOptions,
-) -> Result<FrameStack, MediaError> {
+/// The frames of a folder: its PNG/JPEG files (other files are ignored), in natural order of
+/// their names ([`natural_cmp`]); an error when there are none.
+pub fn frame_folder_files(folder: &Path) -> Result<Vec<PathBuf>, MediaError> {
     let mut files = Vec::new();
     for entry in fs::read_dir(folder).map_err(io_error(folder))? {
         let path = entry.map_err(io_error(folder))?.path();
@@ -138,6 +137,14 @@ pub(super) fn load_frame_folder(
         let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
         natural_cmp(&name(a).unwrap_or_default(), &name(b).unwrap_or_default())
     });
+    Ok(files)
+}
+
+pub(super) fn load_frame_folder(
+    folder: &Path,
+    options: &LoadOptions,
+) -> Result<FrameStack, MediaError> {
+    let files = frame_folder_files(folder)?;
     let mut stack = FrameStack::new(options.max_bytes);
     for (index, file) in files.iter().enumerate() {
         match options.choose(index) {

@@ -15,7 +15,9 @@
 //! - `save`: encoding GIF and APNG, and the atomic write every output goes through.
 //! - `ffmpeg`: finding and running `ffmpeg`/`ffprobe` for the other video containers.
 //! - `naming`: output file names from `filename_prefix` and the counter.
+//! - `conform`: VideoHelperSuite's frame-rate resampling and output sizes for loaded frames.
 
+mod conform;
 mod ffmpeg;
 mod load;
 mod naming;
@@ -28,8 +30,9 @@ use std::str::FromStr;
 
 use candle_core::Tensor;
 
-pub use ffmpeg::Ffmpeg;
-pub use load::{load_alpha, natural_cmp};
+pub use conform::{custom_size, force_rate_indices, resize_frames, select_frames};
+pub use ffmpeg::{Ffmpeg, H264Settings, WebpSettings};
+pub use load::{frame_folder_files, load_alpha, natural_cmp};
 pub use naming::{next_counter, resolve_prefix};
 pub use save::save_atomically;
 
@@ -252,6 +255,52 @@ pub fn save_video(
     )
 }
 
+/// Like [`save_video`] in MP4, with the H.264 encoder's `settings`.
+pub fn save_h264(
+    frames: &Tensor,
+    output_dir: &Path,
+    filename_prefix: &str,
+    fps: f64,
+    loop_count: u32,
+    settings: &H264Settings,
+    ffmpeg: &Ffmpeg,
+) -> Result<PathBuf, MediaError> {
+    check_fps(fps)?;
+    let rgb = Rgb8Frames::from_tensor(frames)?;
+    save_atomically(output_dir, filename_prefix, "mp4", |temp| {
+        ffmpeg.encode_h264_with(temp, &rgb, fps, loop_count, settings)
+    })
+}
+
+/// Writes `frames` as an animated WebP (through `ffmpeg`, whose libwebp encodes animations)
+/// to a new file `{output_dir}/{filename_prefix}_{counter:05}_.webp`; `loop_count` 0 loops
+/// forever.
+pub fn save_webp(
+    frames: &Tensor,
+    output_dir: &Path,
+    filename_prefix: &str,
+    fps: f64,
+    loop_count: u32,
+    settings: &WebpSettings,
+    ffmpeg: &Ffmpeg,
+) -> Result<PathBuf, MediaError> {
+    check_fps(fps)?;
+    let rgb = Rgb8Frames::from_tensor(frames)?;
+    save_atomically(output_dir, filename_prefix, "webp", |temp| {
+        ffmpeg.encode_webp(temp, &rgb, fps, loop_count, settings)
+    })
+}
+
+fn check_fps(fps: f64) -> Result<(), MediaError> {
+    if fps.is_finite() && fps > 0.0 {
+        Ok(())
+    } else {
+        Err(MediaError::Invalid(format!(
+            "fps must be a positive number, got {fps}"
+        )))
+    }
+}
+
 fn load_video_with(
     path: &Path,
     options: &LoadOptions,
@@ -293,11 +342,7 @@ fn save_video_with(
     loop_count: u32,
     ffmpeg: &Ffmpeg,
 ) -> Result<PathBuf, MediaError> {
-    if !(fps.is_finite() && fps > 0.0) {
-        return Err(MediaError::Invalid(format!(
-            "fps must be a positive number, got {fps}"
-        )));
-    }
+    check_fps(fps)?;
     let rgb = Rgb8Frames::from_tensor(frames)?;
     save_atomically(
         output_dir,
