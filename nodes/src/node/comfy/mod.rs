@@ -4,6 +4,7 @@
 
 mod core;
 mod ksampler;
+mod vhs;
 
 use super::Node;
 
@@ -11,5 +12,6 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
     let mut nodes = Vec::new();
     nodes.extend(core::nodes());
     nodes.extend(ksampler::nodes());
+    nodes.extend(vhs::nodes());
     nodes
 }

@@ -152,11 +152,23 @@ mod tests {
         // centre crop removes 8 columns on each side and keeps both halves.
         let (height, full_width) = (8, 24);
         let data: Vec<f32> = (0..height * full_width * 3)
-            .map(|i| if (i / 3) % full_width < full_width / 2 { 0.0 } else { 1.0 })
+            .map(|i| {
+                if (i / 3) % full_width < full_width / 2 {
+                    0.0
+                } else {
+                    1.0
+                }
+            })
             .collect();
         let split = Tensor::from_vec(data, (1, height, full_width, 3), &Device::Cpu).unwrap();
         let resized = resize_frames(&split, 4, 4).unwrap();
-        let row = resized.get(0).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
+        let row = resized
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert!(row[0][0] < 0.5 && row[3][0] > 0.5, "{row:?}");
     }
 }

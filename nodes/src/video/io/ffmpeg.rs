@@ -398,8 +398,7 @@ mod tests {
 
     use crate::video::io::tests::{gradient_clip, mean_abs_diff, names_in};
     use crate::video::io::{
-        load_video, load_video_with, save_h264, save_video, save_video_with, save_webp,
-        VideoFormat,
+        load_video, load_video_with, save_h264, save_video, save_video_with, save_webp, VideoFormat,
     };
     use crate::video::TempDir;
 
