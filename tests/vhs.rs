@@ -648,3 +648,73 @@ fn descriptors_match_videohelpersuite_input_types() {
     );
     assert_eq!(info[class]["output_node"], true);
 }
+
+#[test]
+fn sound_of_a_loaded_video_goes_into_the_mp4() {
+    if !ffmpeg_available() {
+        eprintln!("skipping sound_of_a_loaded_video_goes_into_the_mp4: ffmpeg/ffprobe not on PATH");
+        return;
+    }
+    let folders = folders();
+    let status = Command::new("ffmpeg")
+        .args(["-v", "error", "-nostdin", "-y", "-f", "lavfi"])
+        .args(["-i", "testsrc=size=32x24:rate=8:duration=1"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:sample_rate=8000:duration=1",
+        ])
+        .args([
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
+        ])
+        .arg(folders.input.join("tone.mp4"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let set = plugins();
+    let summary = run(
+        &set,
+        &folders,
+        json!({
+            "1": load_video("tone.mp4", json!({"frame_load_cap": 4, "format": "AnimateDiff"})),
+            "2": combine(json!(["1", 0]), "video/h264-mp4", json!({"audio": ["1", 2]})),
+            "3": combine(json!(["1", 0]), "image/gif", json!({"audio": ["1", 2]})),
+        }),
+    );
+    let mp4 = gifs_entry(&summary, "2");
+    assert_eq!(mp4["filename"], "clip_00001_-audio.mp4");
+    let with_sound = PathBuf::from(mp4["fullpath"].as_str().unwrap());
+    assert!(with_sound.is_file());
+    assert!(with_sound.with_file_name("clip_00001_.mp4").is_file());
+    let probe = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_type",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(&with_sound)
+        .output()
+        .unwrap();
+    let streams = String::from_utf8_lossy(&probe.stdout);
+    assert!(
+        streams.contains("video") && streams.contains("audio"),
+        "{streams}"
+    );
+    // The image formats carry no sound.
+    let gif = gifs_entry(&summary, "3");
+    assert!(gif["filename"].as_str().unwrap().ends_with(".gif"));
+    assert_eq!(
+        gif_frames(Path::new(gif["fullpath"].as_str().unwrap())).len(),
+        4
+    );
+}

@@ -13,9 +13,11 @@
 //!   reference uses Lanczos).
 //! - A folder of images holds PNG/JPEG frames in natural name order (`frame_2` before
 //!   `frame_10`), all of one size.
-//! - The loaders do not read sound: their `AUDIO` output carries no waveform. Video Combine
-//!   ignores an audio input without a waveform and refuses one with samples, as vdm does not
-//!   mux sound.
+//! - Sound: Load Video reads the audio stream of video containers through ffmpeg when it is
+//!   installed (eagerly; the reference reads it when first used). Its `AUDIO` output has no
+//!   waveform for GIF/PNG sources, files without sound, or without ffmpeg. Video Combine adds
+//!   a waveform to MP4 output as the reference does (`{name}-audio.mp4` beside the silent
+//!   file, AAC) and ignores audio for the image formats.
 //! - Video Combine writes no first-frame PNG beside the video (the reference's
 //!   `VHS_MetadataImage` off); files are named `{prefix}_{counter:05}_.{ext}` and written
 //!   atomically, like every vdm output. The batch manager (`meta_batch`) and the latent paths
@@ -34,8 +36,8 @@ use crate::node::{
 };
 use crate::video::io::{
     custom_size, force_rate_indices, frame_folder_files, load_alpha, load_video, resize_frames,
-    save_h264, save_video, save_webp, select_frames, Ffmpeg, H264Settings, LoadOptions, MediaError,
-    VideoFormat, WebpSettings,
+    save_h264, save_video, save_webp, save_with_audio, select_frames, AudioSamples, Ffmpeg,
+    H264Settings, LoadOptions, MediaError, VideoFormat, WebpSettings, FFMPEG_VIDEO_EXTENSIONS,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
@@ -269,10 +271,18 @@ impl Node for LoadVideo {
             selection.select_every_nth,
             (loaded_count, width, height),
         );
-        let audio = Audio {
-            waveform: None,
-            sample_rate: 0,
+        // The sound of the loaded stretch, as the reference cuts it: from the skipped frames'
+        // time, for frame_load_cap frames (0: to the end).
+        let rate = if force_rate > 0.0 {
+            force_rate
+        } else {
+            source_fps
         };
+        let audio = load_audio(
+            &path,
+            selection.skip_first_frames as f64 / rate,
+            (selection.frame_load_cap * selection.select_every_nth) as f64 / rate,
+        )?;
         Ok(Outputs {
             values: vec![
                 Images { frames }.into_value(),
@@ -283,6 +293,61 @@ impl Node for LoadVideo {
             ui: None,
         })
     }
+}
+
+/// The sound of a video container from `start` seconds for `duration` seconds (0: to the end).
+/// Files that cannot hold sound (GIF, PNG, frame folders), files without an audio stream, and
+/// any file when ffmpeg is not installed give an audio without a waveform.
+fn load_audio(path: &Path, start: f64, duration: f64) -> Result<Audio, NodeFailure> {
+    let silent = Audio {
+        waveform: None,
+        sample_rate: 0,
+    };
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    if path.is_dir() || !FFMPEG_VIDEO_EXTENSIONS.contains(&extension.as_str()) {
+        return Ok(silent);
+    }
+    let samples = match Ffmpeg::default().decode_audio(path, start, duration) {
+        Ok(Some(samples)) => samples,
+        Ok(None) | Err(MediaError::FfmpegMissing { .. }) => return Ok(silent),
+        Err(other) => return Err(NodeFailure::input("video", other)),
+    };
+    let count = samples.samples.len() / samples.channels;
+    let waveform = Tensor::from_vec(samples.samples, (count, samples.channels), &Device::Cpu)?
+        .t()?
+        .unsqueeze(0)?
+        .contiguous()?;
+    Ok(Audio {
+        waveform: Some(waveform),
+        sample_rate: samples.sample_rate,
+    })
+}
+
+/// An `AUDIO` waveform (batch, channels, samples) as the interleaved samples of its first
+/// batch entry.
+fn interleaved(audio: &Audio) -> Result<Option<AudioSamples>, NodeFailure> {
+    let Some(waveform) = &audio.waveform else {
+        return Ok(None);
+    };
+    let (_, channels, _) = waveform.dims3().for_input("audio")?;
+    if channels == 0 || audio.sample_rate == 0 {
+        return Ok(None);
+    }
+    let samples = waveform
+        .get(0)?
+        .t()?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(Some(AudioSamples {
+        samples,
+        channels,
+        sample_rate: audio.sample_rate,
+    }))
 }
 
 /// The reference's video info: the source's numbers, and the loaded frames' rate (the forced
@@ -526,14 +591,11 @@ impl Node for VideoCombine {
         let format = CombineFormat::parse(format_name)?;
         let pingpong = inputs.bool("pingpong")?;
         let save_output = inputs.bool("save_output")?;
-        if let Some(audio) = inputs.optional_object::<Audio>("audio")? {
-            if audio.waveform.is_some() && format == CombineFormat::H264Mp4 {
-                return Err(NodeFailure::input(
-                    "audio",
-                    "vdm does not mux sound into videos; disconnect the audio input",
-                ));
-            }
-        }
+        // Image formats carry no sound, so the reference ignores the audio for them.
+        let sound = match inputs.optional_object::<Audio>("audio")? {
+            Some(audio) if format == CombineFormat::H264Mp4 => interleaved(&audio)?,
+            _ => None,
+        };
 
         let mut frames = images.frames;
         if pingpong {
@@ -582,14 +644,27 @@ impl Node for VideoCombine {
                 )
             }
         };
-        let path = saved.map_err(|e| match e {
+        let failure = |e: MediaError| match e {
             MediaError::Prefix { .. } => NodeFailure::input("filename_prefix", e),
             MediaError::FfmpegMissing { .. } => {
                 NodeFailure::input("format", format!("{format_name} needs ffmpeg: {e}"))
             }
             other => NodeFailure::execution(other),
-        })?;
-
+        };
+        let mut paths = vec![saved.map_err(failure)?];
+        if let Some(sound) = sound {
+            // Unless trimmed to the sound, a shorter sound is padded with silence to a second
+            // past the frames, so the video keeps its length.
+            let pad_to = if inputs.bool_or("trim_to_audio", false)? {
+                None
+            } else {
+                Some(frames.dim(0)? as f64 / frame_rate + 1.0)
+            };
+            let with_sound = save_with_audio(&paths[0], &sound, pad_to, &ffmpeg);
+            paths.push(with_sound.map_err(failure)?);
+        }
+        // The report names the last file written: the one with sound when there is one.
+        let path = paths[paths.len() - 1].clone();
         let mut entry = file_entry(&folder, &path);
         entry["type"] = json!(if save_output { "output" } else { "temp" });
         entry["format"] = json!(format_name);
@@ -600,10 +675,7 @@ impl Node for VideoCombine {
         } else {
             json!(frame_rate)
         };
-        let filenames = Filenames {
-            save_output,
-            paths: vec![path],
-        };
+        let filenames = Filenames { save_output, paths };
         Ok(Outputs {
             values: vec![filenames.into_value()],
             ui: Some(json!({ "gifs": [entry] })),

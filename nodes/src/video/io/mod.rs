@@ -31,10 +31,10 @@ use std::str::FromStr;
 use candle_core::Tensor;
 
 pub use conform::{custom_size, force_rate_indices, resize_frames, select_frames};
-pub use ffmpeg::{Ffmpeg, H264Settings, WebpSettings};
+pub use ffmpeg::{AudioSamples, Ffmpeg, H264Settings, WebpSettings};
 pub use load::{frame_folder_files, load_alpha, natural_cmp};
 pub use naming::{next_counter, resolve_prefix};
-pub use save::save_atomically;
+pub use save::{save_atomically, save_companion};
 
 use load::{load_frame_folder, load_gif, load_png, load_still};
 use save::{write_apng, write_gif, Rgb8Frames};
@@ -288,6 +288,19 @@ pub fn save_webp(
     let rgb = Rgb8Frames::from_tensor(frames)?;
     save_atomically(output_dir, filename_prefix, "webp", |temp| {
         ffmpeg.encode_webp(temp, &rgb, fps, loop_count, settings)
+    })
+}
+
+/// Writes `{stem}-audio.mp4` beside the MP4 `video`: its video stream with `audio` added
+/// (see [`Ffmpeg::mux_audio`] for `pad_to`), and returns its path.
+pub fn save_with_audio(
+    video: &Path,
+    audio: &AudioSamples,
+    pad_to: Option<f64>,
+    ffmpeg: &Ffmpeg,
+) -> Result<PathBuf, MediaError> {
+    save_companion(video, "-audio", |temp| {
+        ffmpeg.mux_audio(video, audio, pad_to, temp)
     })
 }
 
