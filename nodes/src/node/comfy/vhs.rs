@@ -129,7 +129,7 @@ fn load_failure(input: &str, error: MediaError, ctx: &Context) -> NodeFailure {
 }
 
 /// `VHS_LoadVideo`: frames of a video or animated image, resampled, selected and resized as
-/// the reference does, with the frame count, (empty) audio and the video info.
+/// the reference does, with the frame count, its sound and the video info.
 struct LoadVideo;
 
 impl Node for LoadVideo {
@@ -207,8 +207,17 @@ impl Node for LoadVideo {
             max_bytes: budget.limit.0,
             ..LoadOptions::default()
         };
-        let (source, source_fps) =
-            load_video(&path, &every_frame).map_err(|e| load_failure("video", e, ctx))?;
+        let (source, source_fps) = load_video(&path, &every_frame).map_err(|e| match e {
+            MediaError::TooLarge { .. } => NodeFailure::input(
+                "video",
+                format!(
+                    "{e} (the memory budget: {}); every frame of the source is decoded before \
+                     force_rate and the selection apply",
+                    budget.source
+                ),
+            ),
+            other => NodeFailure::input("video", other),
+        })?;
         let (source_count, source_height, source_width, _) = source.dims4()?;
 
         let sequence = force_rate_indices(source_count, source_fps, force_rate);
@@ -251,12 +260,13 @@ impl Node for LoadVideo {
             format.size_multiple,
         );
         if width == 0 || height == 0 {
+            let input = match (custom_width, custom_height) {
+                (0, 0) => "format",
+                (0, _) => "custom_height",
+                _ => "custom_width",
+            };
             return Err(NodeFailure::input(
-                if custom_width > 0 {
-                    "custom_width"
-                } else {
-                    "custom_height"
-                },
+                input,
                 format!(
                     "gives a {width}×{height} frame from the {source_width}×{source_height} source"
                 ),
@@ -281,7 +291,10 @@ impl Node for LoadVideo {
         let audio = load_audio(
             &path,
             selection.skip_first_frames as f64 / rate,
-            (selection.frame_load_cap * selection.select_every_nth) as f64 / rate,
+            selection
+                .frame_load_cap
+                .saturating_mul(selection.select_every_nth) as f64
+                / rate,
         )?;
         Ok(Outputs {
             values: vec![
