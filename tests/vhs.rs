@@ -718,3 +718,72 @@ fn sound_of_a_loaded_video_goes_into_the_mp4() {
         4
     );
 }
+
+#[test]
+fn ui_workflows_with_widgets_stored_by_name_run() {
+    // Video Helper Suite's editor stores widget values as an object keyed by widget name,
+    // with its preview state and the upload button among them.
+    let folders = folders();
+    write_numbered_gif(&folders.input, 6);
+    let set = plugins();
+    let ui = json!({
+        "last_node_id": 2,
+        "last_link_id": 2,
+        "nodes": [
+            {
+                "id": 1, "type": "VHS_LoadVideo", "mode": 0,
+                "inputs": [
+                    {"name": "meta_batch", "type": "VHS_BatchManager", "link": null},
+                    {"name": "vae", "type": "VAE", "link": null}
+                ],
+                "outputs": [
+                    {"name": "IMAGE", "type": "IMAGE", "links": [1]},
+                    {"name": "frame_count", "type": "INT", "links": null},
+                    {"name": "audio", "type": "AUDIO", "links": [2]},
+                    {"name": "video_info", "type": "VHS_VIDEOINFO", "links": null}
+                ],
+                "widgets_values": {
+                    "video": "numbered.gif", "force_rate": 0, "custom_width": 0,
+                    "custom_height": 0, "frame_load_cap": 3, "skip_first_frames": 0,
+                    "select_every_nth": 1, "format": "AnimateDiff",
+                    "choose video to upload": "image",
+                    "videopreview": {"hidden": false, "paused": false, "params": {
+                        "filename": "numbered.gif", "type": "input", "format": "video/gif"
+                    }}
+                }
+            },
+            {
+                "id": 2, "type": "VHS_VideoCombine", "mode": 0,
+                "inputs": [
+                    {"name": "images", "type": "IMAGE", "link": 1},
+                    {"name": "audio", "type": "AUDIO", "link": 2},
+                    {"name": "meta_batch", "type": "VHS_BatchManager", "link": null},
+                    {"name": "vae", "type": "VAE", "link": null}
+                ],
+                "outputs": [{"name": "Filenames", "type": "VHS_FILENAMES", "links": null}],
+                "widgets_values": {
+                    "frame_rate": 8, "loop_count": 0, "filename_prefix": "AnimateDiff",
+                    "format": "image/gif", "pingpong": false, "save_output": true,
+                    "videopreview": {"hidden": false, "paused": false, "params": {}}
+                }
+            }
+        ],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 1, 2, 2, 1, "AUDIO"]],
+        "version": 0.4
+    });
+    let (workflow, warnings) = vdm::ui_workflow::parse_workflow(&ui.to_string(), &set).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let executor = executor(&set, &folders);
+    let report = executor.validate(&workflow);
+    assert!(
+        report.is_ok() && report.warnings.is_empty(),
+        "{}",
+        report.to_text()
+    );
+    let summary = executor.run(&workflow).unwrap_or_else(|e| panic!("{e}"));
+    let entry = gifs_entry(&summary, "2");
+    assert_eq!(entry["filename"], "AnimateDiff_00001_.gif");
+    let frames = gif_frames(Path::new(entry["fullpath"].as_str().unwrap()));
+    assert_eq!(frames.len(), 3);
+    assert_eq!((frames[0].0, frames[0].1), (40, 24));
+}
