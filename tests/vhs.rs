@@ -209,6 +209,23 @@ fn load_video_resamples_selects_and_resizes_as_videohelpersuite() {
         );
     }
 
+    // 10 fps → 20 fps repeats every frame after the first.
+    let summary = run(
+        &set,
+        &folders,
+        json!({
+            "1": load_video("numbered.gif", json!({"force_rate": 20, "frame_load_cap": 5})),
+            "2": combine(json!(["1", 0]), "image/gif", json!({"filename_prefix": "up"})),
+        }),
+    );
+    let path = PathBuf::from(gifs_entry(&summary, "2")["fullpath"].as_str().unwrap());
+    let reds: Vec<u8> = gif_frames(&path).into_iter().map(|f| f.2).collect();
+    let expected = [0u8, 1, 1, 2, 2].map(|f| f * 20);
+    assert_eq!(reds.len(), expected.len(), "{reds:?}");
+    for (red, want) in reds.iter().zip(expected) {
+        assert!(red.abs_diff(want) <= 3, "{reds:?}");
+    }
+
     // The editor's default load format, AnimateDiff, rounds sizes to multiples of 8.
     let summary = run(
         &set,

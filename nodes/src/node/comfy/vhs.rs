@@ -6,10 +6,11 @@
 //! Where vdm differs from the reference:
 //! - `video` and `directory` are paths (absolute, or relative to the input folder) rather than
 //!   a list of the input folder's entries; API-format workflows carry the same strings.
-//! - Frames are loaded by vdm's decoders: every frame of the source is decoded first (so the
-//!   whole source must fit the memory budget), then resampled by `force_rate` and selected by
-//!   `skip_first_frames`, `select_every_nth` and `frame_load_cap` in the reference's order.
-//!   Resizing cuts the centre to the new aspect ratio and resamples bicubically (the
+//! - Frames are loaded by vdm's decoders. The source's frames are counted first (a video's
+//!   packets by ffprobe; a GIF's frames decoded one at a time), its frames resampled by
+//!   `force_rate` and selected by `skip_first_frames`, `select_every_nth` and
+//!   `frame_load_cap` in the reference's order, and only the stretch of frames wanted is then
+//!   decoded. Resizing cuts the centre to the new aspect ratio and resamples bicubically (the
 //!   reference uses Lanczos).
 //! - A folder of images holds PNG/JPEG frames in natural name order (`frame_2` before
 //!   `frame_10`), all of one size.
@@ -35,9 +36,10 @@ use crate::node::{
     DescriptorBuilder, ForInput, Images, Inputs, Node, NodeFailure, Outputs, PluginType,
 };
 use crate::video::io::{
-    custom_size, force_rate_indices, frame_folder_files, load_alpha, load_video, resize_frames,
-    save_h264, save_video, save_webp, save_with_audio, select_frames, AudioSamples, Ffmpeg,
-    H264Settings, LoadOptions, MediaError, VideoFormat, WebpSettings, FFMPEG_VIDEO_EXTENSIONS,
+    count_frames, custom_size, force_rate_indices, frame_folder_files, load_alpha, load_video,
+    resize_frames, save_h264, save_video, save_webp, save_with_audio, select_frames, AudioSamples,
+    Ffmpeg, H264Settings, LoadOptions, MediaError, VideoFormat, WebpSettings,
+    FFMPEG_VIDEO_EXTENSIONS,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
@@ -202,24 +204,14 @@ impl Node for LoadVideo {
                 )
             })?;
 
+        // The source is counted first, so that only the stretch of frames wanted is decoded.
         let budget = ctx.memory_budget(&Device::Cpu);
-        let every_frame = LoadOptions {
+        let limits = LoadOptions {
             max_bytes: budget.limit.0,
             ..LoadOptions::default()
         };
-        let (source, source_fps) = load_video(&path, &every_frame).map_err(|e| match e {
-            MediaError::TooLarge { .. } => NodeFailure::input(
-                "video",
-                format!(
-                    "{e} (the memory budget: {}); every frame of the source is decoded before \
-                     force_rate and the selection apply",
-                    budget.source
-                ),
-            ),
-            other => NodeFailure::input("video", other),
-        })?;
-        let (source_count, source_height, source_width, _) = source.dims4()?;
-
+        let (source_count, source_fps) =
+            count_frames(&path, &limits).map_err(|e| load_failure("video", e, ctx))?;
         let sequence = force_rate_indices(source_count, source_fps, force_rate);
         let mut chosen = select_frames(&sequence, &selection);
         if let Some((step, remainder)) = format.frame_rule {
@@ -230,7 +222,7 @@ impl Node for LoadVideo {
                 chosen.truncate(usable);
             }
         }
-        if chosen.is_empty() {
+        let (Some(&first), Some(&last)) = (chosen.first(), chosen.last()) else {
             return Err(NodeFailure::input(
                 "video",
                 format!(
@@ -244,14 +236,48 @@ impl Node for LoadVideo {
                     }
                 ),
             ));
+        };
+        // Without resampling the selection is the decoders' own; with it, the stretch from
+        // the first frame shown to the last is decoded and frames are picked (or repeated)
+        // from it.
+        let (stretch, offset) = if force_rate > 0.0 {
+            let stretch = LoadOptions {
+                skip_first_frames: first,
+                frame_load_cap: last - first + 1,
+                ..limits
+            };
+            (stretch, first)
+        } else {
+            let exact = LoadOptions {
+                frame_load_cap: chosen.len(),
+                max_bytes: limits.max_bytes,
+                ..selection
+            };
+            (exact, 0)
+        };
+        let (loaded, _) = load_video(&path, &stretch).map_err(|e| load_failure("video", e, ctx))?;
+        let (loaded_frames, source_height, source_width, _) = loaded.dims4()?;
+        let frames = if force_rate > 0.0 {
+            // A count that overestimated the decodable frames leaves fewer to pick from.
+            let picks: Vec<u32> = chosen
+                .iter()
+                .map(|&source| source - offset)
+                .take_while(|&position| position < loaded_frames)
+                .map(|position| position as u32)
+                .collect();
+            chosen.truncate(picks.len());
+            let count = picks.len();
+            loaded.index_select(&Tensor::from_vec(picks, count, &Device::Cpu)?, 0)?
+        } else {
+            chosen.truncate(loaded_frames);
+            loaded
+        };
+        if chosen.is_empty() {
+            return Err(NodeFailure::input(
+                "video",
+                format!("counted {source_count} frames but none of those wanted could be decoded"),
+            ));
         }
-        let indices = Tensor::from_vec(
-            chosen.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            chosen.len(),
-            &Device::Cpu,
-        )?;
-        let frames = source.index_select(&indices, 0)?;
-        drop(source);
 
         let (width, height) = custom_size(
             (source_width, source_height),

@@ -118,6 +118,38 @@ impl Ffmpeg {
         Ok(VideoStream { width, height, fps })
     }
 
+    /// The number of frames of a video's first video stream (its packets, counted without
+    /// decoding) and their rate.
+    pub(super) fn count_frames(&self, path: &Path) -> Result<(usize, f64), MediaError> {
+        let stream = self.probe(path)?;
+        let mut command = Command::new(&self.ffprobe);
+        command
+            .args(["-v", "error", "-select_streams", "v:0", "-count_packets"])
+            .args(["-show_entries", "stream=nb_read_packets", "-of", "csv=p=0"])
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = Self::spawn(&self.ffprobe, &mut command, "read videos")?;
+        let output = child.wait_with_output().map_err(io_error(&self.ffprobe))?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let count = text
+            .split(|c: char| !c.is_ascii_digit())
+            .find(|part| !part.is_empty())
+            .and_then(|digits| digits.parse::<usize>().ok());
+        match count {
+            Some(count) if output.status.success() => Ok((count, stream.fps)),
+            _ => Err(Self::failure(
+                &self.ffprobe,
+                path,
+                format!(
+                    "cannot count the frames: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            )),
+        }
+    }
+
     pub(super) fn decode(
         &self,
         path: &Path,

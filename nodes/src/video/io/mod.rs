@@ -31,12 +31,13 @@ use std::str::FromStr;
 use candle_core::Tensor;
 
 pub use conform::{custom_size, force_rate_indices, resize_frames, select_frames};
+
 pub use ffmpeg::{AudioSamples, Ffmpeg, H264Settings, WebpSettings};
 pub use load::{frame_folder_files, load_alpha, natural_cmp};
 pub use naming::{next_counter, resolve_prefix};
 pub use save::{save_atomically, save_companion};
 
-use load::{load_frame_folder, load_gif, load_png, load_still};
+use load::{count_gif, count_png, load_frame_folder, load_gif, load_png, load_still};
 use save::{write_apng, write_gif, Rgb8Frames};
 
 /// Frame rate reported for inputs that carry none (frame folders, still images).
@@ -227,6 +228,39 @@ impl FromStr for VideoFormat {
 /// dropped, as PIL's `convert("RGB")` does.
 pub fn load_video(path: &Path, options: &LoadOptions) -> Result<(Tensor, f64), MediaError> {
     load_video_with(path, options, &Ffmpeg::default())
+}
+
+/// The number of frames [`load_video`] reads from `path` with default options and their
+/// rate, without keeping the frames: a folder's frame files; a GIF's or animated PNG's frames,
+/// decoded one at a time (the rate from their delays); a video's packets, counted by `ffprobe`
+/// without decoding. `options` gives the decoders' memory limits.
+pub fn count_frames(path: &Path, options: &LoadOptions) -> Result<(usize, f64), MediaError> {
+    count_frames_with(path, options, &Ffmpeg::default())
+}
+
+fn count_frames_with(
+    path: &Path,
+    options: &LoadOptions,
+    ffmpeg: &Ffmpeg,
+) -> Result<(usize, f64), MediaError> {
+    let metadata = fs::metadata(path).map_err(io_error(path))?;
+    if metadata.is_dir() {
+        return Ok((load::frame_folder_files(path)?.len(), DEFAULT_FPS));
+    }
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    match extension.as_str() {
+        "gif" => load::without_panics(path, || count_gif(path, options)),
+        "png" | "apng" => load::without_panics(path, || count_png(path, options)),
+        "jpg" | "jpeg" => Ok((1, DEFAULT_FPS)),
+        e if FFMPEG_VIDEO_EXTENSIONS.contains(&e) => ffmpeg.count_frames(path),
+        _ => Err(MediaError::Unsupported {
+            path: path.to_path_buf(),
+        }),
+    }
 }
 
 /// Writes `frames` ((frames, height, width, 3), values clamped to [0, 1], any device) to a new
@@ -481,5 +515,30 @@ mod tests {
             ..LoadOptions::default()
         };
         assert!(load_video(&path, &zero_nth).is_err());
+    }
+
+    #[test]
+    fn frames_are_counted_without_loading_them() {
+        let dir = TempDir::new("count");
+        let clip = gradient_clip(5, 8, 12);
+        let limits = LoadOptions::default();
+        for format in [VideoFormat::Gif, VideoFormat::Png] {
+            let path = save_video(&clip, &dir.0, "clip", format, 10.0, 0).unwrap();
+            let (count, fps) = count_frames(&path, &limits).unwrap();
+            assert_eq!(count, 5, "{format}");
+            assert!((fps - 10.0).abs() < 1e-9, "{format}: {fps}");
+        }
+        let frames = dir.0.join("frames");
+        fs::create_dir_all(&frames).unwrap();
+        for name in ["a_1.png", "a_2.png", "a_3.jpg"] {
+            image::RgbImage::new(4, 4).save(frames.join(name)).unwrap();
+        }
+        assert_eq!(count_frames(&frames, &limits).unwrap(), (3, DEFAULT_FPS));
+        if Ffmpeg::default().is_available() {
+            let path = save_video(&clip, &dir.0, "clip", VideoFormat::Mp4, 12.0, 1).unwrap();
+            let (count, fps) = count_frames(&path, &limits).unwrap();
+            assert_eq!(count, 10);
+            assert!((fps - 12.0).abs() < 1e-6, "{fps}");
+        }
     }
 }
