@@ -335,8 +335,9 @@ impl Node for LoadVideo {
 }
 
 /// The sound of a video container from `start` seconds for `duration` seconds (0: to the end).
-/// Files that cannot hold sound (GIF, PNG, frame folders), files without an audio stream, and
-/// any file when ffmpeg is not installed give an audio without a waveform.
+/// Files that cannot hold sound (GIF, PNG, frame folders), files without an audio stream or
+/// with none in that stretch, and any file when ffmpeg is not installed give an audio without
+/// a waveform.
 fn load_audio(path: &Path, start: f64, duration: f64) -> Result<Audio, NodeFailure> {
     let silent = Audio {
         waveform: None,
@@ -351,8 +352,8 @@ fn load_audio(path: &Path, start: f64, duration: f64) -> Result<Audio, NodeFailu
         return Ok(silent);
     }
     let samples = match Ffmpeg::default().decode_audio(path, start, duration) {
-        Ok(Some(samples)) => samples,
-        Ok(None) | Err(MediaError::FfmpegMissing { .. }) => return Ok(silent),
+        Ok(Some(samples)) if !samples.samples.is_empty() => samples,
+        Ok(_) | Err(MediaError::FfmpegMissing { .. }) => return Ok(silent),
         Err(other) => return Err(NodeFailure::input("video", other)),
     };
     let count = samples.samples.len() / samples.channels;
