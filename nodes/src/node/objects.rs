@@ -297,6 +297,38 @@ pub struct EntropyProbe {
     pub table: Arc<EntropyTable>,
 }
 
+/// A `VHS_VIDEOINFO`: what Video Helper Suite's loaders report about the source file and the
+/// frames loaded from it (rates in frames per second, durations in seconds, sizes in pixels).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VideoInfo {
+    pub source_fps: f64,
+    pub source_frame_count: usize,
+    pub source_duration: f64,
+    pub source_width: usize,
+    pub source_height: usize,
+    pub loaded_fps: f64,
+    pub loaded_frame_count: usize,
+    pub loaded_duration: f64,
+    pub loaded_width: usize,
+    pub loaded_height: usize,
+}
+
+/// `VHS_FILENAMES`: whether a Video Combine saved to the output folder (else the temporary
+/// one) and the files it wrote, as Video Helper Suite's `(save_output, paths)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filenames {
+    pub save_output: bool,
+    pub paths: Vec<std::path::PathBuf>,
+}
+
+/// An `AUDIO`: ComfyUI's waveform (batch, channels, samples) at `sample_rate`; `waveform` is
+/// `None` for a source without sound (Video Helper Suite's loaders then give an empty audio).
+#[derive(Debug, Clone)]
+pub struct Audio {
+    pub waveform: Option<Tensor>,
+    pub sample_rate: u32,
+}
+
 macro_rules! plugin_type {
     ($t:ty, $tag:literal, |$s:ident| $describe:expr) => {
         impl PluginObject for $t {
@@ -361,6 +393,26 @@ plugin_type!(Motion, "MOTION", |m| format!(
     m.field.flow.dims(),
     m.field.amplitude
 ));
+
+plugin_type!(VideoInfo, "VHS_VIDEOINFO", |v| format!(
+    "{}×{} {} frames at {:.3} fps (source {}×{} {} frames at {:.3} fps)",
+    v.loaded_width,
+    v.loaded_height,
+    v.loaded_frame_count,
+    v.loaded_fps,
+    v.source_width,
+    v.source_height,
+    v.source_frame_count,
+    v.source_fps
+));
+plugin_type!(Filenames, "VHS_FILENAMES", |f| format!(
+    "save_output {}, {:?}",
+    f.save_output, f.paths
+));
+plugin_type!(Audio, "AUDIO", |a| match &a.waveform {
+    Some(w) => format!("{:?} at {} Hz", w.dims(), a.sample_rate),
+    None => "none".to_owned(),
+});
 
 /// A host tensor to a CPU candle tensor (f16/bf16 are widened to f32).
 pub fn host_to_tensor(t: &HostTensor) -> Result<Tensor, String> {

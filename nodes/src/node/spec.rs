@@ -146,6 +146,19 @@ impl DescriptorBuilder {
         self.input(name, InputKind::Combo { options, default }, tooltip)
     }
 
+    /// A choice among `options` whose default is `default` rather than the first.
+    pub fn combo_with_default(
+        self,
+        name: &str,
+        options: &[&str],
+        default: &str,
+        tooltip: &str,
+    ) -> Self {
+        let options = options.iter().map(|o| RString::from(*o)).collect();
+        let default = default.into();
+        self.input(name, InputKind::Combo { options, default }, tooltip)
+    }
+
     /// A value produced by another node, of socket type `type_name`.
     pub fn object(self, name: &str, type_name: &str, tooltip: &str) -> Self {
         self.input(

@@ -5,6 +5,7 @@
 mod ade;
 pub(super) mod core;
 mod ksampler;
+mod vhs;
 
 use super::Node;
 
@@ -13,5 +14,6 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
     nodes.extend(core::nodes());
     nodes.extend(ade::nodes());
     nodes.extend(ksampler::nodes());
+    nodes.extend(vhs::nodes());
     nodes
 }

@@ -117,10 +117,9 @@ fn is_frame_file(path: &Path) -> bool {
     matches!(extension.as_deref(), Some("png" | "jpg" | "jpeg")) && path.is_file()
 }
 
-pub(super) fn load_frame_folder(
-    folder: &Path,
-    options: &LoadOptions,
-) -> Result<FrameStack, MediaError> {
+/// The frames of a folder: its PNG/JPEG files (other files are ignored), in natural order of
+/// their names ([`natural_cmp`]); an error when there are none.
+pub fn frame_folder_files(folder: &Path) -> Result<Vec<PathBuf>, MediaError> {
     let mut files = Vec::new();
     for entry in fs::read_dir(folder).map_err(io_error(folder))? {
         let path = entry.map_err(io_error(folder))?.path();
@@ -138,6 +137,14 @@ pub(super) fn load_frame_folder(
         let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
         natural_cmp(&name(a).unwrap_or_default(), &name(b).unwrap_or_default())
     });
+    Ok(files)
+}
+
+pub(super) fn load_frame_folder(
+    folder: &Path,
+    options: &LoadOptions,
+) -> Result<FrameStack, MediaError> {
+    let files = frame_folder_files(folder)?;
     let mut stack = FrameStack::new(options.max_bytes);
     for (index, file) in files.iter().enumerate() {
         match options.choose(index) {
@@ -151,44 +158,72 @@ pub(super) fn load_frame_folder(
     Ok(stack)
 }
 
+/// The frame rate of an animation from the mean delay of the frames read (10 fps when the file
+/// gives no delays, as browsers play such GIFs).
+#[derive(Debug, Default)]
+struct FrameTiming {
+    delay_ms: f64,
+    delays: usize,
+}
+
+impl FrameTiming {
+    fn add(&mut self, frame: &image::Frame) {
+        let (numerator, denominator) = frame.delay().numer_denom_ms();
+        if denominator > 0 {
+            self.delay_ms += f64::from(numerator) / f64::from(denominator);
+            self.delays += 1;
+        }
+    }
+
+    fn fps(&self) -> f64 {
+        let mean_delay_ms = if self.delays > 0 {
+            self.delay_ms / self.delays as f64
+        } else {
+            0.0
+        };
+        if mean_delay_ms > 0.0 {
+            1000.0 / mean_delay_ms
+        } else {
+            10.0
+        }
+    }
+}
+
 /// Feeds the frames of an animation through `options`, returning them and the source frame rate
-/// from the mean frame delay of the frames read (10 fps when the file gives no delays, as
-/// browsers play such GIFs).
+/// of the frames read ([`FrameTiming`]).
 fn collect_animation<'a>(
     path: &Path,
     frames: image::Frames<'a>,
     options: &LoadOptions,
 ) -> Result<(FrameStack, f64), MediaError> {
     let mut stack = FrameStack::new(options.max_bytes);
-    let (mut delay_ms, mut delays) = (0.0f64, 0usize);
+    let mut timing = FrameTiming::default();
     for (index, frame) in frames.enumerate() {
         let choice = options.choose(index);
         if choice == FrameChoice::Done {
             break;
         }
         let frame = frame.map_err(decode_error(path))?;
-        let (numerator, denominator) = frame.delay().numer_denom_ms();
-        if denominator > 0 {
-            delay_ms += f64::from(numerator) / f64::from(denominator);
-            delays += 1;
-        }
+        timing.add(&frame);
         if choice == FrameChoice::Take {
             let buffer = frame.into_buffer();
             let (width, height) = buffer.dimensions();
             stack.push_u8(path, width, height, buffer.as_raw(), 4)?;
         }
     }
-    let mean_delay_ms = if delays > 0 {
-        delay_ms / delays as f64
-    } else {
-        0.0
-    };
-    let fps = if mean_delay_ms > 0.0 {
-        1000.0 / mean_delay_ms
-    } else {
-        10.0
-    };
-    Ok((stack, fps))
+    Ok((stack, timing.fps()))
+}
+
+/// The number of frames of an animation and their rate ([`FrameTiming`]), decoding each
+/// without keeping it.
+fn count_animation(path: &Path, frames: image::Frames<'_>) -> Result<(usize, f64), MediaError> {
+    let mut timing = FrameTiming::default();
+    let mut count = 0;
+    for frame in frames {
+        timing.add(&frame.map_err(decode_error(path))?);
+        count += 1;
+    }
+    Ok((count, timing.fps()))
 }
 
 /// Runs a decoder, turning a panic on malformed input (the png crate indexes a short palette
@@ -311,6 +346,32 @@ pub(super) fn load_png(
         check_canvas(path, decoder.dimensions(), decoder.total_bytes(), options)?;
         let image = DynamicImage::from_decoder(decoder).map_err(decode_error(path))?;
         single_frame(path, &image, options)
+    }
+}
+
+/// The frame count and rate of a GIF, as [`load_gif`] would find them loading every frame.
+pub(super) fn count_gif(path: &Path, options: &LoadOptions) -> Result<(usize, f64), MediaError> {
+    let mut decoder = GifDecoder::new(open_buffered(path)?).map_err(decode_error(path))?;
+    decoder
+        .set_limits(decoder_limits(options))
+        .map_err(decode_error(path))?;
+    count_animation(path, decoder.into_frames())
+}
+
+/// The frame count and rate of a PNG: an animated one's frames, else one frame.
+pub(super) fn count_png(path: &Path, options: &LoadOptions) -> Result<(usize, f64), MediaError> {
+    let mut decoder = PngDecoder::new(open_buffered(path)?).map_err(decode_error(path))?;
+    decoder
+        .set_limits(decoder_limits(options))
+        .map_err(decode_error(path))?;
+    if decoder.is_apng().map_err(decode_error(path))? {
+        let (width, height) = decoder.dimensions();
+        let canvas = u64::from(width).saturating_mul(u64::from(height)) * 4;
+        check_canvas(path, (width, height), canvas, options)?;
+        let animation = decoder.apng().map_err(decode_error(path))?;
+        count_animation(path, animation.into_frames())
+    } else {
+        Ok((1, DEFAULT_FPS))
     }
 }
 

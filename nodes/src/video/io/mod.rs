@@ -15,7 +15,9 @@
 //! - `save`: encoding GIF and APNG, and the atomic write every output goes through.
 //! - `ffmpeg`: finding and running `ffmpeg`/`ffprobe` for the other video containers.
 //! - `naming`: output file names from `filename_prefix` and the counter.
+//! - `conform`: VideoHelperSuite's frame-rate resampling and output sizes for loaded frames.
 
+mod conform;
 mod ffmpeg;
 mod load;
 mod naming;
@@ -28,12 +30,14 @@ use std::str::FromStr;
 
 use candle_core::Tensor;
 
-pub use ffmpeg::Ffmpeg;
-pub use load::{load_alpha, natural_cmp};
-pub use naming::{next_counter, resolve_prefix};
-pub use save::save_atomically;
+pub use conform::{custom_size, force_rate_indices, resize_frames, select_frames};
 
-use load::{load_frame_folder, load_gif, load_png, load_still};
+pub use ffmpeg::{AudioSamples, Ffmpeg, H264Settings, WebpSettings};
+pub use load::{frame_folder_files, load_alpha, natural_cmp};
+pub use naming::{next_counter, resolve_prefix};
+pub use save::{save_atomically, save_companion};
+
+use load::{count_gif, count_png, load_frame_folder, load_gif, load_png, load_still};
 use save::{write_apng, write_gif, Rgb8Frames};
 
 /// Frame rate reported for inputs that carry none (frame folders, still images).
@@ -226,6 +230,39 @@ pub fn load_video(path: &Path, options: &LoadOptions) -> Result<(Tensor, f64), M
     load_video_with(path, options, &Ffmpeg::default())
 }
 
+/// The number of frames [`load_video`] reads from `path` with default options and their
+/// rate, without keeping the frames: a folder's frame files; a GIF's or animated PNG's frames,
+/// decoded one at a time (the rate from their delays); a video's packets, counted by `ffprobe`
+/// without decoding. `options` gives the decoders' memory limits.
+pub fn count_frames(path: &Path, options: &LoadOptions) -> Result<(usize, f64), MediaError> {
+    count_frames_with(path, options, &Ffmpeg::default())
+}
+
+fn count_frames_with(
+    path: &Path,
+    options: &LoadOptions,
+    ffmpeg: &Ffmpeg,
+) -> Result<(usize, f64), MediaError> {
+    let metadata = fs::metadata(path).map_err(io_error(path))?;
+    if metadata.is_dir() {
+        return Ok((load::frame_folder_files(path)?.len(), DEFAULT_FPS));
+    }
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    match extension.as_str() {
+        "gif" => load::without_panics(path, || count_gif(path, options)),
+        "png" | "apng" => load::without_panics(path, || count_png(path, options)),
+        "jpg" | "jpeg" => Ok((1, DEFAULT_FPS)),
+        e if FFMPEG_VIDEO_EXTENSIONS.contains(&e) => ffmpeg.count_frames(path),
+        _ => Err(MediaError::Unsupported {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
 /// Writes `frames` ((frames, height, width, 3), values clamped to [0, 1], any device) to a new
 /// file `{output_dir}/{filename_prefix}_{counter:05}_.{ext}` and returns its path.
 ///
@@ -250,6 +287,65 @@ pub fn save_video(
         loop_count,
         &Ffmpeg::default(),
     )
+}
+
+/// Like [`save_video`] in MP4, with the H.264 encoder's `settings`.
+pub fn save_h264(
+    frames: &Tensor,
+    output_dir: &Path,
+    filename_prefix: &str,
+    fps: f64,
+    loop_count: u32,
+    settings: &H264Settings,
+    ffmpeg: &Ffmpeg,
+) -> Result<PathBuf, MediaError> {
+    check_fps(fps)?;
+    let rgb = Rgb8Frames::from_tensor(frames)?;
+    save_atomically(output_dir, filename_prefix, "mp4", |temp| {
+        ffmpeg.encode_h264_with(temp, &rgb, fps, loop_count, settings)
+    })
+}
+
+/// Writes `frames` as an animated WebP (through `ffmpeg`, whose libwebp encodes animations)
+/// to a new file `{output_dir}/{filename_prefix}_{counter:05}_.webp`; `loop_count` 0 loops
+/// forever.
+pub fn save_webp(
+    frames: &Tensor,
+    output_dir: &Path,
+    filename_prefix: &str,
+    fps: f64,
+    loop_count: u32,
+    settings: &WebpSettings,
+    ffmpeg: &Ffmpeg,
+) -> Result<PathBuf, MediaError> {
+    check_fps(fps)?;
+    let rgb = Rgb8Frames::from_tensor(frames)?;
+    save_atomically(output_dir, filename_prefix, "webp", |temp| {
+        ffmpeg.encode_webp(temp, &rgb, fps, loop_count, settings)
+    })
+}
+
+/// Writes `{stem}-audio.mp4` beside the MP4 `video`: its video stream with `audio` added
+/// (see [`Ffmpeg::mux_audio`] for `pad_to`), and returns its path.
+pub fn save_with_audio(
+    video: &Path,
+    audio: &AudioSamples,
+    pad_to: Option<f64>,
+    ffmpeg: &Ffmpeg,
+) -> Result<PathBuf, MediaError> {
+    save_companion(video, "-audio", |temp| {
+        ffmpeg.mux_audio(video, audio, pad_to, temp)
+    })
+}
+
+fn check_fps(fps: f64) -> Result<(), MediaError> {
+    if fps.is_finite() && fps > 0.0 {
+        Ok(())
+    } else {
+        Err(MediaError::Invalid(format!(
+            "fps must be a positive number, got {fps}"
+        )))
+    }
 }
 
 fn load_video_with(
@@ -293,11 +389,7 @@ fn save_video_with(
     loop_count: u32,
     ffmpeg: &Ffmpeg,
 ) -> Result<PathBuf, MediaError> {
-    if !(fps.is_finite() && fps > 0.0) {
-        return Err(MediaError::Invalid(format!(
-            "fps must be a positive number, got {fps}"
-        )));
-    }
+    check_fps(fps)?;
     let rgb = Rgb8Frames::from_tensor(frames)?;
     save_atomically(
         output_dir,
@@ -423,5 +515,30 @@ mod tests {
             ..LoadOptions::default()
         };
         assert!(load_video(&path, &zero_nth).is_err());
+    }
+
+    #[test]
+    fn frames_are_counted_without_loading_them() {
+        let dir = TempDir::new("count");
+        let clip = gradient_clip(5, 8, 12);
+        let limits = LoadOptions::default();
+        for format in [VideoFormat::Gif, VideoFormat::Png] {
+            let path = save_video(&clip, &dir.0, "clip", format, 10.0, 0).unwrap();
+            let (count, fps) = count_frames(&path, &limits).unwrap();
+            assert_eq!(count, 5, "{format}");
+            assert!((fps - 10.0).abs() < 1e-9, "{format}: {fps}");
+        }
+        let frames = dir.0.join("frames");
+        fs::create_dir_all(&frames).unwrap();
+        for name in ["a_1.png", "a_2.png", "a_3.jpg"] {
+            image::RgbImage::new(4, 4).save(frames.join(name)).unwrap();
+        }
+        assert_eq!(count_frames(&frames, &limits).unwrap(), (3, DEFAULT_FPS));
+        if Ffmpeg::default().is_available() {
+            let path = save_video(&clip, &dir.0, "clip", VideoFormat::Mp4, 12.0, 1).unwrap();
+            let (count, fps) = count_frames(&path, &limits).unwrap();
+            assert_eq!(count, 10);
+            assert!((fps - 12.0).abs() < 1e-6, "{fps}");
+        }
     }
 }

@@ -203,6 +203,53 @@ pub fn save_atomically(
     result
 }
 
+/// Writes a companion of the output file `output`: `{stem}{suffix}.{extension}` in its folder
+/// (`clip_00001_.mp4` → `clip_00001_-audio.mp4`), through a temporary file like
+/// [`save_atomically`], and never over an existing file.
+pub fn save_companion(
+    output: &Path,
+    suffix: &str,
+    write: impl FnOnce(&Path) -> Result<(), MediaError>,
+) -> Result<PathBuf, MediaError> {
+    static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+    let (Some(folder), Some(stem)) = (output.parent(), output.file_stem()) else {
+        return Err(MediaError::Invalid(format!(
+            "{} names no file in a folder",
+            output.display()
+        )));
+    };
+    let stem = stem.to_string_lossy();
+    let mut name = format!("{stem}{suffix}");
+    if let Some(extension) = output.extension() {
+        name = format!("{name}.{}", extension.to_string_lossy());
+    }
+    let target = folder.join(&name);
+    let temp = folder.join(temporary_name(
+        &format!("{stem}{suffix}"),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed),
+    ));
+    let result = write(&temp)
+        .and_then(|()| {
+            fs::File::open(&temp)
+                .and_then(|file| file.sync_all())
+                .map_err(io_error(&temp))
+        })
+        .and_then(|()| {
+            // A hard link fails instead of replacing an existing file, which a rename would do.
+            fs::hard_link(&temp, &target)
+                .or_else(|err| {
+                    if err.kind() != std::io::ErrorKind::AlreadyExists && !target.exists() {
+                        fs::rename(&temp, &target)
+                    } else {
+                        Err(err)
+                    }
+                })
+                .map_err(io_error(&target))
+        });
+    let _ = fs::remove_file(&temp);
+    result.map(|()| target)
+}
+
 fn publish(temp: &Path, folder: &Path, name: &str, extension: &str) -> Result<PathBuf, MediaError> {
     const ATTEMPTS: usize = 1000;
     let mut counter = next_counter(folder, name)?;
