@@ -33,9 +33,10 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
 const CHECKPOINT_FOLDERS: &[&str] = &["checkpoints", "diffusers"];
 const VAE_FOLDERS: &[&str] = &["vae"];
 const MOTION_MODULE_FOLDERS: &[&str] = &["animatediff_models", "animatediff_motion_modules"];
+pub(super) const LORA_FOLDERS: &[&str] = &["loras"];
 
 /// The check of a model input given as a literal: that the file can be found.
-fn check_model(inputs: &Inputs, ctx: &Context, input: &str, folders: &[&str]) -> Vec<NodeFailure> {
+pub(super) fn check_model(inputs: &Inputs, ctx: &Context, input: &str, folders: &[&str]) -> Vec<NodeFailure> {
     match inputs.get(input) {
         Some(Value::Str(name)) => resolve_model(ctx, input, folders, name)
             .err()
@@ -47,7 +48,7 @@ fn check_model(inputs: &Inputs, ctx: &Context, input: &str, folders: &[&str]) ->
 
 /// Finds a model file: the path as given when it exists, else under `<models>/<folder>/`
 /// (ComfyUI's folder names), else an error saying where it looked.
-fn resolve_model(
+pub(super) fn resolve_model(
     ctx: &Context,
     input: &str,
     folders: &[&str],
@@ -154,6 +155,7 @@ impl Node for CheckpointLoader {
                 .into_value(),
                 Clip {
                     encoder: Arc::new(checkpoint.text_encoder),
+                    weights: checkpoint.text_encoder_weights,
                     tokenizer: checkpoint.tokenizer.map(Arc::new),
                     clip_skip: 1,
                     tokenizer_search: search,

@@ -3,11 +3,13 @@
 //! each a thin adapter over vdm's objects and domain code.
 
 mod core;
+mod lora;
 
 use super::Node;
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
     let mut nodes = Vec::new();
     nodes.extend(core::nodes());
+    nodes.extend(lora::nodes());
     nodes
 }

@@ -1,0 +1,632 @@
+//! LoRA files merged into model weights, as ComfyUI's `LoraLoader` and AnimateDiff-Evolved's
+//! motion LoRAs apply them.
+//!
+//! A LoRA file stores, per adapted layer (a *module*), a low-rank change `up · down` (with an
+//! optional `alpha`) or a full difference. Its module names follow one of several conventions;
+//! each is mapped to the checkpoint key of the weight it changes, the diffusers name the model
+//! was built with:
+//!
+//! | convention | module name (file keys add the suffixes below) |
+//! | --- | --- |
+//! | kohya / A1111, diffusers names | `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q` (also `lycoris_…`) |
+//! | kohya / A1111, LDM names | `lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q`, renamed with the single-file checkpoint mapping |
+//! | LDM, dotted | `diffusion_model.input_blocks.1.1.proj_in` |
+//! | diffusers / PEFT | `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` (with or without `unet.`) |
+//! | diffusers attention processors | `unet.down_blocks.0.….attn1.processor.to_q` (`to_out` for `to_out.0`) |
+//! | kohya text encoder | `lora_te_text_model_encoder_layers_0_self_attn_q_proj` (also `lora_te1_…`) |
+//! | diffusers text encoder | `text_encoder.text_model.encoder.layers.0.self_attn.q_proj` |
+//! | AnimateDiff motion LoRA | `down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q` |
+//!
+//! The text-encoder modules are the six projections of each layer ComfyUI adapts (`q_proj`,
+//! `k_proj`, `v_proj`, `out_proj`, `mlp.fc1`, `mlp.fc2`). Suffixes: `.lora_up.weight` /
+//! `.lora_down.weight` (kohya), `.lora_B.weight` / `.lora_A.weight` (PEFT), `_lora.up.weight` /
+//! `_lora.down.weight` (diffusers processors, motion LoRAs), `.lora.up.weight` /
+//! `.lora.down.weight`, `.lora_linear_layer.up.weight` / `.down.weight` (transformers), `.alpha`,
+//! and `.diff` / `.diff_b` for a full difference of the weight / of the bias.
+//!
+//! The merge is ComfyUI's: `W' = W + strength · (alpha / rank) · up · down`, with `rank` the
+//! rows of `down` and `alpha` the rank when the file has none, computed in f32 and cast back to
+//! `W`'s dtype. Convolution changes (LoCon) are flattened to matrices (`up` to
+//! `(out, rank)`, `down` to `(rank, in·kh·kw)`) and the product is reshaped to the kernel.
+//! Motion LoRAs carry no alpha and add `strength · up · down`, as AnimateDiff-Evolved does.
+//! Keys of modules that map to no weight, or that need what is not supported (Tucker
+//! `lora_mid`, DoRA `dora_scale`), are reported as not applied, as ComfyUI's
+//! "lora key not loaded".
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::checkpoint::MotionModuleFile;
+use super::clip::{ClipTextConfig, ClipTextTransformer};
+use super::load::{animatediff_key_to_diffusers, ldm_unet_key_to_diffusers, open_weights};
+use super::load::{LoadError, WeightMap};
+use super::patcher::{Patch, PatchedUNet};
+use super::unet::UNet2DConditionModel;
+use super::weights::{self, NamedWeights};
+
+/// Why a LoRA could not be read or merged.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{origin}: LoRA module `{module}`: {message}")]
+    Merge {
+        origin: String,
+        module: String,
+        message: String,
+    },
+    #[error("{origin}: {message}")]
+    Model { origin: String, message: String },
+}
+
+/// What one file key of a LoRA is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Up,
+    Down,
+    Alpha,
+    Diff,
+    DiffBias,
+    /// A part of a format that is not supported (Tucker `lora_mid`, DoRA `dora_scale`): the
+    /// whole module is left out.
+    Unsupported,
+}
+
+/// The key suffixes a LoRA file uses, with the part each names.
+const SUFFIXES: [(&str, Part); 15] = [
+    (".lora_up.weight", Part::Up),
+    (".lora_down.weight", Part::Down),
+    (".lora_B.weight", Part::Up),
+    (".lora_A.weight", Part::Down),
+    ("_lora.up.weight", Part::Up),
+    ("_lora.down.weight", Part::Down),
+    (".lora_linear_layer.up.weight", Part::Up),
+    (".lora_linear_layer.down.weight", Part::Down),
+    (".lora.up.weight", Part::Up),
+    (".lora.down.weight", Part::Down),
+    (".alpha", Part::Alpha),
+    (".diff", Part::Diff),
+    (".diff_b", Part::DiffBias),
+    (".lora_mid.weight", Part::Unsupported),
+    (".dora_scale", Part::Unsupported),
+];
+
+/// The file keys of one adapted layer.
+#[derive(Debug, Clone, Default)]
+struct Module {
+    parts: Vec<(Part, String)>,
+}
+
+impl Module {
+    fn key(&self, part: Part) -> Option<&str> {
+        self.parts
+            .iter()
+            .find(|(p, _)| *p == part)
+            .map(|(_, key)| key.as_str())
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().map(|(_, key)| key.as_str())
+    }
+
+    /// Whether the module can be merged: a complete up/down pair or a difference, and nothing
+    /// unsupported.
+    fn is_mergeable(&self) -> bool {
+        let low_rank = self.key(Part::Up).is_some() && self.key(Part::Down).is_some();
+        let diff = self.key(Part::Diff).is_some() || self.key(Part::DiffBias).is_some();
+        self.key(Part::Unsupported).is_none() && (low_rank || diff)
+    }
+}
+
+/// A LoRA file, its keys grouped by the module they change.
+#[derive(Debug, Clone)]
+pub struct LoraFile {
+    path: PathBuf,
+    tensors: WeightMap,
+    modules: BTreeMap<String, Module>,
+}
+
+/// The weights a LoRA changes in one model, merged, and the file keys that went into them.
+#[derive(Debug, Clone, Default)]
+pub struct MergedLora {
+    /// The merged weights by checkpoint key of the model.
+    pub weights: NamedWeights,
+    /// The file keys of the modules merged.
+    pub applied: BTreeSet<String>,
+}
+
+impl LoraFile {
+    /// Opens a LoRA: safetensors or a PyTorch zip pickle (`.ckpt`, `.pt`, `.bin`).
+    pub fn open(path: &Path) -> Result<Self, LoraError> {
+        Ok(Self::from_weights(path, open_weights(path)?))
+    }
+
+    /// Groups already opened tensors by module.
+    pub fn from_weights(path: &Path, tensors: WeightMap) -> Self {
+        let mut modules: BTreeMap<String, Module> = BTreeMap::new();
+        for key in tensors.keys() {
+            let found = SUFFIXES
+                .iter()
+                .find_map(|(suffix, part)| key.strip_suffix(suffix).map(|name| (name, *part)));
+            // Keys with none of the suffixes belong to no module and are never applied.
+            if let Some((name, part)) = found {
+                modules
+                    .entry(name.to_string())
+                    .or_default()
+                    .parts
+                    .push((part, key.to_string()));
+            }
+        }
+        Self {
+            path: path.to_path_buf(),
+            tensors,
+            modules,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The number of tensors in the file.
+    pub fn key_count(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// The file keys none of `merges` applied, sorted: ComfyUI's "lora key not loaded".
+    pub fn not_applied(&self, merges: &[&MergedLora]) -> Vec<String> {
+        self.tensors
+            .keys()
+            .filter(|key| !merges.iter().any(|m| m.applied.contains(*key)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The modules `target` maps to a weight key, with that key; unmergeable modules are left
+    /// out.
+    fn targets(&self, target: impl Fn(&str) -> Option<String>) -> Vec<(&str, &Module, String)> {
+        self.modules
+            .iter()
+            .filter(|(_, module)| module.is_mergeable())
+            .filter_map(|(name, module)| target(name).map(|key| (name.as_str(), module, key)))
+            .collect()
+    }
+
+    /// The file keys of the modules `target` maps, without merging anything (what a strength of
+    /// 0 still counts as loaded, as ComfyUI does).
+    fn claimed(&self, target: impl Fn(&str) -> Option<String>) -> MergedLora {
+        let applied = self
+            .targets(target)
+            .into_iter()
+            .flat_map(|(_, module, _)| module.keys().map(str::to_string))
+            .collect();
+        MergedLora {
+            weights: NamedWeights::new(),
+            applied,
+        }
+    }
+
+    /// Merges every module `target` maps to a weight key (of the weight; a `.diff_b` goes to the
+    /// `.bias` beside it) into the weight `current` returns for that key, scaled by `strength`.
+    /// Results are cast to the current weight's dtype when `keep_dtype`, else left in f32.
+    fn merge(
+        &self,
+        strength: f64,
+        target: impl Fn(&str) -> Option<String>,
+        current: impl Fn(&str) -> Option<Tensor>,
+        keep_dtype: bool,
+    ) -> Result<MergedLora, LoraError> {
+        let mut merged = MergedLora::default();
+        for (name, module, weight_key) in self.targets(target) {
+            let fail = |message: String| LoraError::Merge {
+                origin: self.tensors.origin().to_string(),
+                module: name.to_string(),
+                message,
+            };
+            let mut changes: Vec<(String, Tensor)> = Vec::new();
+            if module.key(Part::Up).is_some() || module.key(Part::Diff).is_some() {
+                changes.push((weight_key.clone(), self.weight_change(name, module)?));
+            }
+            if let Some(diff_key) = module.key(Part::DiffBias) {
+                let bias_key = match weight_key.strip_suffix(".weight") {
+                    Some(stem) => format!("{stem}.bias"),
+                    None => return Err(fail(format!("`{weight_key}` has no bias beside it"))),
+                };
+                changes.push((bias_key, self.read(diff_key)?));
+            }
+            for (key, change) in changes {
+                let base = merged
+                    .weights
+                    .get(&key)
+                    .cloned()
+                    .or_else(|| current(&key))
+                    .ok_or_else(|| fail(format!("the model has no weight `{key}`")))?;
+                let result = add_scaled(&base, &change, strength, keep_dtype)
+                    .map_err(|e| fail(format!("cannot merge into `{key}`: {e}")))?;
+                merged.weights.insert(key, result);
+            }
+            merged.applied.extend(module.keys().map(str::to_string));
+        }
+        Ok(merged)
+    }
+
+    /// The unscaled change a module makes to its weight: `(alpha / rank) · up · down` (flattened
+    /// to matrices), or its `.diff`.
+    fn weight_change(&self, name: &str, module: &Module) -> Result<Tensor, LoraError> {
+        let name_error = |message: String| LoraError::Merge {
+            origin: self.tensors.origin().to_string(),
+            module: name.to_string(),
+            message,
+        };
+        let (Some(up_key), Some(down_key)) = (module.key(Part::Up), module.key(Part::Down)) else {
+            let diff_key = module
+                .key(Part::Diff)
+                .ok_or_else(|| name_error("neither up/down nor diff".into()))?;
+            return self.read(diff_key);
+        };
+        let up = self.read(up_key)?;
+        let down = self.read(down_key)?;
+        let product = || -> candle_core::Result<Tensor> {
+            let rank = down.dim(0)?;
+            let up = up.flatten_from(1)?;
+            let down = down.flatten_from(1)?;
+            if up.dim(1)? != rank {
+                candle_core::bail!(
+                    "up {:?} and down {:?} do not share a rank",
+                    up.dims(),
+                    down.dims()
+                )
+            }
+            up.matmul(&down)
+        };
+        let product = product().map_err(|e| name_error(e.to_string()))?;
+        let rank = down.dims().first().copied().unwrap_or(1).max(1) as f64;
+        let scale = match module.key(Part::Alpha) {
+            Some(alpha_key) => {
+                let alpha = self
+                    .read(alpha_key)?
+                    .flatten_all()
+                    .and_then(|t| t.get(0))
+                    .and_then(|t| t.to_scalar::<f32>())
+                    .map_err(|e| name_error(format!("alpha: {e}")))?;
+                f64::from(alpha) / rank
+            }
+            None => 1.0,
+        };
+        (product * scale).map_err(|e| name_error(e.to_string()))
+    }
+
+    /// A tensor of the file as f32 on the CPU.
+    fn read(&self, key: &str) -> Result<Tensor, LoraError> {
+        Ok(self.tensors.load(key, DType::F32, &Device::Cpu)?)
+    }
+}
+
+/// `base + strength · change`, in f32, reshaped to `base`'s shape, on `base`'s device; cast
+/// back to `base`'s dtype when `keep_dtype`.
+fn add_scaled(
+    base: &Tensor,
+    change: &Tensor,
+    strength: f64,
+    keep_dtype: bool,
+) -> candle_core::Result<Tensor> {
+    if change.elem_count() != base.elem_count() {
+        candle_core::bail!(
+            "the change has shape {:?}, the weight {:?}",
+            change.dims(),
+            base.dims()
+        )
+    }
+    let change = change.reshape(base.shape())?.to_device(base.device())?;
+    let sum = (base.to_dtype(DType::F32)? + (change * strength)?)?;
+    if keep_dtype {
+        sum.to_dtype(base.dtype())
+    } else {
+        Ok(sum)
+    }
+}
+
+/// `name` with every `.` as `_`, as kohya names modules.
+fn underscored(name: &str) -> String {
+    name.replace('.', "_")
+}
+
+/// The names in LDM UNet keys that contain an underscore; every other `_` of a kohya LDM name
+/// stands for a `.`.
+const LDM_COMPOUND_NAMES: [&str; 16] = [
+    "input_blocks",
+    "middle_block",
+    "output_blocks",
+    "time_embed",
+    "label_emb",
+    "in_layers",
+    "out_layers",
+    "emb_layers",
+    "skip_connection",
+    "transformer_blocks",
+    "proj_in",
+    "proj_out",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+];
+
+/// The dotted LDM path of a kohya LDM module name: `input_blocks_1_1_transformer_blocks_0_attn1_to_q`
+/// → `input_blocks.1.1.transformer_blocks.0.attn1.to_q`.
+fn ldm_path(name: &str) -> String {
+    let tokens: Vec<&str> = name.split('_').collect();
+    let mut parts: Vec<String> = Vec::with_capacity(tokens.len());
+    let mut i = 0;
+    while i < tokens.len() {
+        let joined = tokens.get(i + 1).map(|next| format!("{}_{next}", tokens[i]));
+        match joined {
+            Some(compound) if LDM_COMPOUND_NAMES.contains(&compound.as_str()) => {
+                parts.push(compound);
+                i += 2;
+            }
+            _ => {
+                parts.push(tokens[i].to_string());
+                i += 1;
+            }
+        }
+    }
+    parts.join(".")
+}
+
+/// A diffusers module path as the model names it: without `unet.`, without the attention
+/// `processor.` level, `to_out` as `to_out.0`.
+fn diffusers_path(name: &str) -> String {
+    let name = name.strip_prefix("unet.").unwrap_or(name);
+    let name = name.replace(".processor.", ".");
+    match name.strip_suffix(".to_out") {
+        Some(stem) => format!("{stem}.to_out.0"),
+        None => name,
+    }
+}
+
+/// Maps LoRA module names to the UNet weight they change.
+struct UnetTargets<'a> {
+    keys: &'a NamedWeights,
+    /// kohya diffusers-named modules: `down_blocks_0_…_to_q` → `down_blocks.0.….to_q.weight`.
+    kohya: HashMap<String, &'a str>,
+    layers_per_block: usize,
+}
+
+impl<'a> UnetTargets<'a> {
+    fn new(unet: &'a UNet2DConditionModel) -> Self {
+        let keys = unet.weights();
+        let kohya = keys
+            .keys()
+            .filter_map(|key| key.strip_suffix(".weight").map(|stem| (stem, key)))
+            .map(|(stem, key)| (underscored(stem), key.as_str()))
+            .collect();
+        let config = unet.config();
+        let layers_per_block = config
+            .layers_per_block
+            .expand(config.block_out_channels.len(), "layers_per_block")
+            .ok()
+            .and_then(|per_block| per_block.first().copied())
+            .unwrap_or(2);
+        Self {
+            keys,
+            kohya,
+            layers_per_block,
+        }
+    }
+
+    fn weight(&self, key: String) -> Option<String> {
+        self.keys.contains_key(&key).then_some(key)
+    }
+
+    fn from_ldm(&self, path: &str) -> Option<String> {
+        let key = ldm_unet_key_to_diffusers(&format!("{path}.weight"), self.layers_per_block)?;
+        self.weight(key)
+    }
+
+    fn target(&self, module: &str) -> Option<String> {
+        let kohya = module
+            .strip_prefix("lora_unet_")
+            .or_else(|| module.strip_prefix("lycoris_"));
+        if let Some(name) = kohya {
+            return match self.kohya.get(name) {
+                Some(key) => Some(key.to_string()),
+                None => self.from_ldm(&ldm_path(name)),
+            };
+        }
+        if let Some(path) = module.strip_prefix("diffusion_model.") {
+            return self.from_ldm(path);
+        }
+        self.weight(format!("{}.weight", diffusers_path(module)))
+    }
+}
+
+/// The text-encoder projections ComfyUI adapts, by transformers path and kohya name.
+const CLIP_PROJECTIONS: [(&str, &str); 6] = [
+    ("mlp.fc1", "mlp_fc1"),
+    ("mlp.fc2", "mlp_fc2"),
+    ("self_attn.k_proj", "self_attn_k_proj"),
+    ("self_attn.q_proj", "self_attn_q_proj"),
+    ("self_attn.v_proj", "self_attn_v_proj"),
+    ("self_attn.out_proj", "self_attn_out_proj"),
+];
+
+/// The text-encoder weight a LoRA module changes: `text_model.encoder.layers.N.<projection>.weight`
+/// as `base` names it (with or without the `text_model.` prefix).
+fn text_encoder_target(module: &str, base: &NamedWeights) -> Option<String> {
+    let (layer, projection) = if let Some(rest) = module
+        .strip_prefix("lora_te_text_model_encoder_layers_")
+        .or_else(|| module.strip_prefix("lora_te1_text_model_encoder_layers_"))
+    {
+        let (layer, name) = rest.split_once('_')?;
+        let (path, _) = CLIP_PROJECTIONS.iter().find(|(_, n)| *n == name)?;
+        (layer, *path)
+    } else {
+        let rest = module.strip_prefix("text_encoder.text_model.encoder.layers.")?;
+        let (layer, path) = rest.split_once('.')?;
+        let (path, _) = CLIP_PROJECTIONS.iter().find(|(p, _)| *p == path)?;
+        (layer, *path)
+    };
+    let layer: usize = layer.parse().ok()?;
+    let key = format!("encoder.layers.{layer}.{projection}.weight");
+    [format!("text_model.{key}"), key]
+        .into_iter()
+        .find(|k| base.contains_key(k))
+}
+
+/// The motion-module weight an AnimateDiff motion LoRA module changes, as AnimateDiff-Evolved
+/// names it (the `processor.` level dropped, `to_out` as `to_out.0`), renamed to the
+/// diffusers `MotionAdapter` key and kept when `has` knows it. Only `temporal` modules count.
+fn motion_target(module: &str, has: impl Fn(&str) -> bool) -> Option<String> {
+    if !module.contains("temporal") {
+        return None;
+    }
+    let original = format!("{}.weight", diffusers_path(module));
+    let key = animatediff_key_to_diffusers(&original)?;
+    has(&key).then_some(key)
+}
+
+/// A text encoder's frozen weights by checkpoint key, its config, and the weights replaced so
+/// far (LoRAs merged in, in order): a patched encoder is rebuilt from these, sharing every
+/// weight not replaced with the frozen one.
+#[derive(Debug, Clone)]
+pub struct TextEncoderWeights {
+    pub config: ClipTextConfig,
+    pub base: Arc<NamedWeights>,
+    pub replaced: Arc<NamedWeights>,
+}
+
+impl TextEncoderWeights {
+    /// The frozen weights of an encoder built with `config`, none replaced.
+    pub fn new(config: ClipTextConfig, base: NamedWeights) -> Self {
+        Self {
+            config,
+            base: Arc::new(base),
+            replaced: Arc::default(),
+        }
+    }
+
+    /// The weight in use under `key`: replaced, else frozen.
+    pub fn current(&self, key: &str) -> Option<&Tensor> {
+        self.replaced.get(key).or_else(|| self.base.get(key))
+    }
+
+    /// The same weights with those of `replaced` in place as well (later ones win).
+    pub fn with_replaced(&self, replaced: NamedWeights) -> Self {
+        let mut all = (*self.replaced).clone();
+        all.extend(replaced);
+        Self {
+            config: self.config.clone(),
+            base: self.base.clone(),
+            replaced: Arc::new(all),
+        }
+    }
+
+    /// Builds the encoder with the replaced weights in place, in the frozen weights' dtype and
+    /// on their device.
+    pub fn build(&self) -> candle_core::Result<ClipTextTransformer> {
+        let Some(any) = self.base.values().next() else {
+            candle_core::bail!("the text encoder has no weights")
+        };
+        let vb = weights::overlay(&self.base, &self.replaced, any.dtype(), any.device());
+        ClipTextTransformer::new(vb, &self.config)
+    }
+}
+
+/// The weight in use in `unet` under `key`: from the latest weight override that has it, else
+/// the frozen UNet's.
+fn current_unet_weight(unet: &PatchedUNet, key: &str) -> Option<Tensor> {
+    unet.patches()
+        .iter()
+        .rev()
+        .find_map(|patch| match patch {
+            Patch::Weights(replaced) => replaced.get(key).cloned(),
+            _ => None,
+        })
+        .or_else(|| unet.base().weights().get(key).cloned())
+}
+
+/// The UNet weights `lora` changes, merged with `strength` into the weights `unet` uses now
+/// (its earlier LoRAs included), in their dtype: to be applied as [`Patch::Weights`]. A
+/// strength of 0 merges nothing but still claims the modules that map to the UNet.
+pub fn merge_into_unet(
+    lora: &LoraFile,
+    unet: &PatchedUNet,
+    strength: f64,
+) -> Result<MergedLora, LoraError> {
+    let targets = UnetTargets::new(unet.base());
+    let target = |module: &str| targets.target(module);
+    if strength == 0.0 {
+        return Ok(lora.claimed(target));
+    }
+    lora.merge(
+        strength,
+        target,
+        |key| current_unet_weight(unet, key),
+        true,
+    )
+}
+
+/// The text-encoder weights `lora` changes, merged with `strength` into the weights in use now,
+/// in their dtype: to be given to [`TextEncoderWeights::with_replaced`]. A strength of 0 merges
+/// nothing but still claims the modules that map to the text encoder.
+pub fn merge_into_text_encoder(
+    lora: &LoraFile,
+    encoder: &TextEncoderWeights,
+    strength: f64,
+) -> Result<MergedLora, LoraError> {
+    let target = |module: &str| text_encoder_target(module, &encoder.base);
+    if strength == 0.0 {
+        return Ok(lora.claimed(target));
+    }
+    lora.merge(
+        strength,
+        target,
+        |key| encoder.current(key).cloned(),
+        true,
+    )
+}
+
+/// The motion-module weights an AnimateDiff motion LoRA (`v2_lora_ZoomIn.ckpt`, …) at
+/// `lora_path` changes in `module`, merged with `strength` as AnimateDiff-Evolved does
+/// (`W + strength · up · down`), by `MotionAdapter` key. `earlier` holds the overrides of
+/// motion LoRAs merged before (empty for the first), which this one adds to. The weights stay
+/// f32: the adapter casts them to its dtype when rebuilt. Apply them as [`Patch::Weights`]
+/// after the motion module itself. Modules of the mid block are left out (reported as not
+/// applied) when the motion module has none.
+pub fn motion_lora_overrides(
+    module: &MotionModuleFile,
+    lora_path: &Path,
+    strength: f64,
+    earlier: &NamedWeights,
+) -> Result<(MergedLora, Vec<String>), LoraError> {
+    let lora = LoraFile::open(lora_path)?;
+    let weights = module.weights();
+    if !lora.tensors.keys().any(|k| k.contains("temporal")) {
+        return Err(LoraError::Model {
+            origin: lora_path.display().to_string(),
+            message: "no `temporal` keys: not an AnimateDiff motion LoRA".into(),
+        });
+    }
+    let target = |name: &str| motion_target(name, |key| weights.contains(key));
+    let merged = if strength == 0.0 {
+        lora.claimed(target)
+    } else {
+        lora.merge(
+            strength,
+            target,
+            |key| {
+                earlier
+                    .get(key)
+                    .cloned()
+                    .or_else(|| weights.load(key, DType::F32, &Device::Cpu).ok())
+            },
+            false,
+        )?
+    };
+    let not_applied = lora.not_applied(&[&merged]);
+    Ok((merged, not_applied))
+}
