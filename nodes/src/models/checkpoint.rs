@@ -15,11 +15,11 @@ use super::load::{
     WeightMap,
 };
 use super::lora::TextEncoderWeights;
-use super::weights;
 use super::motion::{MotionAdapter, MotionAdapterConfig};
 use super::tokenizer::ClipTokenizer;
 use super::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use super::vae::{AutoencoderKL, AutoencoderKLConfig};
+use super::weights;
 
 /// Why a checkpoint could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -362,7 +362,9 @@ fn ldm_path(name: &str) -> String {
     let mut parts: Vec<String> = Vec::with_capacity(tokens.len());
     let mut i = 0;
     while i < tokens.len() {
-        let joined = tokens.get(i + 1).map(|next| format!("{}_{next}", tokens[i]));
+        let joined = tokens
+            .get(i + 1)
+            .map(|next| format!("{}_{next}", tokens[i]));
         match joined {
             Some(compound) if LDM_COMPOUND_NAMES.contains(&compound.as_str()) => {
                 parts.push(compound);
@@ -562,12 +564,7 @@ pub fn merge_into_unet(
     if strength == 0.0 {
         return Ok(lora.claimed(target));
     }
-    lora.merge(
-        strength,
-        target,
-        |key| current_unet_weight(unet, key),
-        true,
-    )
+    lora.merge(strength, target, |key| current_unet_weight(unet, key), true)
 }
 
 /// The text-encoder weights `lora` changes, merged with `strength` into the weights in use now,
@@ -582,12 +579,7 @@ pub fn merge_into_text_encoder(
     if strength == 0.0 {
         return Ok(lora.claimed(target));
     }
-    lora.merge(
-        strength,
-        target,
-        |key| encoder.current(key).cloned(),
-        true,
-    )
+    lora.merge(strength, target, |key| encoder.current(key).cloned(), true)
 }
 
 /// The motion-module weights an AnimateDiff motion LoRA (`v2_lora_ZoomIn.ckpt`, …) at
@@ -629,4 +621,472 @@ pub fn motion_lora_overrides(
     };
     let not_applied = lora.not_applied(&[&merged]);
     Ok((merged, not_applied))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_nn::VarBuilder;
+
+    use super::*;
+    use crate::models::checkpoint::open_motion_module;
+    use crate::models::motion::{MotionAdapter, MotionAdapterConfig};
+    use crate::models::patcher::UNetInputs;
+    use crate::models::random::random_weights_for;
+    use crate::models::unet::UNet2DConditionConfig;
+
+    const RANK: usize = 4;
+
+    /// SD 1.x's UNet layout at 32/64 channels, two levels.
+    fn tiny_unet() -> UNet2DConditionModel {
+        let config: UNet2DConditionConfig = serde_json::from_value(serde_json::json!({
+            "in_channels": 4, "out_channels": 4, "sample_size": 8,
+            "block_out_channels": [32, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 2, "norm_num_groups": 8,
+            "cross_attention_dim": 32, "attention_head_dim": 8
+        }))
+        .unwrap();
+        let weights =
+            random_weights_for(|vb| UNet2DConditionModel::new(vb, &config).map(|_| ())).unwrap();
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        UNet2DConditionModel::new(vb, &config).unwrap()
+    }
+
+    /// A two-layer CLIP text encoder, its weights under `text_model.` keys as checkpoints have.
+    fn tiny_text_encoder() -> TextEncoderWeights {
+        let config = ClipTextConfig {
+            vocab_size: 100,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            projection_dim: 32,
+            eos_token_id: 99,
+            ..ClipTextConfig::sd15()
+        };
+        let weights =
+            random_weights_for(|vb| ClipTextTransformer::new(vb, &config).map(|_| ())).unwrap();
+        let base = weights
+            .into_iter()
+            .map(|(key, tensor)| (format!("text_model.{key}"), tensor))
+            .collect();
+        TextEncoderWeights::new(config, base)
+    }
+
+    /// One module of a test LoRA: its name, the suffixes of its up and down keys, the weight
+    /// it must change and its alpha.
+    struct Case {
+        module: &'static str,
+        up: &'static str,
+        down: &'static str,
+        target: &'static str,
+        alpha: Option<f32>,
+    }
+
+    const KOHYA: (&str, &str) = (".lora_up.weight", ".lora_down.weight");
+    const PEFT: (&str, &str) = (".lora_B.weight", ".lora_A.weight");
+    const PROCESSOR: (&str, &str) = ("_lora.up.weight", "_lora.down.weight");
+    const TRANSFORMERS: (&str, &str) = (
+        ".lora_linear_layer.up.weight",
+        ".lora_linear_layer.down.weight",
+    );
+
+    fn case(
+        module: &'static str,
+        (up, down): (&'static str, &'static str),
+        target: &'static str,
+        alpha: Option<f32>,
+    ) -> Case {
+        Case {
+            module,
+            up,
+            down,
+            target,
+            alpha,
+        }
+    }
+
+    /// Every key style ComfyUI reads for SD 1.x, each with the weight it changes.
+    fn cases() -> Vec<Case> {
+        vec![
+            // kohya, diffusers names: attention, LoCon 3×3 and 1×1.
+            case(
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                KOHYA,
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                Some(2.0),
+            ),
+            case(
+                "lora_unet_down_blocks_0_resnets_0_conv1",
+                KOHYA,
+                "down_blocks.0.resnets.0.conv1.weight",
+                Some(1.0),
+            ),
+            case(
+                "lora_unet_down_blocks_0_attentions_0_proj_in",
+                KOHYA,
+                "down_blocks.0.attentions.0.proj_in.weight",
+                None,
+            ),
+            // kohya, LDM names.
+            case(
+                "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k",
+                KOHYA,
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+                Some(8.0),
+            ),
+            case(
+                "lora_unet_input_blocks_2_0_in_layers_2",
+                KOHYA,
+                "down_blocks.0.resnets.1.conv1.weight",
+                Some(2.0),
+            ),
+            case(
+                "lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_out_0",
+                KOHYA,
+                "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0.weight",
+                None,
+            ),
+            case(
+                "lora_unet_middle_block_1_transformer_blocks_0_ff_net_0_proj",
+                KOHYA,
+                "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj.weight",
+                Some(3.0),
+            ),
+            case(
+                "lora_unet_output_blocks_2_1_conv",
+                KOHYA,
+                "up_blocks.0.upsamplers.0.conv.weight",
+                None,
+            ),
+            // kohya text encoder.
+            case(
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                KOHYA,
+                "text_model.encoder.layers.0.self_attn.q_proj.weight",
+                Some(8.0),
+            ),
+            // PEFT.
+            case(
+                "unet.down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_v",
+                PEFT,
+                "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_v.weight",
+                None,
+            ),
+            case(
+                "text_encoder.text_model.encoder.layers.1.mlp.fc2",
+                PEFT,
+                "text_model.encoder.layers.1.mlp.fc2.weight",
+                None,
+            ),
+            // diffusers attention processors and transformers' text-encoder LoRA layers.
+            case(
+                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_out",
+                PROCESSOR,
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0.weight",
+                None,
+            ),
+            case(
+                "text_encoder.text_model.encoder.layers.0.self_attn.k_proj",
+                TRANSFORMERS,
+                "text_model.encoder.layers.0.self_attn.k_proj.weight",
+                Some(1.0),
+            ),
+        ]
+    }
+
+    /// up (out, r[, 1, 1]) and down (r, in[, kh, kw]) for a weight of `shape`.
+    fn low_rank(shape: &[usize]) -> (Tensor, Tensor) {
+        let mut down_shape = vec![RANK];
+        down_shape.extend_from_slice(&shape[1..]);
+        let mut up_shape = vec![shape[0], RANK];
+        up_shape.extend(std::iter::repeat_n(1, shape.len() - 2));
+        let up = Tensor::randn(0f32, 0.3, up_shape, &Device::Cpu).unwrap();
+        let down = Tensor::randn(0f32, 0.3, down_shape, &Device::Cpu).unwrap();
+        (up, down)
+    }
+
+    /// `W + strength · (alpha / rank) · up · down`, by explicit sums in f64.
+    fn expected(weight: &Tensor, up: &Tensor, down: &Tensor, scale: f64) -> Vec<f64> {
+        let out = up.dim(0).unwrap();
+        let rank = down.dim(0).unwrap();
+        let up: Vec<f32> = up.flatten_all().unwrap().to_vec1().unwrap();
+        let down: Vec<f32> = down.flatten_all().unwrap().to_vec1().unwrap();
+        let weight: Vec<f32> = weight.flatten_all().unwrap().to_vec1().unwrap();
+        let columns = down.len() / rank;
+        let mut merged = Vec::with_capacity(weight.len());
+        for o in 0..out {
+            for j in 0..columns {
+                let product: f64 = (0..rank)
+                    .map(|k| f64::from(up[o * rank + k]) * f64::from(down[k * columns + j]))
+                    .sum();
+                merged.push(f64::from(weight[o * columns + j]) + scale * product);
+            }
+        }
+        merged
+    }
+
+    /// The largest |a − b| over the largest |b|.
+    fn relative_error(merged: &Tensor, reference: &[f64]) -> f64 {
+        let merged: Vec<f32> = merged.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(merged.len(), reference.len());
+        let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = merged
+            .iter()
+            .zip(reference)
+            .fold(0f64, |m, (a, b)| m.max((f64::from(*a) - b).abs()));
+        diff / scale
+    }
+
+    fn write_lora(dir: &Path, name: &str, tensors: &HashMap<String, Tensor>) -> PathBuf {
+        let path = dir.join(name);
+        candle_core::safetensors::save(tensors, &path).unwrap();
+        path
+    }
+
+    #[test]
+    fn every_key_style_merges_as_w_plus_scaled_up_down() {
+        let unet = PatchedUNet::new(Arc::new(tiny_unet()));
+        let text = tiny_text_encoder();
+        let base_weight = |target: &str| {
+            unet.base()
+                .weights()
+                .get(target)
+                .or_else(|| text.base.get(target))
+                .unwrap_or_else(|| panic!("no weight {target}"))
+                .clone()
+        };
+        let mut tensors = HashMap::new();
+        let mut factors = BTreeMap::new();
+        for case in cases() {
+            let (up, down) = low_rank(base_weight(case.target).dims());
+            tensors.insert(format!("{}{}", case.module, case.up), up.clone());
+            tensors.insert(format!("{}{}", case.module, case.down), down.clone());
+            if let Some(alpha) = case.alpha {
+                tensors.insert(
+                    format!("{}.alpha", case.module),
+                    Tensor::new(alpha, &Device::Cpu).unwrap(),
+                );
+            }
+            factors.insert(case.target, (up, down, case.alpha));
+        }
+        // A full difference on a bias-carrying LDM-dotted key.
+        let diff_target = "down_blocks.0.attentions.0.proj_out.weight";
+        let diff = Tensor::randn(0f32, 0.1, base_weight(diff_target).dims(), &Device::Cpu).unwrap();
+        tensors.insert(
+            "diffusion_model.input_blocks.1.1.proj_out.diff".into(),
+            diff.clone(),
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let lora = LoraFile::open(&write_lora(dir.path(), "styles.safetensors", &tensors)).unwrap();
+        let strength = -0.7;
+        let on_unet = merge_into_unet(&lora, &unet, strength).unwrap();
+        let on_text = merge_into_text_encoder(&lora, &text, strength).unwrap();
+        assert_eq!(
+            lora.not_applied(&[&on_unet, &on_text]),
+            Vec::<String>::new(),
+            "every key of the file is applied"
+        );
+        assert_eq!(
+            on_unet.weights.len() + on_text.weights.len(),
+            factors.len() + 1
+        );
+
+        for (target, (up, down, alpha)) in &factors {
+            let merged = on_unet
+                .weights
+                .get(*target)
+                .or_else(|| on_text.weights.get(*target))
+                .unwrap_or_else(|| panic!("{target} was not merged"));
+            let scale = strength * alpha.map_or(1.0, |a| f64::from(a) / RANK as f64);
+            let reference = expected(&base_weight(target), up, down, scale);
+            let error = relative_error(merged, &reference);
+            assert!(error < 1e-6, "{target}: relative error {error}");
+        }
+        let diff_reference: Vec<f64> = {
+            let base: Vec<f32> = base_weight(diff_target)
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let diff: Vec<f32> = diff.flatten_all().unwrap().to_vec1().unwrap();
+            base.iter()
+                .zip(&diff)
+                .map(|(w, d)| f64::from(*w) + strength * f64::from(*d))
+                .collect()
+        };
+        assert!(relative_error(&on_unet.weights[diff_target], &diff_reference) < 1e-6);
+
+        // The merged weights patch the UNet and rebuild the text encoder.
+        let patched = unet.with_weights(on_unet.weights.clone()).unwrap();
+        let rebuilt = text.with_replaced(on_text.weights.clone());
+        rebuilt.build().unwrap();
+
+        // A second LoRA merges into the weights the first left.
+        let again = merge_into_unet(&lora, &patched, strength).unwrap();
+        let (up, down, alpha) = &factors[cases()[0].target];
+        let target = cases()[0].target;
+        let scale = strength * alpha.map_or(1.0, |a| f64::from(a) / RANK as f64);
+        let once = expected(&base_weight(target), up, down, scale);
+        let once = Tensor::new(
+            once.iter().map(|v| *v as f32).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .reshape(base_weight(target).shape())
+        .unwrap();
+        let twice = expected(&once, up, down, scale);
+        assert!(relative_error(&again.weights[target], &twice) < 1e-6);
+    }
+
+    #[test]
+    fn unknown_and_unsupported_keys_are_reported_and_strength_zero_merges_nothing() {
+        let unet = PatchedUNet::new(Arc::new(tiny_unet()));
+        let text = tiny_text_encoder();
+        let target = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k";
+        let (up, down) = low_rank(unet.base().weights()[&format!("{target}.weight")].dims());
+        let known = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k";
+        let tucker = "lora_unet_down_blocks_0_resnets_0_conv2";
+        let tensors: HashMap<String, Tensor> = [
+            (format!("{known}.lora_up.weight"), up.clone()),
+            (format!("{known}.lora_down.weight"), down.clone()),
+            ("lora_unet_no_such_layer.lora_up.weight".into(), up.clone()),
+            (
+                "lora_unet_no_such_layer.lora_down.weight".into(),
+                down.clone(),
+            ),
+            (format!("{tucker}.lora_up.weight"), up.clone()),
+            (format!("{tucker}.lora_down.weight"), down.clone()),
+            (format!("{tucker}.lora_mid.weight"), down.clone()),
+            (
+                "lora_te_text_model_embeddings_token_embedding.lora_up.weight".into(),
+                up,
+            ),
+            ("some_unrelated_tensor".into(), down),
+        ]
+        .into_iter()
+        .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let lora = LoraFile::open(&write_lora(dir.path(), "mixed.safetensors", &tensors)).unwrap();
+
+        let on_unet = merge_into_unet(&lora, &unet, 1.0).unwrap();
+        let on_text = merge_into_text_encoder(&lora, &text, 1.0).unwrap();
+        assert_eq!(
+            on_unet.weights.keys().collect::<Vec<_>>(),
+            [&format!("{target}.weight")]
+        );
+        let not_applied = lora.not_applied(&[&on_unet, &on_text]);
+        assert_eq!(not_applied.len(), 7, "{not_applied:?}");
+        assert!(not_applied.iter().all(|k| !k.starts_with(known)));
+
+        // Strength 0 changes no weight but still takes the keys it maps.
+        let at_zero = merge_into_unet(&lora, &unet, 0.0).unwrap();
+        assert!(at_zero.weights.is_empty());
+        assert_eq!(lora.not_applied(&[&at_zero, &on_text]), not_applied);
+    }
+
+    #[test]
+    fn kohya_ldm_names_get_their_dots_back() {
+        assert_eq!(
+            ldm_path("input_blocks_4_1_transformer_blocks_0_attn1_to_out_0"),
+            "input_blocks.4.1.transformer_blocks.0.attn1.to_out.0"
+        );
+        assert_eq!(
+            ldm_path("middle_block_0_emb_layers_1"),
+            "middle_block.0.emb_layers.1"
+        );
+        assert_eq!(
+            ldm_path("output_blocks_3_0_skip_connection"),
+            "output_blocks.3.0.skip_connection"
+        );
+        assert_eq!(ldm_path("time_embed_2"), "time_embed.2");
+        assert_eq!(ldm_path("out_2"), "out.2");
+    }
+
+    /// A motion module of two levels without a mid block, saved under `MotionAdapter` keys.
+    fn tiny_motion_module(dir: &Path) -> MotionModuleFile {
+        let config: MotionAdapterConfig = serde_json::from_value(serde_json::json!({
+            "block_out_channels": [32, 64],
+            "motion_layers_per_block": 1,
+            "motion_max_seq_length": 8,
+            "use_motion_mid_block": false
+        }))
+        .unwrap();
+        let weights =
+            random_weights_for(|vb| MotionAdapter::new(vb, &config, 8).map(|_| ())).unwrap();
+        let path = dir.join("motion.safetensors");
+        candle_core::safetensors::save(&weights, &path).unwrap();
+        open_motion_module(&path).unwrap()
+    }
+
+    #[test]
+    fn motion_lora_merges_into_the_motion_module_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let module = tiny_motion_module(dir.path());
+        let cases = [
+            (
+                "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q",
+                "down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q.weight",
+            ),
+            (
+                "up_blocks.1.motion_modules.1.temporal_transformer.transformer_blocks.0.attention_blocks.1.processor.to_out",
+                "up_blocks.1.motion_modules.1.transformer_blocks.0.attn2.to_out.0.weight",
+            ),
+        ];
+        let mut tensors = HashMap::new();
+        let mut factors = Vec::new();
+        for (lora_module, target) in cases {
+            let base = module.weights().get(target).unwrap();
+            let (up, down) = low_rank(base.dims());
+            tensors.insert(format!("{lora_module}_lora.up.weight"), up.clone());
+            tensors.insert(format!("{lora_module}_lora.down.weight"), down.clone());
+            factors.push((target, base, up, down));
+        }
+        // A v2 motion LoRA's mid-block module, which this module has no place for.
+        let mid = "mid_block.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_v";
+        let (up, down) = low_rank(&[32, 32]);
+        tensors.insert(format!("{mid}_lora.up.weight"), up);
+        tensors.insert(format!("{mid}_lora.down.weight"), down);
+        let lora_path = write_lora(dir.path(), "v2_lora_Tiny.safetensors", &tensors);
+
+        let strength = 0.6;
+        let (merged, not_applied) =
+            motion_lora_overrides(&module, &lora_path, strength, &NamedWeights::new()).unwrap();
+        assert_eq!(
+            not_applied,
+            [
+                format!("{mid}_lora.down.weight"),
+                format!("{mid}_lora.up.weight")
+            ]
+        );
+        for (target, base, up, down) in &factors {
+            let reference = expected(base, up, down, strength);
+            let error = relative_error(&merged.weights[*target], &reference);
+            assert!(error < 1e-6, "{target}: relative error {error}");
+        }
+
+        // The overrides patch the motion modules applied to a UNet.
+        let adapter = module.build(8, DType::F32, &Device::Cpu).unwrap();
+        let unet = PatchedUNet::new(Arc::new(tiny_unet()))
+            .with_motion(adapter, 1.0)
+            .unwrap();
+        let patched = unet.with_weights(merged.weights.clone()).unwrap();
+        let (zero, _) =
+            motion_lora_overrides(&module, &lora_path, 0.0, &NamedWeights::new()).unwrap();
+        assert!(zero.weights.is_empty());
+        let unchanged = unet.with_weights(zero.weights).unwrap();
+
+        let sample = Tensor::randn(0f32, 1.0, (1, 4, 3, 8, 8), &Device::Cpu).unwrap();
+        let text = Tensor::randn(0f32, 1.0, (1, 5, 32), &Device::Cpu).unwrap();
+        let inputs = UNetInputs::new(&sample, 500.0, &text);
+        let plain = unet.forward(&inputs).unwrap();
+        let at_zero = unchanged.forward(&inputs).unwrap();
+        assert_eq!(crate::test_util::max_abs_diff(&plain, &at_zero), 0.0);
+        let with_lora = patched.forward(&inputs).unwrap();
+        assert!(crate::test_util::max_abs_diff(&plain, &with_lora) > 1e-6);
+    }
 }

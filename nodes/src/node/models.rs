@@ -36,7 +36,12 @@ const MOTION_MODULE_FOLDERS: &[&str] = &["animatediff_models", "animatediff_moti
 pub(super) const LORA_FOLDERS: &[&str] = &["loras"];
 
 /// The check of a model input given as a literal: that the file can be found.
-pub(super) fn check_model(inputs: &Inputs, ctx: &Context, input: &str, folders: &[&str]) -> Vec<NodeFailure> {
+pub(super) fn check_model(
+    inputs: &Inputs,
+    ctx: &Context,
+    input: &str,
+    folders: &[&str],
+) -> Vec<NodeFailure> {
     match inputs.get(input) {
         Some(Value::Str(name)) => resolve_model(ctx, input, folders, name)
             .err()
