@@ -424,7 +424,7 @@ impl<'a> UnetTargets<'a> {
         self.keys.contains_key(&key).then_some(key)
     }
 
-    fn from_ldm(&self, path: &str) -> Option<String> {
+    fn ldm_weight(&self, path: &str) -> Option<String> {
         let key = ldm_unet_key_to_diffusers(&format!("{path}.weight"), self.layers_per_block)?;
         self.weight(key)
     }
@@ -436,11 +436,11 @@ impl<'a> UnetTargets<'a> {
         if let Some(name) = kohya {
             return match self.kohya.get(name) {
                 Some(key) => Some(key.to_string()),
-                None => self.from_ldm(&ldm_path(name)),
+                None => self.ldm_weight(&ldm_path(name)),
             };
         }
         if let Some(path) = module.strip_prefix("diffusion_model.") {
-            return self.from_ldm(path);
+            return self.ldm_weight(path);
         }
         self.weight(format!("{}.weight", diffusers_path(module)))
     }
@@ -1021,6 +1021,49 @@ mod tests {
         let path = dir.join("motion.safetensors");
         candle_core::safetensors::save(&weights, &path).unwrap();
         open_motion_module(&path).unwrap()
+    }
+
+    /// `tests/fixtures/lora/motion_lora.ckpt`: a motion LoRA pickled by torch in fp16, as the
+    /// released ones are; `make.py` stores its factors in `reference.safetensors` as well.
+    #[test]
+    fn a_pickled_fp16_motion_lora_merges_like_its_factors() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lora");
+        let factors =
+            candle_core::safetensors::load(fixtures.join("reference.safetensors"), &Device::Cpu)
+                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let module = tiny_motion_module(dir.path());
+        let strength = 0.9;
+        let (merged, not_applied) = motion_lora_overrides(
+            &module,
+            &fixtures.join("motion_lora.ckpt"),
+            strength,
+            &NamedWeights::new(),
+        )
+        .unwrap();
+        assert!(not_applied.is_empty(), "{not_applied:?}");
+        let targets = [
+            (
+                "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q",
+                "down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q.weight",
+            ),
+            (
+                "up_blocks.1.motion_modules.1.temporal_transformer.transformer_blocks.0.attention_blocks.1.processor.to_out",
+                "up_blocks.1.motion_modules.1.transformer_blocks.0.attn2.to_out.0.weight",
+            ),
+        ];
+        assert_eq!(merged.weights.len(), targets.len());
+        for (lora_module, target) in targets {
+            let factor = |part: &str| {
+                factors[&format!("motion.{lora_module}_lora.{part}.weight")]
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            };
+            let base = module.weights().get(target).unwrap();
+            let reference = expected(&base, &factor("up"), &factor("down"), strength);
+            let error = relative_error(&merged.weights[target], &reference);
+            assert!(error < 1e-6, "{target}: relative error {error}");
+        }
     }
 
     #[test]
