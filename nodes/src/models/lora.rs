@@ -112,12 +112,17 @@ impl Module {
         self.parts.iter().map(|(_, key)| key.as_str())
     }
 
-    /// Whether the module can be merged: a complete up/down pair or a difference, and nothing
-    /// unsupported.
+    /// Whether the module has a complete up/down pair.
+    fn is_low_rank(&self) -> bool {
+        self.key(Part::Up).is_some() && self.key(Part::Down).is_some()
+    }
+
+    /// Whether the module can be merged: a complete up/down pair or a difference, no up
+    /// without its down (or the reverse), and nothing unsupported.
     fn is_mergeable(&self) -> bool {
-        let low_rank = self.key(Part::Up).is_some() && self.key(Part::Down).is_some();
+        let half_pair = self.key(Part::Up).is_some() != self.key(Part::Down).is_some();
         let diff = self.key(Part::Diff).is_some() || self.key(Part::DiffBias).is_some();
-        self.key(Part::Unsupported).is_none() && (low_rank || diff)
+        self.key(Part::Unsupported).is_none() && !half_pair && (self.is_low_rank() || diff)
     }
 }
 
@@ -227,7 +232,7 @@ impl LoraFile {
                 message,
             };
             let mut changes: Vec<(String, Tensor)> = Vec::new();
-            if module.key(Part::Up).is_some() || module.key(Part::Diff).is_some() {
+            if module.is_low_rank() || module.key(Part::Diff).is_some() {
                 changes.push((weight_key.clone(), self.weight_change(name, module)?));
             }
             if let Some(diff_key) = module.key(Part::DiffBias) {
