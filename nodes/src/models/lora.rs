@@ -1012,6 +1012,33 @@ mod tests {
         assert_eq!(ldm_path("out_2"), "out.2");
     }
 
+    /// Every `.weight` of SD 1.5's UNet as a kohya LDM-named module, mapped as ComfyUI's
+    /// `unet_to_diffusers` maps it (`tests/fixtures/lora/ldm_names.json`, made by
+    /// `make_ldm_names.py` from ComfyUI's source).
+    #[test]
+    fn kohya_ldm_names_map_as_comfyui_maps_them_for_sd15() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lora/ldm_names.json");
+        let fixture: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let names = fixture["names"].as_object().unwrap();
+        assert!(names.len() > 300, "{} names", names.len());
+        let mut wrong = Vec::new();
+        for (module, expected) in names {
+            let name = module.strip_prefix("lora_unet_").unwrap();
+            let mapped = ldm_unet_key_to_diffusers(&format!("{}.weight", ldm_path(name)), 2);
+            if mapped.as_deref() != expected.as_str() {
+                wrong.push(format!("{module}: {mapped:?}, ComfyUI {expected}"));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{} of {}: {wrong:#?}",
+            wrong.len(),
+            names.len()
+        );
+    }
+
     /// A motion module of two levels without a mid block, saved under `MotionAdapter` keys.
     fn tiny_motion_module(dir: &Path) -> MotionModuleFile {
         let config: MotionAdapterConfig = serde_json::from_value(serde_json::json!({
