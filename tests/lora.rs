@@ -130,7 +130,7 @@ fn plugins() -> PluginSet {
 }
 
 /// A kohya LoRA for the tiny checkpoint: one UNet attention projection and one text-encoder
-/// projection, at a visible scale, written under `<models>/loras/`.
+/// projection, at a visible scale, and one key of no layer, written under `<models>/loras/`.
 fn write_tiny_lora(models: &common::TinyModels) -> String {
     let unet = common::load_tensors(
         &models
@@ -165,6 +165,10 @@ fn write_tiny_lora(models: &common::TinyModels) -> String {
             Tensor::new(2f32, &Device::Cpu).unwrap(),
         );
     }
+    lora.insert(
+        "lora_unet_no_such_layer.alpha".into(),
+        Tensor::new(1f32, &Device::Cpu).unwrap(),
+    );
     let folder = models.root.join("loras");
     std::fs::create_dir_all(&folder).unwrap();
     candle_core::safetensors::save(&lora, folder.join("tiny-lora.safetensors")).unwrap();
@@ -172,13 +176,13 @@ fn write_tiny_lora(models: &common::TinyModels) -> String {
 }
 
 /// A one-step sample of the tiny checkpoint with the model and CLIP of the links given, `loader`
-/// as node "2" when given, read back from a SaveLatent file.
+/// as node "2" when given, read back from a SaveLatent file; and the UI output of node "2".
 fn sample(
     models: &common::TinyModels,
     loader: Option<serde_json::Value>,
     model: serde_json::Value,
     clip: serde_json::Value,
-) -> Tensor {
+) -> (Tensor, Option<serde_json::Value>) {
     let mut wf = json!({
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a cat"}},
@@ -199,7 +203,8 @@ fn sample(
         .run(&Workflow::from_json(wf).unwrap())
         .unwrap_or_else(|e| panic!("{e}"));
     let path = summary.ui["6"]["latents"][0]["fullpath"].as_str().unwrap();
-    vdm_nodes::video::latent_file::load_latent(Path::new(path), &Device::Cpu).unwrap()
+    let latent = vdm_nodes::video::latent_file::load_latent(Path::new(path), &Device::Cpu).unwrap();
+    (latent, summary.ui.get("2").cloned())
 }
 
 /// [`sample`] through a `LoraLoader` at these strengths.
@@ -208,7 +213,7 @@ fn with_lora_loader(
     lora: &str,
     strength_model: f64,
     strength_clip: f64,
-) -> Tensor {
+) -> (Tensor, Option<serde_json::Value>) {
     let loader = lora_loader(lora, strength_model, strength_clip);
     sample(models, Some(loader), json!(["2", 0]), json!(["2", 1]))
 }
@@ -224,13 +229,21 @@ fn lora_loader_changes_the_sample_and_strength_zero_does_not() {
     let models = common::write_tiny_models(&dir.path().join("models"));
     let lora = write_tiny_lora(&models);
 
-    let plain = sample(&models, None, json!(["1", 0]), json!(["1", 1]));
-    let at_zero = with_lora_loader(&models, &lora, 0.0, 0.0);
+    let (plain, _) = sample(&models, None, json!(["1", 0]), json!(["1", 1]));
+    let (at_zero, _) = with_lora_loader(&models, &lora, 0.0, 0.0);
     assert_eq!(common::max_abs_diff(&plain, &at_zero), 0.0);
 
-    let model_only = with_lora_loader(&models, &lora, 1.0, 0.0);
-    let clip_only = with_lora_loader(&models, &lora, 0.0, 1.0);
-    let both = with_lora_loader(&models, &lora, 1.0, 1.0);
+    let (model_only, _) = with_lora_loader(&models, &lora, 1.0, 0.0);
+    let (clip_only, _) = with_lora_loader(&models, &lora, 0.0, 1.0);
+    let (both, report) = with_lora_loader(&models, &lora, 1.0, 1.0);
+    // The one key of the file that names no layer is reported, as ComfyUI's "lora key not
+    // loaded".
+    let report = report.expect("a report of the keys not loaded");
+    assert_eq!(report["lora_keys_not_loaded"], 1, "{report}");
+    assert_eq!(
+        report["first_keys_not_loaded"][0],
+        "lora_unet_no_such_layer.alpha"
+    );
     for (what, changed) in [
         ("model", &model_only),
         ("clip", &clip_only),
@@ -244,7 +257,7 @@ fn lora_loader_changes_the_sample_and_strength_zero_does_not() {
     // LoraLoaderModelOnly with the checkpoint's CLIP is LoraLoader with strength_clip 0.
     let node = json!({"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0],
         "lora_name": lora, "strength_model": 1.0}});
-    let via_model_only = sample(&models, Some(node), json!(["2", 0]), json!(["1", 1]));
+    let (via_model_only, _) = sample(&models, Some(node), json!(["2", 0]), json!(["1", 1]));
     assert_eq!(common::max_abs_diff(&via_model_only, &model_only), 0.0);
 }
 
