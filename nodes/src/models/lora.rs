@@ -17,6 +17,9 @@
 //! | diffusers text encoder | `text_encoder.text_model.encoder.layers.0.self_attn.q_proj` |
 //! | AnimateDiff motion LoRA | `down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q` |
 //!
+//! ComfyUI's own map names diffusers attention projections only in the processor form; the plain
+//! module path, as diffusers and PEFT save it, is accepted as well.
+//!
 //! The text-encoder modules are the six projections of each layer ComfyUI adapts (`q_proj`,
 //! `k_proj`, `v_proj`, `out_proj`, `mlp.fc1`, `mlp.fc2`). Suffixes: `.lora_up.weight` /
 //! `.lora_down.weight` (kohya), `.lora_B.weight` / `.lora_A.weight` (PEFT), `_lora.up.weight` /
@@ -30,8 +33,8 @@
 //! `(out, rank)`, `down` to `(rank, in·kh·kw)`) and the product is reshaped to the kernel.
 //! Motion LoRAs carry no alpha and add `strength · up · down`, as AnimateDiff-Evolved does.
 //! Keys of modules that map to no weight, or that need what is not supported (Tucker
-//! `lora_mid`, DoRA `dora_scale`), are reported as not applied, as ComfyUI's
-//! "lora key not loaded".
+//! `lora_mid`, DoRA `dora_scale`, and the LoHa / LoKr / GLoRA factors, which have none of the
+//! suffixes), are reported as not applied, as ComfyUI's "lora key not loaded".
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
