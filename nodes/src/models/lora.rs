@@ -502,11 +502,20 @@ fn motion_target(module: &str, has: impl Fn(&str) -> bool) -> Option<String> {
 /// A text encoder's frozen weights by checkpoint key, its config, and the weights replaced so
 /// far (LoRAs merged in, in order): a patched encoder is rebuilt from these, sharing every
 /// weight not replaced with the frozen one.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TextEncoderWeights {
     pub config: ClipTextConfig,
     pub base: Arc<NamedWeights>,
     pub replaced: Arc<NamedWeights>,
+}
+
+impl std::fmt::Debug for TextEncoderWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextEncoderWeights")
+            .field("weights", &self.base.len())
+            .field("replaced", &self.replaced.len())
+            .finish()
+    }
 }
 
 impl TextEncoderWeights {
