@@ -7,15 +7,19 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
+use candle_nn::VarBuilder;
+
 use super::clip::{ClipTextConfig, ClipTextTransformer};
 use super::load::{
     DiffusersPipeline, LoadError, MotionAdapterWeights, SingleFileCheckpoint, SingleFileLayout,
     WeightMap,
 };
+use super::lora::TextEncoderWeights;
 use super::motion::{MotionAdapter, MotionAdapterConfig};
 use super::tokenizer::ClipTokenizer;
 use super::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use super::vae::{AutoencoderKL, AutoencoderKLConfig};
+use super::weights;
 
 /// Why a checkpoint could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +49,9 @@ fn build_error<'a>(
 pub struct Checkpoint {
     pub unet: UNet2DConditionModel,
     pub text_encoder: ClipTextTransformer,
+    /// The text encoder's weights as built, from which a copy with some of them replaced (a
+    /// LoRA merged in) is rebuilt.
+    pub text_encoder_weights: TextEncoderWeights,
     /// The tokenizer shipped with the checkpoint, if any (single files carry none).
     pub tokenizer: Option<ClipTokenizer>,
     pub vae: AutoencoderKL,
@@ -92,8 +99,8 @@ fn load_diffusers(
         .map_err(build_error(&unet_part.dir, "unet"))?;
     let text_part = pipeline.text_encoder()?;
     let clip_cfg: ClipTextConfig = text_part.parse_config()?;
-    let text_encoder =
-        ClipTextTransformer::new(text_part.weights.var_builder(dtype, device), &clip_cfg)
+    let (text_encoder, text_encoder_weights) =
+        build_text_encoder(text_part.weights.var_builder(dtype, device), clip_cfg)
             .map_err(build_error(&text_part.dir, "text_encoder"))?;
     let vae_part = pipeline.vae()?;
     let vae_cfg: AutoencoderKLConfig = vae_part.parse_config()?;
@@ -114,9 +121,20 @@ fn load_diffusers(
     Ok(Checkpoint {
         unet,
         text_encoder,
+        text_encoder_weights,
         tokenizer,
         vae,
     })
+}
+
+/// Builds the text encoder and keeps the weights it read.
+fn build_text_encoder(
+    vb: VarBuilder<'_>,
+    config: ClipTextConfig,
+) -> candle_core::Result<(ClipTextTransformer, TextEncoderWeights)> {
+    let (vb, recorded) = weights::recording(vb);
+    let encoder = ClipTextTransformer::new(vb, &config)?;
+    Ok((encoder, TextEncoderWeights::new(config, recorded.take())))
 }
 
 fn load_single_file(
@@ -130,9 +148,9 @@ fn load_single_file(
         &UNet2DConditionConfig::default(),
     )
     .map_err(build_error(path, "unet (model.diffusion_model.*)"))?;
-    let text_encoder = ClipTextTransformer::new(
+    let (text_encoder, text_encoder_weights) = build_text_encoder(
         file.text_encoder.var_builder(dtype, device),
-        &ClipTextConfig::sd15(),
+        ClipTextConfig::sd15(),
     )
     .map_err(build_error(
         path,
@@ -146,6 +164,7 @@ fn load_single_file(
     Ok(Checkpoint {
         unet,
         text_encoder,
+        text_encoder_weights,
         tokenizer: None,
         vae,
     })
@@ -187,6 +206,11 @@ pub fn open_motion_module(path: &Path) -> Result<MotionModuleFile, CheckpointErr
 }
 
 impl MotionModuleFile {
+    /// The module's weights under `MotionAdapter` keys, as read from the file.
+    pub fn weights(&self) -> &WeightMap {
+        &self.weights
+    }
+
     /// Builds the adapter for a UNet with `unet_norm_num_groups`, in `dtype` on `device`.
     pub fn build(
         &self,

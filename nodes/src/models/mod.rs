@@ -5,6 +5,7 @@ pub mod call;
 pub mod checkpoint;
 pub mod clip;
 pub mod load;
+pub mod lora;
 pub mod motion;
 pub mod ops;
 pub mod patcher;

@@ -36,6 +36,7 @@ pub(super) const MOTION_MODULE_FOLDERS: &[&str] =
     &["animatediff_models", "animatediff_motion_modules"];
 /// AnimateDiff-Evolved's folder of motion LoRAs.
 pub(super) const MOTION_LORA_FOLDERS: &[&str] = &["animatediff_motion_lora"];
+pub(super) const LORA_FOLDERS: &[&str] = &["loras"];
 
 /// The check of a model input given as a literal: that the file can be found.
 pub(super) fn check_model(
@@ -247,6 +248,7 @@ impl Node for CheckpointLoader {
                 Model::new(PatchedUNet::new(Arc::new(checkpoint.unet))).into_value(),
                 Clip {
                     encoder: Arc::new(checkpoint.text_encoder),
+                    weights: checkpoint.text_encoder_weights,
                     tokenizer: checkpoint.tokenizer.map(Arc::new),
                     clip_skip: 1,
                     tokenizer_search: search,

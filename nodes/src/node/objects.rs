@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::models::checkpoint::MotionModuleFile;
 use crate::models::clip::ClipTextTransformer;
+use crate::models::lora::TextEncoderWeights;
 use crate::models::patcher::PatchedUNet;
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::vae::AutoencoderKL;
@@ -189,6 +190,9 @@ pub struct SampleSettings {
 #[derive(Clone)]
 pub struct Clip {
     pub encoder: Arc<ClipTextTransformer>,
+    /// The weights `encoder` was built from (frozen, plus those replaced by LoRAs), from which
+    /// a patched copy is built.
+    pub weights: TextEncoderWeights,
     pub tokenizer: Option<Arc<ClipTokenizer>>,
     /// 1 = the last layer (ComfyUI's `CLIPSetLastLayer` −1).
     pub clip_skip: usize,

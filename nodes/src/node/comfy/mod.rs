@@ -5,6 +5,7 @@
 mod ade;
 pub(super) mod core;
 mod ksampler;
+mod lora;
 mod vhs;
 
 use super::Node;
@@ -14,6 +15,7 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
     nodes.extend(core::nodes());
     nodes.extend(ade::nodes());
     nodes.extend(ksampler::nodes());
+    nodes.extend(lora::nodes());
     nodes.extend(vhs::nodes());
     nodes
 }
