@@ -437,3 +437,63 @@ fn prompt_travel_gives_each_frame_its_prompt() {
         .to_string();
     assert!(error.contains("30") && error.contains("prompts"), "{error}");
 }
+
+/// A motion LoRA in AnimateDiff's key style on the first temporal attention's query of the
+/// tiny motion module, written where AnimateDiff-Evolved looks for them.
+fn write_motion_lora(models: &common::TinyModels) {
+    let weights = candle_core::safetensors::load(
+        models
+            .motion_module
+            .join("diffusion_pytorch_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let query = &weights["down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q.weight"];
+    let (out_features, in_features) = query.dims2().unwrap();
+    let module = "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q_lora";
+    let device = candle_core::Device::Cpu;
+    let tensors = std::collections::HashMap::from([
+        (
+            format!("{module}.down.weight"),
+            candle_core::Tensor::randn(0f32, 0.5, (2, in_features), &device).unwrap(),
+        ),
+        (
+            format!("{module}.up.weight"),
+            candle_core::Tensor::randn(0f32, 0.5, (out_features, 2), &device).unwrap(),
+        ),
+    ]);
+    let folder = models.root.join("animatediff_motion_lora");
+    std::fs::create_dir_all(&folder).unwrap();
+    candle_core::safetensors::save(&tensors, folder.join("zoom.safetensors")).unwrap();
+}
+
+#[test]
+fn motion_loras_merge_into_the_motion_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    write_motion_lora(&models);
+    let run = |name: &str, graph: &Value| images_of(graph, &models.root, &dir.path().join(name));
+    let with_lora = |strength: f64| {
+        let mut graph = gen1_graph(json!({"motion_lora": ["25", 0]}));
+        graph["25"] = json!({"class_type": "ADE_AnimateDiffLoRALoader",
+                             "inputs": {"name": "zoom.safetensors", "strength": strength}});
+        graph
+    };
+    let plain = run("plain", &gen1_graph(json!({})));
+    assert!(
+        run("zero", &with_lora(0.0)) == plain,
+        "a motion LoRA at strength 0 changed the video"
+    );
+    assert!(
+        run("one", &with_lora(1.0)) != plain,
+        "the motion LoRA changed nothing"
+    );
+
+    let mut missing = with_lora(1.0);
+    missing["25"]["inputs"]["name"] = json!("nope.safetensors");
+    let set = plugins();
+    let executor = Executor::new(&set, &vdm::events::Silent)
+        .with_setting("models_dir", models.root.to_string_lossy());
+    let report = executor.validate(&Workflow::from_json(missing).unwrap());
+    assert_eq!(report.issues("25")[0].input_name(), Some("name"));
+}

@@ -153,10 +153,25 @@ pub struct AdeMotionModel {
     pub file: Arc<MotionModuleFile>,
 }
 
+/// One motion LoRA to merge into a motion model.
+#[derive(Debug, Clone)]
+pub struct MotionLora {
+    pub path: std::path::PathBuf,
+    pub strength: f64,
+}
+
+/// A `MOTION_LORA`: motion LoRAs in the order they are merged.
+#[derive(Debug, Clone, Default)]
+pub struct MotionLoraList {
+    pub loras: Vec<MotionLora>,
+}
+
 /// One motion model to apply, with AnimateDiff-Evolved's settings.
 #[derive(Debug, Clone)]
 pub struct AppliedMotionModel {
     pub file: Arc<MotionModuleFile>,
+    /// Merged into the module's weights, in order.
+    pub loras: Vec<MotionLora>,
     /// Multiplier of the temporal attention's keys (`scale_multival`; 1 as trained).
     pub attention_scale: f64,
     /// Weight of the modules' output against their input (`effect_multival`; 1 as trained,
@@ -366,6 +381,10 @@ plugin_type!(AdeMotionModel, "MOTION_MODEL_ADE", |m| m
 plugin_type!(MotionModelList, "M_MODELS", |m| format!(
     "{} motion models",
     m.models.len()
+));
+plugin_type!(MotionLoraList, "MOTION_LORA", |m| format!(
+    "{} motion LoRAs",
+    m.loras.len()
 ));
 plugin_type!(Multival, "MULTIVAL", |m| format!("{}", m.value));
 plugin_type!(SampleSettings, "SAMPLE_SETTINGS", |s| format!(

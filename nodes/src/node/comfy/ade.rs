@@ -6,8 +6,10 @@
 use std::sync::Arc;
 
 use crate::models::attention::{AttentionKind, KeyScale};
+use crate::models::lora::motion_lora_overrides;
 use crate::models::motion::TimestepRangeGate;
 use crate::models::patcher::{MotionModules, Patch, PatchedUNet};
+use crate::models::weights::NamedWeights;
 use crate::sampling::comfy_noise::{NoiseSettings, NoiseType, SeedGeneration};
 use crate::sampling::k_diffusion::{BetaSchedule, ModelSamplingDiscrete};
 use crate::sampling::{ContextFuse, ContextOptions, ContextSchedule};
@@ -19,10 +21,12 @@ use crate::video::prompt_travel::{
 
 use super::core::encode_prompt;
 
-use super::super::models::{open_motion_module_file, MOTION_MODULE_FOLDERS};
+use super::super::models::{
+    open_motion_module_file, resolve_model, MOTION_LORA_FOLDERS, MOTION_MODULE_FOLDERS,
+};
 use super::super::objects::{
     AdeMotionModel, AppliedMotionModel, Clip, Conditioning, Context as ContextObject,
-    IterationOptions, Model, MotionModelList, Multival, SampleSettings,
+    IterationOptions, Model, MotionLora, MotionLoraList, MotionModelList, Multival, SampleSettings,
 };
 use super::super::{
     Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
@@ -47,6 +51,7 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
         Box::new(PromptScheduling {
             with_latents: false,
         }),
+        Box::new(AnimateDiffLoraLoader),
     ]
 }
 
@@ -160,6 +165,14 @@ impl Node for LoadAnimateDiffModel {
     }
 }
 
+/// The motion LoRAs of an optional `motion_lora` input.
+fn motion_loras(inputs: &Inputs) -> Result<Vec<MotionLora>, NodeFailure> {
+    Ok(inputs
+        .optional_object::<MotionLoraList>("motion_lora")?
+        .map(|list| list.loras)
+        .unwrap_or_default())
+}
+
 /// The value of an optional MULTIVAL input, or 1.
 fn multival(inputs: &Inputs, name: &str) -> Result<f64, NodeFailure> {
     Ok(inputs
@@ -178,6 +191,7 @@ fn applied(inputs: &Inputs, start: f64, end: f64) -> Result<AppliedMotionModel, 
     }
     Ok(AppliedMotionModel {
         file: motion.file,
+        loras: motion_loras(inputs)?,
         attention_scale: multival(inputs, "scale_multival")?,
         effect: multival(inputs, "effect_multival")?,
         start_percent: start,
@@ -187,6 +201,11 @@ fn applied(inputs: &Inputs, start: f64, end: f64) -> Result<AppliedMotionModel, 
 
 fn apply_inputs(builder: DescriptorBuilder) -> DescriptorBuilder {
     builder
+        .object(
+            "motion_lora",
+            "MOTION_LORA",
+            "Motion LoRAs to merge into the motion model.",
+        )
         .object(
             "scale_multival",
             "MULTIVAL",
@@ -302,6 +321,19 @@ fn with_motion_models(
                 gate,
             }))
             .map_err(|e| NodeFailure::input(input, e))?;
+        // Motion LoRAs, each merged into what the ones before left.
+        let mut merged = NamedWeights::new();
+        for lora in &applied.loras {
+            let (overrides, _) =
+                motion_lora_overrides(&applied.file, &lora.path, lora.strength, &merged)
+                    .map_err(|e| NodeFailure::input("motion_lora", e))?;
+            merged.extend(overrides.weights);
+        }
+        if !merged.is_empty() {
+            unet = unet
+                .with_weights(merged)
+                .map_err(|e| NodeFailure::input("motion_lora", e))?;
+        }
         if applied.attention_scale != 1.0 {
             unet = unet.with_processor(
                 "",
@@ -412,6 +444,11 @@ impl Node for AnimateDiffLoaderGen1 {
             "CONTEXT_OPTIONS",
             "Context windows for long clips.",
         )
+        .object(
+            "motion_lora",
+            "MOTION_LORA",
+            "Motion LoRAs to merge into the motion model.",
+        )
         .object("sample_settings", "SAMPLE_SETTINGS", "Noise settings.")
         .object(
             "scale_multival",
@@ -436,6 +473,7 @@ impl Node for AnimateDiffLoaderGen1 {
         let file = open_motion_module_file(ctx, inputs.string("model_name")?)?;
         let motion = [AppliedMotionModel {
             file,
+            loras: motion_loras(inputs)?,
             attention_scale: multival(inputs, "scale_multival")?,
             effect: multival(inputs, "effect_multival")?,
             start_percent: 0.0,
@@ -464,6 +502,7 @@ impl Node for AnimateDiffLoaderWithContext {
             .combo("beta_schedule", &BETA_SCHEDULES, "Noise schedule; autoselect takes the motion model's.")
             .optional()
             .object("context_options", "CONTEXT_OPTIONS", "Context windows for long clips.")
+            .object("motion_lora", "MOTION_LORA", "Motion LoRAs to merge into the motion model.")
             .object("sample_settings", "SAMPLE_SETTINGS", "Noise settings.")
             .float("motion_scale", 1.0, (0.0, 1e9, 0.001), "Multiplies the temporal attention's keys.")
             .boolean("apply_v2_models_properly", true, "AnimateDiff v2 modules' mid-block module is applied (as vdm always does).")
@@ -480,6 +519,7 @@ impl Node for AnimateDiffLoaderWithContext {
         let file = open_motion_module_file(ctx, inputs.string("model_name")?)?;
         let motion = [AppliedMotionModel {
             file,
+            loras: motion_loras(inputs)?,
             attention_scale: inputs.float_or("motion_scale", 1.0)?,
             effect: 1.0,
             start_percent: 0.0,
@@ -867,5 +907,48 @@ impl Node for PromptScheduling {
             values,
             ui: (!ui.is_empty()).then_some(serde_json::Value::Object(ui)),
         })
+    }
+}
+
+struct AnimateDiffLoraLoader;
+
+impl Node for AnimateDiffLoraLoader {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("ADE_AnimateDiffLoRALoader", "Load AnimateDiff LoRA 🎭🅐🅓", CATEGORY)
+            .description("A motion LoRA (v2_lora_ZoomIn.ckpt, ...) from <models>/animatediff_motion_lora/, merged into the motion model it is given to.")
+            .string("name", "", "The motion LoRA file.")
+            .float("strength", 1.0, (0.0, 10.0, 0.001), "Multiplier of the LoRA's change.")
+            .optional()
+            .object("prev_motion_lora", "MOTION_LORA", "Motion LoRAs merged before this one.")
+            .string("lora_name", "", "Older workflows' name of `name`; used when given.")
+            .output("MOTION_LORA", "MOTION_LORA")
+            .build()
+    }
+
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        let input = if inputs.get("lora_name").is_some() {
+            "lora_name"
+        } else {
+            "name"
+        };
+        super::super::models::check_model(inputs, ctx, input, MOTION_LORA_FOLDERS)
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let (input, name) = match inputs.get("lora_name") {
+            Some(_) if !inputs.string("lora_name")?.is_empty() => {
+                ("lora_name", inputs.string("lora_name")?)
+            }
+            _ => ("name", inputs.string("name")?),
+        };
+        let path = resolve_model(ctx, input, MOTION_LORA_FOLDERS, name)?;
+        let mut list = inputs
+            .optional_object::<MotionLoraList>("prev_motion_lora")?
+            .unwrap_or_default();
+        list.loras.push(MotionLora {
+            path,
+            strength: inputs.float("strength")?,
+        });
+        Ok(Outputs::one(list.into_value()))
     }
 }
