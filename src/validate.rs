@@ -249,7 +249,7 @@ pub fn validate_with(
         report.error = Some(NodeIssue::new(
             "prompt_no_outputs",
             "Prompt has no outputs",
-            "the workflow has no output node (SaveVideo, SaveLatent, ...)".into(),
+            "the workflow has no output node (SaveVideoFile, SaveLatent, ...)".into(),
             None,
         ));
     } else if !report.node_errors.is_empty() {

@@ -34,7 +34,7 @@ fn small_noise_workflow() -> Value {
     json!({
         "1": {"class_type": "VideoNoise", "inputs": {"seed": 3, "frames": 3, "width": 32, "height": 24, "channels": 4, "mode": "mixed", "correlation": 0.2}},
         "2": {"class_type": "LatentPreview", "inputs": {"latent": ["1", 0]}},
-        "3": {"class_type": "SaveVideo", "inputs": {"images": ["2", 0], "filename_prefix": "clip", "format": "png", "fps": 4}}
+        "3": {"class_type": "SaveVideoFile", "inputs": {"images": ["2", 0], "filename_prefix": "clip", "format": "png", "fps": 4}}
     })
 }
 
@@ -123,15 +123,15 @@ fn a_failure_while_running_exits_with_status_1() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("broken.gif"), b"GIF89a, but no more").unwrap();
     let wf = json!({
-        "1": {"class_type": "LoadVideo", "inputs": {"video": "broken.gif"}},
-        "2": {"class_type": "SaveVideo", "inputs": {"images": ["1", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
+        "1": {"class_type": "LoadVideoFile", "inputs": {"video": "broken.gif"}},
+        "2": {"class_type": "SaveVideoFile", "inputs": {"images": ["1", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
     });
     let path = write(dir.path(), "wf.json", &wf);
     let output = vdm(&["run", &path, "--quiet"], dir.path());
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("node 1 (LoadVideo), input `video`"),
+        stderr.contains("node 1 (LoadVideoFile), input `video`"),
         "{stderr}"
     );
 }
@@ -143,7 +143,7 @@ fn nodes_json_is_object_info_and_refused_plugins_are_reported() {
     assert!(output.status.success());
     let info: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(info["VideoNoise"]["category"], "vdm/noise");
-    assert_eq!(info["SaveVideo"]["output_node"], true);
+    assert_eq!(info["SaveVideoFile"]["output_node"], true);
     // The deps folder also holds a test plugin of a later interface version: refused, named.
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -497,7 +497,7 @@ fn small_noise_ui_workflow() -> Value {
              "inputs": [{"name": "latent", "type": "LATENT", "link": 2}],
              "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [3]}],
              "widgets_values": []},
-            {"id": 3, "type": "SaveVideo", "mode": 0,
+            {"id": 3, "type": "SaveVideoFile", "mode": 0,
              "inputs": [{"name": "images", "type": "IMAGE", "link": 3}],
              "outputs": [], "widgets_values": ["clip", "png", 4, 0]},
             {"id": 5, "type": "PrimitiveNode", "mode": 0, "inputs": [],

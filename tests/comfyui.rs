@@ -497,3 +497,45 @@ fn motion_loras_merge_into_the_motion_model() {
     let report = executor.validate(&Workflow::from_json(missing).unwrap());
     assert_eq!(report.issues("25")[0].input_name(), Some("name"));
 }
+
+fn ffmpeg_available() -> bool {
+    std::process::Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn core_video_nodes_create_save_load_and_split_videos() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let mut graph = core_txt2img();
+    graph["5"]["inputs"]["batch_size"] = json!(3);
+    graph["3"]["inputs"]["steps"] = json!(1);
+    graph["10"] = json!({"class_type": "CreateVideo", "inputs": {"images": ["8", 0], "fps": 12.0}});
+    graph["11"] = json!({"class_type": "GetVideoComponents", "inputs": {"video": ["10", 0]}});
+    graph["9"]["inputs"]["images"] = json!(["11", 0]);
+    let out = dir.path().join("out");
+    let summary = run(&graph, &models.root, &out);
+    assert_eq!(summary.ui["9"]["images"].as_array().unwrap().len(), 3);
+    if !ffmpeg_available() {
+        eprintln!("ffmpeg not found: SaveVideo and LoadVideo of MP4 not checked");
+        return;
+    }
+    graph["12"] = json!({"class_type": "SaveVideo", "inputs": {
+        "video": ["10", 0], "filename_prefix": "video/ComfyUI", "format": "auto", "codec": "auto"}});
+    let summary = run(&graph, &models.root, &out);
+    let saved = &summary.ui["12"]["images"][0];
+    assert_eq!(saved["subfolder"], "video");
+    assert_eq!(summary.ui["12"]["animated"], json!([true]));
+    let file = out.join("video").join(saved["filename"].as_str().unwrap());
+    assert!(file.to_string_lossy().ends_with(".mp4"));
+
+    let reload = json!({
+        "1": {"class_type": "LoadVideo", "inputs": {"file": file.to_string_lossy()}},
+        "2": {"class_type": "GetVideoComponents", "inputs": {"video": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "frame"}}
+    });
+    let summary = run(&reload, &models.root, &dir.path().join("reloaded"));
+    assert_eq!(summary.ui["3"]["images"].as_array().unwrap().len(), 3);
+}

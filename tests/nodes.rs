@@ -29,8 +29,8 @@ fn descriptors_round_trip_through_the_abi() {
     let names: Vec<&str> = set.descriptors().map(|d| d.class_type.as_str()).collect();
     for expected in [
         "VideoNoise",
-        "LoadVideo",
-        "SaveVideo",
+        "LoadVideoFile",
+        "SaveVideoFile",
         "LatentPreview",
         "SaveLatent",
         "LoadLatent",
@@ -58,9 +58,9 @@ fn descriptors_round_trip_through_the_abi() {
     );
     assert_eq!(noise["input"]["required"]["correlation"][1]["max"], 1.0);
     assert_eq!(noise["output"], json!(["LATENT"]));
-    assert_eq!(info["SaveVideo"]["output_node"], true);
+    assert_eq!(info["SaveVideoFile"]["output_node"], true);
     assert_eq!(
-        info["SaveVideo"]["input"]["required"]["images"],
+        info["SaveVideoFile"]["input"]["required"]["images"],
         json!(["IMAGE", {"tooltip": "Frames to save."}])
     );
 }
@@ -82,8 +82,8 @@ fn every_validation_error_is_reported_at_once_with_node_and_input() {
         "2": {"class_type": "NoSuchNode", "inputs": {}},
         "3": {"class_type": "LatentPreview", "inputs": {"latent": ["9", 0]}},
         "4": {"class_type": "LatentPreview", "inputs": {"latent": ["1", 5]}},
-        "5": {"class_type": "SaveVideo", "inputs": {"images": ["1", 0], "filename_prefix": "x", "format": "gif"}},
-        "6": {"class_type": "SaveVideo", "inputs": {"images": "not a link", "filename_prefix": "x", "format": "gif", "fps": -1}},
+        "5": {"class_type": "SaveVideoFile", "inputs": {"images": ["1", 0], "filename_prefix": "x", "format": "gif"}},
+        "6": {"class_type": "SaveVideoFile", "inputs": {"images": "not a link", "filename_prefix": "x", "format": "gif", "fps": -1}},
         "7": noise_node(json!({"seed": -5, "width": 64.5}))
     }))
     .unwrap();
@@ -339,7 +339,7 @@ fn motion_round_trips_through_save_and_load_motion_bit_exact() {
     let saved = run(
         &set,
         json!({
-            "1": {"class_type": "LoadVideo", "inputs": {"video": video.to_string_lossy()}},
+            "1": {"class_type": "LoadVideoFile", "inputs": {"video": video.to_string_lossy()}},
             "2": {"class_type": "MotionEstimator", "inputs": {"images": ["1", 0]}},
             "3": {"class_type": "SaveMotion", "inputs": {"motion": ["2", 0], "filename_prefix": "first"}}
         }),
@@ -385,7 +385,7 @@ fn motion_errors_name_the_node_and_input() {
     let message = node_error(
         &set,
         json!({
-            "1": {"class_type": "LoadVideo", "inputs": {"video": video.to_string_lossy(), "frame_load_cap": 1}},
+            "1": {"class_type": "LoadVideoFile", "inputs": {"video": video.to_string_lossy(), "frame_load_cap": 1}},
             "2": {"class_type": "MotionEstimator", "inputs": {"images": ["1", 0]}},
             "3": {"class_type": "SaveMotion", "inputs": {"motion": ["2", 0], "filename_prefix": "x"}}
         }),
@@ -442,7 +442,7 @@ fn non_finite_latents_are_an_error_of_the_node_that_made_them_unless_allowed() {
     let wf = json!({
         "1": {"class_type": "LoadLatent", "inputs": {"latent": path.to_string_lossy()}},
         "2": {"class_type": "LatentPreview", "inputs": {"latent": ["1", 0]}},
-        "3": {"class_type": "SaveVideo", "inputs": {"images": ["2", 0], "filename_prefix": "nan", "format": "gif", "fps": 8}}
+        "3": {"class_type": "SaveVideoFile", "inputs": {"images": ["2", 0], "filename_prefix": "nan", "format": "gif", "fps": 8}}
     });
     let out = dir.path().join("out");
     let result = Executor::new(&set, &vdm::events::Silent)
@@ -476,7 +476,7 @@ fn sizes_off_their_step_are_refused_not_rounded() {
     let wf = Workflow::from_json(json!({
         "1": noise_node(json!({"width": 65, "height": 72})),
         "2": {"class_type": "LatentPreview", "inputs": {"latent": ["1", 0]}},
-        "3": {"class_type": "SaveVideo", "inputs": {"images": ["2", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
+        "3": {"class_type": "SaveVideoFile", "inputs": {"images": ["2", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
     }))
     .unwrap();
     let report = validate(&wf, &set);
@@ -516,7 +516,7 @@ fn bad_filename_prefixes_are_reported_at_validation_naming_the_input() {
         let wf = Workflow::from_json(json!({
             "1": noise_node(json!({})),
             "2": {"class_type": "LatentPreview", "inputs": {"latent": ["1", 0]}},
-            "3": {"class_type": "SaveVideo", "inputs": {"images": ["2", 0], "filename_prefix": prefix, "format": "gif", "fps": 8}}
+            "3": {"class_type": "SaveVideoFile", "inputs": {"images": ["2", 0], "filename_prefix": prefix, "format": "gif", "fps": 8}}
         }))
         .unwrap();
         let report = Executor::new(&set, &vdm::events::Silent)
@@ -580,7 +580,7 @@ fn nodes_refuse_what_would_exceed_the_memory_budget() {
         json!({
             "1": first,
             "2": {"class_type": "LatentPreview", "inputs": {"latent": ["1", 0]}},
-            "3": {"class_type": "SaveVideo", "inputs": {"images": ["2", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
+            "3": {"class_type": "SaveVideoFile", "inputs": {"images": ["2", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
         })
     };
     // Inside the declared limits, far beyond any machine: refused under the default budget.
@@ -606,8 +606,8 @@ fn nodes_refuse_what_would_exceed_the_memory_budget() {
     std::fs::write(&bomb, canvas_bomb_gif(4000, 200)).unwrap();
     assert!(std::fs::metadata(&bomb).unwrap().len() < 5000);
     let load = json!({
-        "1": {"class_type": "LoadVideo", "inputs": {"video": bomb.to_string_lossy()}},
-        "3": {"class_type": "SaveVideo", "inputs": {"images": ["1", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
+        "1": {"class_type": "LoadVideoFile", "inputs": {"video": bomb.to_string_lossy()}},
+        "3": {"class_type": "SaveVideoFile", "inputs": {"images": ["1", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
     });
     expect_refusal(
         run(load, Some("268435456")),

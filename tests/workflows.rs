@@ -36,7 +36,7 @@ fn adapt(workflow: &mut Workflow, video: &Path, frames: usize) {
                 set(workflow, "frames", json!(frames));
             }
             "VideoSampler" | "EntropyEditor" => set(workflow, "steps", json!(2)),
-            "LoadVideo" => set(workflow, "video", json!(video.to_string_lossy())),
+            "LoadVideoFile" => set(workflow, "video", json!(video.to_string_lossy())),
             _ => {}
         }
     }
@@ -371,7 +371,7 @@ fn decode_chain(loader: serde_json::Value) -> serde_json::Value {
         "1": loader,
         "2": {"class_type": "EmptyVideoLatent", "inputs": {"width": 96, "height": 128, "frames": 2}},
         "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
-        "4": {"class_type": "SaveVideo", "inputs": {"images": ["3", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
+        "4": {"class_type": "SaveVideoFile", "inputs": {"images": ["3", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
     })
 }
 
@@ -484,7 +484,7 @@ fn a_model_of_the_wrong_kind_in_a_socket_fails_validation() {
         "1": {"class_type": "CheckpointLoader", "inputs": {"ckpt_name": "tiny-sd"}},
         "2": {"class_type": "EmptyVideoLatent", "inputs": {"width": 96, "height": 128, "frames": 2}},
         "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 1]}},
-        "4": {"class_type": "SaveVideo", "inputs": {"images": ["3", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
+        "4": {"class_type": "SaveVideoFile", "inputs": {"images": ["3", 0], "filename_prefix": "x", "format": "gif", "fps": 8}}
     }))
     .unwrap();
     let report = vdm::validate(&wf, &set);
@@ -509,7 +509,7 @@ fn tiny_fast_reuse(selector: serde_json::Value, motion: Option<&Path>, dir: &Pat
     }
     if let Some(video) = motion {
         let source = Workflow::from_json(json!({
-            "11": {"class_type": "LoadVideo", "inputs": {"video": video.to_string_lossy()}},
+            "11": {"class_type": "LoadVideoFile", "inputs": {"video": video.to_string_lossy()}},
             "12": {"class_type": "MotionEstimator", "inputs": {"images": ["11", 0]}}
         }))
         .unwrap();

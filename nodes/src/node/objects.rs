@@ -348,6 +348,15 @@ pub struct Audio {
     pub sample_rate: u32,
 }
 
+/// A `VIDEO` of ComfyUI's core video nodes: frames (F, H, W, 3) in [0, 1], their rate, and
+/// the sound.
+#[derive(Debug, Clone)]
+pub struct Video {
+    pub frames: Tensor,
+    pub fps: f64,
+    pub audio: Audio,
+}
+
 macro_rules! plugin_type {
     ($t:ty, $tag:literal, |$s:ident| $describe:expr) => {
         impl PluginObject for $t {
@@ -372,6 +381,11 @@ plugin_type!(MotionModule, "MOTION_MODULE", |m| m
 plugin_type!(Conditioning, "CONDITIONING", |c| format!(
     "{:?}",
     c.embeddings.dims()
+));
+plugin_type!(Video, "VIDEO", |v| format!(
+    "{:?} at {} fps",
+    v.frames.dims(),
+    v.fps
 ));
 plugin_type!(Mask, "MASK", |m| format!("{:?}", m.mask.dims()));
 plugin_type!(AdeMotionModel, "MOTION_MODEL_ADE", |m| m

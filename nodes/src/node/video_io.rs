@@ -1,4 +1,4 @@
-//! `LoadVideo` and `SaveVideo`: frames in and out as ComfyUI IMAGE batches.
+//! `LoadVideoFile` and `SaveVideoFile`: frames in and out as ComfyUI IMAGE batches.
 
 use serde_json::json;
 
@@ -12,14 +12,14 @@ use super::{
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
-    vec![Box::new(LoadVideo), Box::new(SaveVideo)]
+    vec![Box::new(LoadVideoFile), Box::new(SaveVideoFile)]
 }
 
-struct LoadVideo;
+struct LoadVideoFile;
 
-impl Node for LoadVideo {
+impl Node for LoadVideoFile {
     fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
-        DescriptorBuilder::new("LoadVideo", "Load Video", "vdm/video")
+        DescriptorBuilder::new("LoadVideoFile", "Load Video File", "vdm/video")
             .description("Loads frames from a folder of PNG/JPEG images, a GIF, or (with ffmpeg on PATH) an MP4/WebM/MOV/MKV file.")
             .string("video", "", "Path of the video file or frame folder, absolute or relative to the input folder.")
             .optional()
@@ -65,11 +65,11 @@ impl Node for LoadVideo {
     }
 }
 
-struct SaveVideo;
+struct SaveVideoFile;
 
-impl Node for SaveVideo {
+impl Node for SaveVideoFile {
     fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
-        DescriptorBuilder::new("SaveVideo", "Save Video", "vdm/video")
+        DescriptorBuilder::new("SaveVideoFile", "Save Video File", "vdm/video")
             .description("Writes frames as an animated GIF, an animated PNG, or (with ffmpeg on PATH) an H.264 MP4, atomically, into the output folder.")
             .object("images", "IMAGE", "Frames to save.")
             .string("filename_prefix", "vdm", "File name prefix; may contain subfolders of the output folder.")

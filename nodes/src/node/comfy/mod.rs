@@ -7,6 +7,7 @@ pub(super) mod core;
 mod ksampler;
 mod lora;
 mod vhs;
+mod video;
 
 use super::Node;
 
@@ -17,5 +18,6 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
     nodes.extend(ksampler::nodes());
     nodes.extend(lora::nodes());
     nodes.extend(vhs::nodes());
+    nodes.extend(video::nodes());
     nodes
 }

@@ -338,7 +338,7 @@ impl Node for LoadVideo {
 /// Files that cannot hold sound (GIF, PNG, frame folders), files without an audio stream or
 /// with none in that stretch, and any file when ffmpeg is not installed give an audio without
 /// a waveform.
-fn load_audio(path: &Path, start: f64, duration: f64) -> Result<Audio, NodeFailure> {
+pub(super) fn load_audio(path: &Path, start: f64, duration: f64) -> Result<Audio, NodeFailure> {
     let silent = Audio {
         waveform: None,
         sample_rate: 0,
@@ -369,7 +369,7 @@ fn load_audio(path: &Path, start: f64, duration: f64) -> Result<Audio, NodeFailu
 
 /// An `AUDIO` waveform (batch, channels, samples) as the interleaved samples of its first
 /// batch entry.
-fn interleaved(audio: &Audio) -> Result<Option<AudioSamples>, NodeFailure> {
+pub(super) fn interleaved(audio: &Audio) -> Result<Option<AudioSamples>, NodeFailure> {
     let Some(waveform) = &audio.waveform else {
         return Ok(None);
     };
