@@ -17,7 +17,7 @@ use crate::workflow::{Input, Workflow};
 pub const DEMO_MODELS: &str = "vdm-demo-tiny-random";
 
 /// The shipped workflows, in the order the demo runs them (the first makes the clip).
-pub const WORKFLOWS: [(&str, &str); 10] = [
+pub const WORKFLOWS: [(&str, &str); 11] = [
     (
         "noise-preview.json",
         include_str!("../workflows/noise-preview.json"),
@@ -48,6 +48,10 @@ pub const WORKFLOWS: [(&str, &str); 10] = [
     (
         "entropy-edit.json",
         include_str!("../workflows/entropy-edit.json"),
+    ),
+    (
+        "comfyui-txt2vid.json",
+        include_str!("../workflows/comfyui-txt2vid.json"),
     ),
 ];
 
@@ -112,9 +116,9 @@ pub fn run_demo(
     let mut runs = Vec::new();
     for (name, text) in WORKFLOWS {
         let start = Instant::now();
-        let result = Workflow::parse(text)
+        let result = crate::ui_workflow::parse_workflow(text, plugins)
             .map_err(|e| e.to_string())
-            .and_then(|mut workflow| {
+            .and_then(|(mut workflow, _)| {
                 shrink(&mut workflow, options, clip.as_deref(), name)?;
                 executor(&options.out_dir)
                     .run(&workflow)
@@ -155,7 +159,11 @@ fn shrink(
             let Input::Literal(_) = value else {
                 continue;
             };
+            // In ComfyUI's graphs the frames of a video are the latent batch.
+            let frames_as_batch =
+                node.class_type == "EmptyLatentImage" && input.as_str() == "batch_size";
             let new = match input.as_str() {
+                _ if frames_as_batch => json!(options.frames),
                 "ckpt_name" => json!(DEMO_MODELS),
                 "model_name" => json!(format!("{DEMO_MODELS}-motion")),
                 "width" | "height" => json!(options.size),

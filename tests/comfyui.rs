@@ -539,3 +539,25 @@ fn core_video_nodes_create_save_load_and_split_videos() {
     let summary = run(&reload, &models.root, &dir.path().join("reloaded"));
     assert_eq!(summary.ui["3"]["images"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn the_shipped_comfyui_ui_workflow_runs_on_tiny_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/comfyui-txt2vid.json"),
+    )
+    .unwrap();
+    let ui: Value = serde_json::from_str(&text).unwrap();
+    let mut api = from_ui(&ui);
+    api["4"]["inputs"]["ckpt_name"] = json!("tiny-sd");
+    api["2"]["inputs"]["model_name"] = json!("tiny-motion");
+    api["5"]["inputs"] = json!({"width": 96, "height": 128, "batch_size": 6});
+    api["6"]["inputs"]["context_length"] = json!(4);
+    api["6"]["inputs"]["context_overlap"] = json!(2);
+    api["3"]["inputs"]["steps"] = json!(2);
+    let summary = run(&api, &models.root, &dir.path().join("out"));
+    let gif = &summary.ui["11"]["gifs"][0];
+    assert_eq!(gif["format"], "image/gif");
+    assert!(Path::new(gif["fullpath"].as_str().unwrap()).exists());
+}
