@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::sampling::comfy_noise::{initial_noise, NoiseSettings};
 use crate::sampling::k_diffusion::{
-    calculate_sigmas, sample, BrownianNoise, GuidedDenoiser, ModelSamplingDiscrete, NoiseSampler,
-    PromptEmbeddings, SamplerKind, Scheduler, StepInfo,
+    calculate_sigmas, sample, BrownianNoise, GaussianSource, GuidedDenoiser, ModelSamplingDiscrete,
+    NoiseSampler, PromptEmbeddings, SamplerKind, Scheduler, StepInfo,
 };
 use crate::sampling::torch_random::TorchGenerator;
 use crate::sampling::{ContextOptions, ContextWindows, NoisePredictor};
@@ -417,7 +417,7 @@ impl SamplerRun {
 }
 
 /// Independent Gaussian draws for each step.
-struct FreshNoise(Box<dyn FnMut(&Tensor) -> candle_core::Result<Tensor>>);
+struct FreshNoise(GaussianSource);
 
 impl NoiseSampler for FreshNoise {
     fn sample(&mut self, _: f64, _: f64, like: &Tensor) -> candle_core::Result<Tensor> {
