@@ -57,6 +57,32 @@ pub(crate) fn check_steps(scheduler: &dyn Scheduler, steps: usize) -> Result<(),
     scheduler.timesteps(steps).map(|_| ()).for_input("steps")
 }
 
+/// Refuses a sampling run of latents of `shape` (videos, C, F, h, w) whose estimated peak
+/// exceeds the memory budget, naming `latent_image`; `context` windows bound the frames of
+/// one model call.
+pub(super) fn check_sampling_memory(
+    ctx: &Context,
+    unet: &crate::models::patcher::PatchedUNet,
+    (batch, channels, frames, height, width): (usize, usize, usize, usize, usize),
+    context: Option<ContextOptions>,
+    guided: bool,
+) -> Result<(), NodeFailure> {
+    let frames_per_call = context.map_or(frames, |o| o.length.min(frames));
+    ctx.memory_budget(unet.base().device()).check(
+        "latent_image",
+        &format!("sampling {batch} × {frames} frames of {width}×{height} latents"),
+        memory::sampling_estimate(
+            unet,
+            batch,
+            channels,
+            frames,
+            (height, width),
+            frames_per_call,
+            guided,
+        ),
+    )
+}
+
 /// Frames the VAE handles at once by default: bounded memory at SD sizes.
 const DEFAULT_VAE_CHUNK: i64 = 16;
 
@@ -134,19 +160,12 @@ impl Node for VideoSampler {
             // Past the positional table a single pass is impossible: window by default.
             None => ContextOptions::needed_for(model.unet.max_frames(), frames),
         };
-        let frames_per_call = context_options.map_or(frames, |o| o.length.min(frames));
-        ctx.memory_budget(&device).check(
-            "latent_image",
-            &format!("sampling {batch} × {frames} frames of {width}×{height} latents"),
-            memory::sampling_estimate(
-                &model.unet,
-                batch,
-                channels,
-                frames,
-                (height, width),
-                frames_per_call,
-                settings.guidance_scale > 1.0,
-            ),
+        check_sampling_memory(
+            ctx,
+            &model.unet,
+            (batch, channels, frames, height, width),
+            context_options,
+            settings.guidance_scale > 1.0,
         )?;
         let noise = match inputs.optional_object::<Latent>("noise")? {
             Some(n) if n.samples.dims() != latents.dims() => {

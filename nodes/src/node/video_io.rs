@@ -15,6 +15,28 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
     vec![Box::new(LoadVideoFile), Box::new(SaveVideoFile)]
 }
 
+/// The frames of the video, frame folder or image at `path` and their rate, within the host
+/// memory budget (frames are decoded into host memory, whatever the compute device); errors
+/// name `input`.
+pub(super) fn load_frames(
+    ctx: &Context,
+    input: &str,
+    path: &std::path::Path,
+    options: LoadOptions,
+) -> Result<(candle_core::Tensor, f64), NodeFailure> {
+    let budget = ctx.memory_budget(&candle_core::Device::Cpu);
+    let options = LoadOptions {
+        max_bytes: budget.limit.0,
+        ..options
+    };
+    load_video(path, &options).map_err(|e| match e {
+        MediaError::TooLarge { .. } => {
+            NodeFailure::input(input, format!("{e} (the memory budget: {})", budget.source))
+        }
+        other => NodeFailure::input(input, other),
+    })
+}
+
 struct LoadVideoFile;
 
 impl Node for LoadVideoFile {
@@ -38,21 +60,13 @@ impl Node for LoadVideoFile {
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let path = resolve_input_path(ctx, inputs.string("video")?);
-        // Frames are decoded into host memory, whatever the compute device.
-        let budget = ctx.memory_budget(&candle_core::Device::Cpu);
         let options = LoadOptions {
             frame_load_cap: inputs.usize_or("frame_load_cap", 0)?,
             skip_first_frames: inputs.usize_or("skip_first_frames", 0)?,
             select_every_nth: inputs.usize_or("select_every_nth", 1)?,
-            max_bytes: budget.limit.0,
+            ..LoadOptions::default()
         };
-        let (frames, fps) = load_video(&path, &options).map_err(|e| match e {
-            MediaError::TooLarge { .. } => NodeFailure::input(
-                "video",
-                format!("{e} (the memory budget: {})", budget.source),
-            ),
-            other => NodeFailure::input("video", other),
-        })?;
+        let (frames, fps) = load_frames(ctx, "video", &path, options)?;
         let count = frames.dim(0)? as i64;
         Ok(Outputs {
             values: vec![

@@ -417,6 +417,35 @@ impl Node for UseEvolvedSampling {
     }
 }
 
+/// The one-node loaders: the motion module of `model_name` applied to `model` for the whole
+/// schedule, with evolved sampling.
+fn load_and_apply(
+    inputs: &Inputs,
+    ctx: &Context,
+    attention_scale: f64,
+    effect: f64,
+) -> Result<Outputs, NodeFailure> {
+    let model: Model = inputs.object("model")?;
+    let file = open_motion_module_file(ctx, inputs.string("model_name")?)?;
+    let motion = [AppliedMotionModel {
+        file,
+        loras: motion_loras(inputs)?,
+        attention_scale,
+        effect,
+        start_percent: 0.0,
+        end_percent: 1.0,
+    }];
+    let evolved = Evolved {
+        motion: &motion,
+        beta_schedule: inputs.string("beta_schedule")?,
+        context: context_input(inputs)?,
+        sample_settings: inputs.optional_object::<SampleSettings>("sample_settings")?,
+    };
+    Ok(Outputs::one(
+        evolved.apply(&model, ctx, "model_name")?.into_value(),
+    ))
+}
+
 struct AnimateDiffLoaderGen1;
 
 impl Node for AnimateDiffLoaderGen1 {
@@ -469,25 +498,9 @@ impl Node for AnimateDiffLoaderGen1 {
     }
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
-        let model: Model = inputs.object("model")?;
-        let file = open_motion_module_file(ctx, inputs.string("model_name")?)?;
-        let motion = [AppliedMotionModel {
-            file,
-            loras: motion_loras(inputs)?,
-            attention_scale: multival(inputs, "scale_multival")?,
-            effect: multival(inputs, "effect_multival")?,
-            start_percent: 0.0,
-            end_percent: 1.0,
-        }];
-        let evolved = Evolved {
-            motion: &motion,
-            beta_schedule: inputs.string("beta_schedule")?,
-            context: context_input(inputs)?,
-            sample_settings: inputs.optional_object::<SampleSettings>("sample_settings")?,
-        };
-        Ok(Outputs::one(
-            evolved.apply(&model, ctx, "model_name")?.into_value(),
-        ))
+        let scale = multival(inputs, "scale_multival")?;
+        let effect = multival(inputs, "effect_multival")?;
+        load_and_apply(inputs, ctx, scale, effect)
     }
 }
 
@@ -515,25 +528,7 @@ impl Node for AnimateDiffLoaderWithContext {
     }
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
-        let model: Model = inputs.object("model")?;
-        let file = open_motion_module_file(ctx, inputs.string("model_name")?)?;
-        let motion = [AppliedMotionModel {
-            file,
-            loras: motion_loras(inputs)?,
-            attention_scale: inputs.float_or("motion_scale", 1.0)?,
-            effect: 1.0,
-            start_percent: 0.0,
-            end_percent: 1.0,
-        }];
-        let evolved = Evolved {
-            motion: &motion,
-            beta_schedule: inputs.string("beta_schedule")?,
-            context: context_input(inputs)?,
-            sample_settings: inputs.optional_object::<SampleSettings>("sample_settings")?,
-        };
-        Ok(Outputs::one(
-            evolved.apply(&model, ctx, "model_name")?.into_value(),
-        ))
+        load_and_apply(inputs, ctx, inputs.float_or("motion_scale", 1.0)?, 1.0)
     }
 }
 

@@ -5,12 +5,13 @@ use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use crate::models::weighted_prompt::{empty_chunk, encode_weighted, tokenize_weighted};
-use crate::video::io::{load_alpha, load_video, save_video, LoadOptions, VideoFormat};
+use crate::video::io::{load_alpha, save_video, LoadOptions, VideoFormat};
 use crate::video::resize::{crop_to_aspect, resize, ResizeMode};
 
 use super::super::memory::Bytes;
 use super::super::models::CheckpointLoader;
 use super::super::objects::{Clip, Conditioning, Mask};
+use super::super::video_io::load_frames;
 use super::super::{
     check_filename_prefix, check_input_file, file_entry, resolve_input_path, save_failure, Context,
     DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
@@ -365,13 +366,9 @@ impl Node for LoadImage {
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let path = resolve_input_path(ctx, inputs.string("image")?);
-        let budget = ctx.memory_budget(&candle_core::Device::Cpu);
         // Every frame of an animated image, as ComfyUI's LoadImage.
-        let options = LoadOptions {
-            max_bytes: budget.limit.0,
-            ..LoadOptions::default()
-        };
-        let (frames, _) = load_video(&path, &options).for_input("image")?;
+        let options = LoadOptions::default();
+        let (frames, _) = load_frames(ctx, "image", &path, options.clone())?;
         let (count, height, width, _) = frames.dims4()?;
         let cpu = candle_core::Device::Cpu;
         // ComfyUI's mask: 1 where a still image is transparent; without an alpha channel, a

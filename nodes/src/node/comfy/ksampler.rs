@@ -13,8 +13,8 @@ use crate::sampling::torch_random::TorchGenerator;
 use crate::sampling::{ContextOptions, ContextWindows, NoisePredictor};
 use crate::video::freeinit::comfy_reinitialized_noise;
 
-use super::super::memory;
 use super::super::objects::{Conditioning, Model};
+use super::super::sampler::check_sampling_memory;
 use super::super::{
     cancelled_or, Context, DescriptorBuilder, ForInput, Inputs, Latent, Node, NodeFailure, Outputs,
     PluginType,
@@ -223,19 +223,12 @@ impl SamplerRun {
                 ));
             }
         }
-        let frames_per_call = context.map_or(frames, |o| o.length.min(frames));
-        ctx.memory_budget(&device).check(
-            "latent_image",
-            &format!("sampling {batch} × {frames} frames of {width}×{height} latents"),
-            memory::sampling_estimate(
-                &model.unet,
-                batch,
-                channels,
-                frames,
-                (height, width),
-                frames_per_call,
-                cfg != 1.0,
-            ),
+        check_sampling_memory(
+            ctx,
+            &model.unet,
+            (batch, channels, frames, height, width),
+            context,
+            cfg != 1.0,
         )?;
 
         let shape = (batch, channels, frames, height, width);

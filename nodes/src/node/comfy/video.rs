@@ -4,12 +4,11 @@
 use candle_core::Tensor;
 use serde_json::json;
 
-use crate::video::io::{
-    load_video, save_h264, save_with_audio, Ffmpeg, H264Settings, LoadOptions, MediaError,
-};
+use crate::video::io::{save_h264, save_with_audio, Ffmpeg, H264Settings, LoadOptions};
 
 use super::super::memory::Bytes;
 use super::super::objects::{Audio, Video};
+use super::super::video_io::load_frames;
 use super::super::{
     check_filename_prefix, check_input_file, file_entry, resolve_input_path, save_failure, Context,
     DescriptorBuilder, Images, Inputs, Node, NodeFailure, Outputs, PluginType,
@@ -44,18 +43,7 @@ impl Node for LoadVideo {
 
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let path = resolve_input_path(ctx, inputs.string("file")?);
-        let budget = ctx.memory_budget(&candle_core::Device::Cpu);
-        let options = LoadOptions {
-            max_bytes: budget.limit.0,
-            ..LoadOptions::default()
-        };
-        let (frames, fps) = load_video(&path, &options).map_err(|e| match e {
-            MediaError::TooLarge { .. } => NodeFailure::input(
-                "file",
-                format!("{e} (the memory budget: {})", budget.source),
-            ),
-            other => NodeFailure::input("file", other),
-        })?;
+        let (frames, fps) = load_frames(ctx, "file", &path, LoadOptions::default())?;
         let duration = frames.dim(0)? as f64 / fps;
         let audio =
             load_audio(&path, 0.0, duration).map_err(|e| NodeFailure::input("file", e.message))?;

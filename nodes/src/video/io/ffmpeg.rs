@@ -72,16 +72,23 @@ impl Ffmpeg {
         }
     }
 
-    fn probe(&self, path: &Path) -> Result<VideoStream, MediaError> {
+    /// ffprobe's JSON description of the first stream of `path` that `selector` picks (`v:0`,
+    /// `a:0`); `purpose` says what ffprobe is needed for, should it be missing.
+    fn probe_stream(
+        &self,
+        path: &Path,
+        selector: &str,
+        purpose: &str,
+    ) -> Result<serde_json::Value, MediaError> {
         let mut command = Command::new(&self.ffprobe);
         command
-            .args(["-v", "error", "-select_streams", "v:0", "-show_streams"])
+            .args(["-v", "error", "-select_streams", selector, "-show_streams"])
             .args(["-of", "json"])
             .arg(path)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let child = Self::spawn(&self.ffprobe, &mut command, "read videos")?;
+        let child = Self::spawn(&self.ffprobe, &mut command, purpose)?;
         let output = child.wait_with_output().map_err(io_error(&self.ffprobe))?;
         let fail = |message: String| Self::failure(&self.ffprobe, path, message);
         if !output.status.success() {
@@ -89,8 +96,13 @@ impl Ffmpeg {
                 String::from_utf8_lossy(&output.stderr).trim().to_string(),
             ));
         }
-        let json: serde_json::Value = serde_json::from_slice(&output.stdout)
-            .map_err(|e| fail(format!("unreadable ffprobe output: {e}")))?;
+        serde_json::from_slice(&output.stdout)
+            .map_err(|e| fail(format!("unreadable ffprobe output: {e}")))
+    }
+
+    fn probe(&self, path: &Path) -> Result<VideoStream, MediaError> {
+        let json = self.probe_stream(path, "v:0", "read videos")?;
+        let fail = |message: String| Self::failure(&self.ffprobe, path, message);
         let stream = json
             .get("streams")
             .and_then(|s| s.get(0))
@@ -358,23 +370,8 @@ impl Ffmpeg {
         start: f64,
         duration: f64,
     ) -> Result<Option<AudioSamples>, MediaError> {
-        let mut command = Command::new(&self.ffprobe);
-        command
-            .args(["-v", "error", "-select_streams", "a:0", "-show_streams"])
-            .args(["-of", "json"])
-            .arg(path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let child = Self::spawn(&self.ffprobe, &mut command, "read sound")?;
-        let output = child.wait_with_output().map_err(io_error(&self.ffprobe))?;
+        let json = self.probe_stream(path, "a:0", "read sound")?;
         let fail = |program: &Path, message: String| Self::failure(program, path, message);
-        if !output.status.success() {
-            let message = String::from_utf8_lossy(&output.stderr).trim().to_string();
-            return Err(fail(&self.ffprobe, message));
-        }
-        let json: serde_json::Value = serde_json::from_slice(&output.stdout)
-            .map_err(|e| fail(&self.ffprobe, format!("unreadable ffprobe output: {e}")))?;
         let Some(stream) = json.get("streams").and_then(|s| s.get(0)) else {
             return Ok(None);
         };
