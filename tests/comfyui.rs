@@ -561,3 +561,19 @@ fn the_shipped_comfyui_ui_workflow_runs_on_tiny_models() {
     assert_eq!(gif["format"], "image/gif");
     assert!(Path::new(gif["fullpath"].as_str().unwrap()).exists());
 }
+
+#[test]
+fn seeds_span_the_whole_u64_range() {
+    let set = plugins();
+    let info = vdm::object_info::object_info(set.descriptors(), "vdm_nodes");
+    let seed = &info["KSampler"]["input"]["required"]["seed"][1];
+    assert_eq!(seed["max"], json!(u64::MAX));
+    assert_eq!(seed["control_after_generate"], json!(true));
+    let mut graph = core_txt2img();
+    graph["3"]["inputs"]["seed"] = json!(u64::MAX);
+    let report = vdm::validate(&Workflow::from_json(graph.clone()).unwrap(), &set);
+    assert!(report.is_ok(), "{}", report.to_text());
+    graph["3"]["inputs"]["seed"] = json!(-1);
+    let report = vdm::validate(&Workflow::from_json(graph).unwrap(), &set);
+    assert_eq!(report.issues("3")[0].kind, "value_smaller_than_min");
+}
