@@ -15,7 +15,7 @@ pub mod validate;
 pub mod workflow;
 
 pub use events::{Event, EventSink};
-pub use execute::{Executor, RunError, RunSummary};
+pub use execute::{Executor, OutputCache, RunError, RunSummary};
 pub use plugin::{Plugin, PluginError, PluginSet};
 pub use validate::{validate, ValidationReport};
 pub use workflow::{Input, ParseError, Workflow};
