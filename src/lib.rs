@@ -10,6 +10,7 @@ pub mod events;
 pub mod execute;
 pub mod object_info;
 pub mod plugin;
+pub mod serve;
 pub mod ui_workflow;
 pub mod validate;
 pub mod workflow;
