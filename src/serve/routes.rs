@@ -304,14 +304,14 @@ fn ids_to_delete(body: &Json) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn json_body(body: &Bytes) -> Result<Json, Response> {
-    serde_json::from_slice(body).map_err(|e| bad_request(&format!("the body is not JSON: {e}")))
+/// The body as JSON, or `None` when it is not JSON.
+fn json_body(body: &Bytes) -> Option<Json> {
+    serde_json::from_slice(body).ok()
 }
 
 async fn queue_edit(State(state): Shared, body: Bytes) -> Response {
-    let body = match json_body(&body) {
-        Ok(body) => body,
-        Err(response) => return response,
+    let Some(body) = json_body(&body) else {
+        return bad_request("the body is not JSON");
     };
     if body.get("clear").and_then(Json::as_bool) == Some(true) {
         state.queue.clear_pending();
@@ -338,9 +338,8 @@ async fn history_of(State(state): Shared, UrlPath(prompt_id): UrlPath<String>) -
 }
 
 async fn history_edit(State(state): Shared, body: Bytes) -> Response {
-    let body = match json_body(&body) {
-        Ok(body) => body,
-        Err(response) => return response,
+    let Some(body) = json_body(&body) else {
+        return bad_request("the body is not JSON");
     };
     if body.get("clear").and_then(Json::as_bool) == Some(true) {
         state.queue.clear_history();
@@ -619,9 +618,8 @@ async fn setting_update(
     UrlPath(id): UrlPath<String>,
     body: Bytes,
 ) -> Response {
-    let value = match json_body(&body) {
-        Ok(value) => value,
-        Err(response) => return response,
+    let Some(value) = json_body(&body) else {
+        return bad_request("the body is not JSON");
     };
     let mut settings = read_settings(&state);
     settings.insert(id, value);
