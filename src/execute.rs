@@ -2,7 +2,7 @@
 //! distinct computation once.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,6 +44,32 @@ pub struct RunSummary {
     pub cached: Vec<String>,
     /// The `ui` JSON of each output node, by node id.
     pub ui: BTreeMap<String, Json>,
+}
+
+/// Node outputs kept from one run to the next, keyed by input signature, so that a caller
+/// running a sequence of workflows (a server's queue) computes each node only when its class,
+/// its inputs or anything upstream of it changed. After each run the cache holds only the
+/// outputs that run used or produced, so it never grows beyond one workflow's worth.
+#[derive(Default)]
+pub struct OutputCache {
+    outputs: HashMap<u64, Vec<Value>>,
+}
+
+impl OutputCache {
+    /// Number of node outputs held.
+    pub fn len(&self) -> usize {
+        self.outputs.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.outputs.is_empty()
+    }
+
+    /// Drops every held output (and the plugin objects they keep alive).
+    pub fn clear(&mut self) {
+        self.outputs.clear();
+    }
 }
 
 /// Runs workflows against a set of plugins.
@@ -117,8 +143,36 @@ impl<'a> Executor<'a> {
         })
     }
 
-    /// Validates, then runs what the output nodes need.
+    /// Validates, then runs what the output nodes need; identical computations within the
+    /// run happen once.
     pub fn run(&self, workflow: &Workflow) -> Result<RunSummary, RunError> {
+        self.run_cached(workflow, &mut OutputCache::default())
+    }
+
+    /// Like [`Executor::run`], but reuses the outputs `cache` holds from earlier runs and
+    /// leaves this run's outputs in it. Output nodes still always run, as in a single run:
+    /// writing or showing their result is the point of queueing the workflow.
+    pub fn run_cached(
+        &self,
+        workflow: &Workflow,
+        cache: &mut OutputCache,
+    ) -> Result<RunSummary, RunError> {
+        let mut used = HashSet::new();
+        let result = self.run_with(workflow, &mut cache.outputs, &mut used);
+        cache
+            .outputs
+            .retain(|signature, _| used.contains(signature));
+        result
+    }
+
+    /// Runs `workflow`, taking and leaving node outputs in `outputs`; records in `used` the
+    /// signature of every node it reached.
+    fn run_with(
+        &self,
+        workflow: &Workflow,
+        outputs: &mut HashMap<u64, Vec<Value>>,
+        used: &mut HashSet<u64>,
+    ) -> Result<RunSummary, RunError> {
         let report = self.validate(workflow);
         if !report.is_ok() {
             return Err(RunError::Invalid(Box::new(report)));
@@ -128,7 +182,6 @@ impl<'a> Executor<'a> {
 
         let mut summary = RunSummary::default();
         let mut signatures: HashMap<&str, u64> = HashMap::new();
-        let mut outputs: HashMap<u64, Vec<Value>> = HashMap::new();
         for id in &order {
             let node = &workflow.nodes[id];
             let (plugin, descriptor) = self.plugins.node(&node.class_type).expect("validated");
@@ -137,6 +190,7 @@ impl<'a> Executor<'a> {
             }
             let signature = signature(&node.class_type, &node.inputs, &signatures);
             signatures.insert(id.as_str(), signature);
+            used.insert(signature);
             // Output nodes always run: writing the file is the point of running them.
             if !descriptor.output_node && outputs.contains_key(&signature) {
                 summary.cached.push(id.clone());
@@ -150,7 +204,7 @@ impl<'a> Executor<'a> {
                 class_type: node.class_type.clone(),
                 title: node.title.clone(),
             });
-            let inputs = resolve_inputs(descriptor, &node.inputs, &signatures, &outputs);
+            let inputs = resolve_inputs(descriptor, &node.inputs, &signatures, outputs);
             let host = NodeHost {
                 node: id,
                 sink: self.sink,

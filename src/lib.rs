@@ -10,12 +10,13 @@ pub mod events;
 pub mod execute;
 pub mod object_info;
 pub mod plugin;
+pub mod serve;
 pub mod ui_workflow;
 pub mod validate;
 pub mod workflow;
 
 pub use events::{Event, EventSink};
-pub use execute::{Executor, RunError, RunSummary};
+pub use execute::{Executor, OutputCache, RunError, RunSummary};
 pub use plugin::{Plugin, PluginError, PluginSet};
 pub use validate::{validate, ValidationReport};
 pub use workflow::{Input, ParseError, Workflow};

@@ -96,6 +96,26 @@ enum Command {
         #[arg(long, default_value = "auto", value_parser = parse_device)]
         device: String,
     },
+    /// Serve ComfyUI's server API, and its web editor when installed
+    /// (`pip install comfyui-frontend-package`), to build and run workflows in a browser.
+    Serve {
+        /// Address to listen on. Anything but loopback exposes the server, which has no
+        /// authentication, to the network.
+        #[arg(long, default_value = "127.0.0.1")]
+        listen: std::net::IpAddr,
+        /// Port to listen on (0: any free port, printed at start).
+        #[arg(long, default_value_t = 8188)]
+        port: u16,
+        /// The editor's static files (default: the `static` folder of the installed
+        /// `comfyui_frontend_package` Python package).
+        #[arg(long, value_name = "DIR", env = "VDM_FRONTEND")]
+        frontend: Option<PathBuf>,
+        /// Output folder for saved files.
+        #[arg(long, value_name = "DIR", default_value = "output")]
+        out: PathBuf,
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Print a ComfyUI UI-format workflow (what the editor's "Save" writes) in the API format,
     /// as the editor's "Export (API)" would; an API-format file is printed as it is read.
     /// `run` and `validate` read UI files directly.
@@ -313,6 +333,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Serve {
+            listen,
+            port,
+            frontend,
+            out,
+            settings,
+        } => serve(plugins, listen, port, frontend, out, settings),
         Command::Validate {
             workflow,
             settings,
@@ -408,6 +435,69 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_INTERRUPTED)
                 }
             }
+        }
+    }
+}
+
+/// `vdm serve`: runs until the process is stopped.
+fn serve(
+    plugins: PluginSet,
+    listen: std::net::IpAddr,
+    port: u16,
+    frontend: Option<PathBuf>,
+    out: PathBuf,
+    settings: Settings,
+) -> ExitCode {
+    if let Some(why) = plugins.none_found() {
+        eprintln!("warning: {why}");
+    }
+    let mut options = vdm::serve::ServeOptions::new(out);
+    options.listen = listen;
+    options.port = port;
+    options.frontend = vdm::serve::find_frontend(frontend);
+    options.models = settings.models.clone();
+    if let Some(input) = &settings.input {
+        options.input = input.clone();
+    }
+    options
+        .settings
+        .insert("device".into(), settings.device.clone());
+    if let Some(bytes) = settings.max_memory {
+        options
+            .settings
+            .insert("max_memory".into(), bytes.to_string());
+    }
+    if let Some(bytes) = settings.max_gpu_memory {
+        options
+            .settings
+            .insert("max_gpu_memory".into(), bytes.to_string());
+    }
+    if !listen.is_loopback() {
+        eprintln!(
+            "warning: listening on {listen}: the server has no authentication, anyone who can \
+             reach this address can run workflows and read the output folder"
+        );
+    }
+    match &options.frontend {
+        Some(dir) => println!("editor: {}", dir.display()),
+        None => println!(
+            "no editor frontend found (pip install comfyui-frontend-package, or --frontend DIR); \
+             serving the API only"
+        ),
+    }
+    let server = match vdm::serve::start(plugins, options) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("error: cannot start the server: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    println!("listening on http://{}", server.address);
+    match server.wait() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }

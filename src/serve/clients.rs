@@ -1,0 +1,155 @@
+//! Connected websocket clients, and the event sink that forwards a prompt's run to them in
+//! ComfyUI's message shapes.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value as Json};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::events::{Event, EventSink};
+
+/// The open websockets, by client id.
+#[derive(Default)]
+pub struct Clients {
+    senders: Mutex<HashMap<String, UnboundedSender<String>>>,
+}
+
+impl Clients {
+    pub fn connect(&self, client_id: &str, sender: UnboundedSender<String>) {
+        self.lock().insert(client_id.to_owned(), sender);
+    }
+
+    pub fn disconnect(&self, client_id: &str) {
+        self.lock().remove(client_id);
+    }
+
+    /// Sends `{"type": kind, "data": data}` to `client_id`, or to every client when there is
+    /// none (a prompt queued without a client id is everyone's). A client that has gone
+    /// misses the message.
+    pub fn send(&self, client_id: Option<&str>, kind: &str, data: Json) {
+        let text = json!({"type": kind, "data": data}).to_string();
+        let senders = self.lock();
+        match client_id {
+            Some(id) => {
+                if let Some(sender) = senders.get(id) {
+                    let _ = sender.send(text);
+                }
+            }
+            None => {
+                for sender in senders.values() {
+                    let _ = sender.send(text.clone());
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, UnboundedSender<String>>> {
+        self.senders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Milliseconds since the Unix epoch, as ComfyUI stamps its messages.
+pub fn timestamp_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How often one node's progress is forwarded at most: a node that reports every one of
+/// millions of tiny steps must not flood the websocket. The first and the last step always go.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What a prompt's run reported, for its history entry.
+#[derive(Default)]
+pub struct RunRecord {
+    /// `[type, data]` of the start, cache, and end messages, as ComfyUI's history keeps them.
+    pub messages: Vec<Json>,
+    /// Each output node's `ui` JSON, by node id.
+    pub outputs: Map<String, Json>,
+}
+
+/// Forwards one prompt's events to its client, with the prompt id and a timestamp, and keeps
+/// what the history entry needs.
+pub struct PromptEvents<'a> {
+    pub clients: &'a Clients,
+    pub client_id: Option<String>,
+    pub prompt_id: String,
+    pub record: Mutex<RunRecord>,
+    last_progress: Mutex<Option<Instant>>,
+}
+
+impl<'a> PromptEvents<'a> {
+    pub fn new(clients: &'a Clients, client_id: Option<String>, prompt_id: String) -> Self {
+        Self {
+            clients,
+            client_id,
+            prompt_id,
+            record: Mutex::new(RunRecord::default()),
+            last_progress: Mutex::new(None),
+        }
+    }
+
+    /// Sends one message of this prompt.
+    pub fn send(&self, kind: &str, mut data: Map<String, Json>) {
+        data.insert("prompt_id".into(), json!(self.prompt_id));
+        data.insert("timestamp".into(), json!(timestamp_ms()));
+        let data = Json::Object(data);
+        if matches!(
+            kind,
+            "execution_start"
+                | "execution_cached"
+                | "execution_success"
+                | "execution_error"
+                | "execution_interrupted"
+        ) {
+            self.record
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .messages
+                .push(json!([kind, data]));
+        }
+        self.clients.send(self.client_id.as_deref(), kind, data);
+    }
+
+    /// Whether a progress step is worth sending now (see [`PROGRESS_INTERVAL`]).
+    fn progress_due(&self, value: u64, max: u64) -> bool {
+        let mut last = self.last_progress.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let due = value <= 1
+            || value >= max
+            || last.is_none_or(|at| now.duration_since(at) >= PROGRESS_INTERVAL);
+        if due {
+            *last = Some(now);
+        }
+        due
+    }
+}
+
+impl EventSink for PromptEvents<'_> {
+    fn emit(&self, event: Event) {
+        if let Event::Progress { value, max, .. } = &event {
+            if !self.progress_due(*value, *max) {
+                return;
+            }
+        }
+        if let Event::Executed { node, output } = &event {
+            if !output.is_null() {
+                self.record
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .outputs
+                    .insert(node.clone(), output.clone());
+            }
+        }
+        let message = event.to_json();
+        let kind = message["type"].as_str().unwrap_or_default().to_owned();
+        let data = match message.get("data") {
+            Some(Json::Object(data)) => data.clone(),
+            _ => Map::new(),
+        };
+        self.send(&kind, data);
+    }
+}

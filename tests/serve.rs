@@ -1,0 +1,367 @@
+//! What `vdm serve` relies on: node outputs kept across runs by input signature, so that a
+//! re-queued workflow computes only what changed.
+
+mod common;
+
+use serde_json::json;
+use vdm::{Executor, OutputCache, PluginSet, Workflow};
+
+fn plugins() -> PluginSet {
+    let set = PluginSet::load(&[], &[common::plugin_library("vdm-test-plugin")]);
+    assert!(set.refused.is_empty(), "{:?}", set.refused);
+    set
+}
+
+fn sum_of(a: i64, b: i64) -> Workflow {
+    Workflow::from_json(json!({
+        "1": {"class_type": "TestCounter", "inputs": {"value": a}},
+        "2": {"class_type": "TestCounter", "inputs": {"value": b}},
+        "3": {"class_type": "TestAdd", "inputs": {"a": ["1", 0], "b": ["2", 0]}},
+        "4": {"class_type": "TestSink", "inputs": {"value": ["3", 0]}}
+    }))
+    .expect("well-formed workflow")
+}
+
+#[test]
+fn an_unchanged_workflow_runs_only_its_output_nodes_the_second_time() {
+    let set = plugins();
+    let executor = Executor::new(&set, &vdm::events::Silent);
+    let mut cache = OutputCache::default();
+
+    let first = executor.run_cached(&sum_of(2, 3), &mut cache).unwrap();
+    assert_eq!(first.executed, ["1", "2", "3", "4"]);
+    assert_eq!(first.ui["4"]["value"], 5);
+
+    let again = executor.run_cached(&sum_of(2, 3), &mut cache).unwrap();
+    assert_eq!(again.executed, ["4"], "the output node always runs");
+    assert_eq!(again.cached, ["1", "2", "3"]);
+    assert_eq!(again.ui["4"]["value"], 5);
+}
+
+#[test]
+fn a_changed_input_reruns_only_what_depends_on_it() {
+    let set = plugins();
+    let executor = Executor::new(&set, &vdm::events::Silent);
+    let mut cache = OutputCache::default();
+    executor.run_cached(&sum_of(2, 3), &mut cache).unwrap();
+
+    let changed = executor.run_cached(&sum_of(2, 4), &mut cache).unwrap();
+    assert_eq!(changed.cached, ["1"]);
+    assert_eq!(changed.executed, ["2", "3", "4"]);
+    assert_eq!(changed.ui["4"]["value"], 6);
+    assert_eq!(
+        cache.len(),
+        4,
+        "only the last run's outputs are kept: those of nodes 1 to 4 (the sink's is empty)"
+    );
+}
+
+#[test]
+fn a_plain_run_keeps_nothing_between_runs() {
+    let set = plugins();
+    let executor = Executor::new(&set, &vdm::events::Silent);
+    executor.run(&sum_of(5, 6)).unwrap();
+    let again = executor.run(&sum_of(5, 6)).unwrap();
+    assert_eq!(again.executed, ["1", "2", "3", "4"]);
+    assert!(again.cached.is_empty());
+}
+
+// The server over HTTP and its websocket, on an ephemeral port.
+
+struct TestServer {
+    base: String,
+    address: std::net::SocketAddr,
+    output: std::path::PathBuf,
+    _dirs: tempfile::TempDir,
+}
+
+fn serve() -> TestServer {
+    let set = PluginSet::load(
+        &[],
+        &[
+            common::plugin_library("vdm-nodes"),
+            common::plugin_library("vdm-test-plugin"),
+        ],
+    );
+    assert!(set.refused.is_empty(), "{:?}", set.refused);
+    let dirs = tempfile::tempdir().unwrap();
+    let output = dirs.path().join("output");
+    let mut options = vdm::serve::ServeOptions::new(output.clone());
+    options.port = 0;
+    options.input = dirs.path().join("input");
+    options.temp = dirs.path().join("temp");
+    options.user = dirs.path().join("user");
+    options.settings.insert("device".into(), "cpu".into());
+    let server = vdm::serve::start(set, options).unwrap();
+    TestServer {
+        base: format!("http://{}", server.address),
+        address: server.address,
+        output,
+        _dirs: dirs,
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// Status and body of a GET.
+fn get(server: &TestServer, path: &str) -> (u16, Vec<u8>) {
+    let mut response = agent()
+        .get(format!("{}{path}", server.base))
+        .call()
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()
+        .unwrap();
+    (status, body)
+}
+
+fn get_json(server: &TestServer, path: &str) -> serde_json::Value {
+    let (status, body) = get(server, path);
+    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn post(server: &TestServer, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let mut response = agent()
+        .post(format!("{}{path}", server.base))
+        .send(body)
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(json!(text)))
+}
+
+type Socket = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
+
+fn connect(server: &TestServer, client_id: &str) -> Socket {
+    let (mut socket, _) =
+        tungstenite::connect(format!("ws://{}/ws?clientId={client_id}", server.address)).unwrap();
+    if let tungstenite::stream::MaybeTlsStream::Plain(stream) = socket.get_mut() {
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+            .unwrap();
+    }
+    let hello = next_message(&mut socket);
+    assert_eq!(hello["type"], "status");
+    assert_eq!(hello["data"]["sid"], client_id);
+    socket
+}
+
+fn next_message(socket: &mut Socket) -> serde_json::Value {
+    loop {
+        if let tungstenite::Message::Text(text) = socket.read().unwrap() {
+            return serde_json::from_str(text.as_str()).unwrap();
+        }
+    }
+}
+
+/// The messages of `prompt_id` up to its final `executing` with `node: null`.
+fn messages_until_done(socket: &mut Socket, prompt_id: &str) -> Vec<serde_json::Value> {
+    let mut messages = Vec::new();
+    loop {
+        let message = next_message(socket);
+        if message["data"]["prompt_id"] != prompt_id {
+            continue;
+        }
+        let done = message["type"] == "executing" && message["data"]["node"].is_null();
+        messages.push(message);
+        if done {
+            return messages;
+        }
+    }
+}
+
+fn queue(server: &TestServer, client_id: &str, prompt: serde_json::Value) -> String {
+    let body = json!({"client_id": client_id, "prompt": prompt, "extra_data": {}});
+    let (status, reply) = post(server, "/prompt", body.to_string().as_bytes());
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["node_errors"], json!({}));
+    reply["prompt_id"].as_str().unwrap().to_owned()
+}
+
+fn small_noise_preview(seed: i64) -> serde_json::Value {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows/noise-preview.json"),
+    )
+    .unwrap();
+    let mut prompt: serde_json::Value = serde_json::from_str(&text).unwrap();
+    prompt["1"]["inputs"]["frames"] = json!(3);
+    prompt["1"]["inputs"]["width"] = json!(32);
+    prompt["1"]["inputs"]["height"] = json!(32);
+    prompt["1"]["inputs"]["seed"] = json!(seed);
+    prompt
+}
+
+fn kinds(messages: &[serde_json::Value]) -> Vec<&str> {
+    messages
+        .iter()
+        .map(|m| m["type"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn object_info_lists_every_node_with_and_without_the_api_prefix() {
+    let server = serve();
+    let info = get_json(&server, "/object_info");
+    for class in [
+        "VideoNoise",
+        "LatentPreview",
+        "SaveVideoFile",
+        "TestCountdown",
+    ] {
+        assert!(info.get(class).is_some(), "{class} missing");
+    }
+    assert_eq!(get_json(&server, "/api/object_info"), info);
+    let one = get_json(&server, "/object_info/VideoNoise");
+    assert_eq!(one["VideoNoise"], info["VideoNoise"]);
+    assert_eq!(
+        get_json(&server, "/users"),
+        json!({"storage": "server", "migrated": true})
+    );
+}
+
+#[test]
+fn a_prompt_runs_and_its_gif_comes_back_and_a_second_run_is_cached() {
+    let server = serve();
+    let mut socket = connect(&server, "runner");
+    let prompt_id = queue(&server, "runner", small_noise_preview(42));
+    let messages = messages_until_done(&mut socket, &prompt_id);
+    let kinds_seen = kinds(&messages);
+    assert!(kinds_seen.contains(&"execution_start"), "{kinds_seen:?}");
+    assert!(kinds_seen.contains(&"execution_success"), "{kinds_seen:?}");
+    assert!(messages.iter().all(|m| m["data"]["timestamp"].is_u64()));
+    let executed: Vec<&str> = messages
+        .iter()
+        .filter(|m| m["type"] == "executed")
+        .map(|m| m["data"]["node"].as_str().unwrap())
+        .collect();
+    assert!(executed.contains(&"3"), "{executed:?}");
+
+    let history = get_json(&server, &format!("/history/{prompt_id}"));
+    let entry = &history[&prompt_id];
+    assert_eq!(entry["status"]["status_str"], "success");
+    assert_eq!(entry["status"]["completed"], true);
+    let outputs = entry["outputs"]["3"].as_object().unwrap();
+    let file = outputs
+        .values()
+        .filter_map(|v| v.as_array())
+        .flatten()
+        .find(|f| f.get("filename").is_some())
+        .unwrap();
+    let (status, gif) = get(
+        &server,
+        &format!(
+            "/view?filename={}&subfolder={}&type=output",
+            file["filename"].as_str().unwrap(),
+            file["subfolder"].as_str().unwrap_or("")
+        ),
+    );
+    assert_eq!(status, 200);
+    assert!(gif.starts_with(b"GIF8"));
+    assert!(server.output.exists());
+
+    let again = queue(&server, "runner", small_noise_preview(42));
+    let messages = messages_until_done(&mut socket, &again);
+    let cached: Vec<serde_json::Value> = messages
+        .iter()
+        .filter(|m| m["type"] == "execution_cached")
+        .flat_map(|m| m["data"]["nodes"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(cached, [json!("1"), json!("2")]);
+
+    let reseeded = queue(&server, "runner", small_noise_preview(7));
+    let messages = messages_until_done(&mut socket, &reseeded);
+    let executing: Vec<&str> = messages
+        .iter()
+        .filter(|m| m["type"] == "executing")
+        .filter_map(|m| m["data"]["node"].as_str())
+        .collect();
+    assert_eq!(
+        executing,
+        ["1", "2", "3"],
+        "a new seed reruns what follows it"
+    );
+}
+
+#[test]
+fn an_idle_interrupt_and_a_panicking_node_leave_the_server_serving() {
+    let server = serve();
+    let mut socket = connect(&server, "stopper");
+    // Nothing runs: interrupting is a no-op that must not stop the next prompt.
+    assert_eq!(post(&server, "/interrupt", b"{}").0, 200);
+    let panicking = json!({
+        "1": {"class_type": "TestPanic", "inputs": {"value": 1}},
+        "2": {"class_type": "TestSink", "inputs": {"value": ["1", 0]}}
+    });
+    let failed = queue(&server, "stopper", panicking);
+    let messages = messages_until_done(&mut socket, &failed);
+    assert!(kinds(&messages).contains(&"execution_error"));
+    let history = get_json(&server, &format!("/history/{failed}"));
+    assert_eq!(history[&failed]["status"]["status_str"], "error");
+
+    let fine = json!({
+        "1": {"class_type": "TestConst", "inputs": {"value": 3}},
+        "2": {"class_type": "TestSink", "inputs": {"value": ["1", 0]}}
+    });
+    let ok = queue(&server, "stopper", fine);
+    let messages = messages_until_done(&mut socket, &ok);
+    assert!(kinds(&messages).contains(&"execution_success"));
+    assert_eq!(
+        get_json(&server, "/prompt"),
+        json!({"exec_info": {"queue_remaining": 0}})
+    );
+}
+
+#[test]
+fn malformed_prompts_get_400_with_node_errors() {
+    let server = serve();
+    let (status, reply) = post(&server, "/prompt", b"{not json");
+    assert_eq!(status, 400);
+    assert!(reply.get("node_errors").is_some(), "{reply}");
+    let (status, reply) = post(
+        &server,
+        "/prompt",
+        json!({"prompt": {"1": {"class_type": "TestSink", "inputs": {"value": ["9", 0]}}}})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(status, 400);
+    assert!(reply["node_errors"]["1"].is_object(), "{reply}");
+}
+
+#[test]
+fn traversal_and_oversize_bodies_are_refused() {
+    let server = serve();
+    std::fs::write(server.output.join("inside.txt"), "x").unwrap();
+    assert_eq!(get(&server, "/view?filename=inside.txt&type=output").0, 200);
+    for query in [
+        "filename=..%2F..%2Fetc%2Fpasswd",
+        "filename=passwd&subfolder=..%2F..%2F..%2Fetc",
+        "filename=%2Fetc%2Fpasswd",
+        "filename=passwd&subfolder=%2Fetc",
+        "filename=a%252F..%252Fb",
+        "filename=x&subfolder=..",
+    ] {
+        let (status, _) = get(&server, &format!("/view?{query}&type=output"));
+        assert!(status == 403 || status == 404, "{query}: {status}");
+        assert_ne!(status, 200, "{query}");
+    }
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink("/etc", server.output.join("out")).unwrap();
+        let (status, _) = get(&server, "/view?filename=passwd&subfolder=out&type=output");
+        assert_eq!(status, 403);
+    }
+    let big = vec![b' '; 17 << 20];
+    assert_eq!(post(&server, "/prompt", &big).0, 413);
+    assert_eq!(post(&server, "/settings", &big).0, 413);
+}
