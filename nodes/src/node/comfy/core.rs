@@ -368,7 +368,7 @@ impl Node for LoadImage {
         let path = resolve_input_path(ctx, inputs.string("image")?);
         // Every frame of an animated image, as ComfyUI's LoadImage.
         let options = LoadOptions::default();
-        let (frames, _) = load_frames(ctx, "image", &path, options.clone())?;
+        let (frames, _) = load_frames(ctx, "image", &path, options)?;
         let (count, height, width, _) = frames.dims4()?;
         let cpu = candle_core::Device::Cpu;
         // ComfyUI's mask: 1 where a still image is transparent; without an alpha channel, a
