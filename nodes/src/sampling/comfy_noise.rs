@@ -150,7 +150,28 @@ pub fn initial_noise(
             _ => {}
         }
     }
-    Tensor::from_vec(noise, (videos, frames, channels, height, width), device)?
+    video_layout(noise, shape, device)
+}
+
+/// `torch.randn` of ComfyUI's latent shape (videos · frames, C, h, w) from `generator`, as
+/// vdm's (videos, C, frames, h, w): what ComfyUI's default noise sampler draws each step.
+pub fn comfy_layout_randn(
+    generator: &mut TorchGenerator,
+    shape: LatentShape,
+    device: &Device,
+) -> Result<Tensor> {
+    let (videos, channels, frames, height, width) = shape;
+    video_layout(
+        generator.randn(&[videos * frames, channels, height, width]),
+        shape,
+        device,
+    )
+}
+
+/// Values in ComfyUI's (videos · frames, C, h, w) order as a (videos, C, frames, h, w) tensor.
+fn video_layout(values: Vec<f32>, shape: LatentShape, device: &Device) -> Result<Tensor> {
+    let (videos, channels, frames, height, width) = shape;
+    Tensor::from_vec(values, (videos, frames, channels, height, width), device)?
         .permute((0, 2, 1, 3, 4))?
         .contiguous()?
         .to_dtype(DType::F32)

@@ -686,7 +686,7 @@ impl<'a> UNetPatches<'a> {
 }
 
 /// Text embeddings as (B·F, S, D) rows, frame-major, from one per video or one per frame.
-fn per_frame_text(text: &Tensor, batch: usize, frames: usize) -> Result<Tensor> {
+pub(crate) fn per_frame_text(text: &Tensor, batch: usize, frames: usize) -> Result<Tensor> {
     let (rows, tokens, width) = text.dims3()?;
     if rows == batch * frames {
         return Ok(text.clone());

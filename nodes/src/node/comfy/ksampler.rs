@@ -2,9 +2,9 @@
 //! ComfyUI's noise (torch's CPU generator seeded with the seed, drawn in ComfyUI's latent
 //! layout), so that a seed gives the noise a ComfyUI user knows.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
-use crate::sampling::comfy_noise::{initial_noise, NoiseSettings};
+use crate::sampling::comfy_noise::{comfy_layout_randn, initial_noise, NoiseSettings};
 use crate::sampling::k_diffusion::{
     calculate_sigmas, sample, BrownianNoise, GaussianSource, GuidedDenoiser, ModelSamplingDiscrete,
     NoiseSampler, PromptEmbeddings, SamplerKind, Scheduler, StepInfo,
@@ -400,7 +400,8 @@ impl SamplerRun {
         shape: (usize, usize, usize, usize, usize),
     ) -> Box<dyn NoiseSampler> {
         let mut generator = TorchGenerator::new(self.seed);
-        let mut draw = move |like: &Tensor| comfy_noise(&mut generator, shape, like.device());
+        let mut draw =
+            move |like: &Tensor| comfy_layout_randn(&mut generator, shape, like.device());
         if kind.uses_brownian_noise() {
             Box::new(BrownianNoise::new(Box::new(draw)))
         } else {
@@ -416,18 +417,4 @@ impl NoiseSampler for FreshNoise {
     fn sample(&mut self, _: f64, _: f64, like: &Tensor) -> candle_core::Result<Tensor> {
         (self.0)(like)
     }
-}
-
-/// `torch.randn` of ComfyUI's latent shape (videos · frames, C, h, w) from `generator`, as
-/// vdm's (videos, C, frames, h, w).
-fn comfy_noise(
-    generator: &mut TorchGenerator,
-    (batch, channels, frames, height, width): (usize, usize, usize, usize, usize),
-    device: &Device,
-) -> candle_core::Result<Tensor> {
-    generator
-        .randn_tensor(&[batch * frames, channels, height, width], device)?
-        .reshape((batch, frames, channels, height, width))?
-        .permute((0, 2, 1, 3, 4))?
-        .contiguous()
 }

@@ -16,6 +16,7 @@ use candle_core::{Result, Tensor};
 use super::model_sampling::ModelSamplingDiscrete;
 use super::Denoiser;
 use crate::models::call::{GuidanceLayout, RunObserver, SamplingStep};
+use crate::models::unet::per_frame_text;
 use crate::sampling::{NoisePredictor, PredictRequest};
 
 /// The text embeddings of one prompt: one for every video, or one for every frame (prompt
@@ -132,26 +133,19 @@ impl Denoiser for GuidedDenoiser<'_> {
         let positive = self.positive.rows(batch, frames)?;
         let (latents, text, guidance) = if self.guided() {
             let negative = self.negative.rows(batch, frames)?;
-            // A per-video negative beside a per-frame positive is repeated for each frame.
-            let negative = match (&self.positive, &self.negative) {
-                (PromptEmbeddings::PerFrame(_), PromptEmbeddings::PerVideo(_)) => {
-                    let (_, tokens, width) = negative.dims3()?;
-                    negative
-                        .unsqueeze(1)?
-                        .broadcast_as((batch, frames, tokens, width))?
-                        .reshape((batch * frames, tokens, width))?
-                }
-                _ => negative,
-            };
-            let positive = match (&self.positive, &self.negative) {
-                (PromptEmbeddings::PerVideo(_), PromptEmbeddings::PerFrame(_)) => {
-                    let (_, tokens, width) = positive.dims3()?;
-                    positive
-                        .unsqueeze(1)?
-                        .broadcast_as((batch, frames, tokens, width))?
-                        .reshape((batch * frames, tokens, width))?
-                }
-                _ => positive.clone(),
+            // A per-video prompt beside a per-frame one is repeated for each frame.
+            let mixed = matches!(
+                (&self.positive, &self.negative),
+                (PromptEmbeddings::PerFrame(_), PromptEmbeddings::PerVideo(_))
+                    | (PromptEmbeddings::PerVideo(_), PromptEmbeddings::PerFrame(_))
+            );
+            let (negative, positive) = if mixed {
+                (
+                    per_frame_text(&negative, batch, frames)?,
+                    per_frame_text(&positive, batch, frames)?,
+                )
+            } else {
+                (negative, positive.clone())
             };
             (
                 Tensor::cat(&[&input, &input], 0)?,
