@@ -206,22 +206,31 @@ impl Worker {
             let prompt = self.queue.next();
             self.queue.cancel.store(false, Ordering::SeqCst);
             self.queue.send_status();
-            let entry = self.run_one(&prompt, &mut cache);
+            let events = PromptEvents::new(
+                &self.queue.clients,
+                prompt.client_id.clone(),
+                prompt.id.clone(),
+            );
+            let entry = self.run_one(&prompt, &events, &mut cache);
             self.queue.finish(prompt.id.clone(), entry);
+            // As ComfyUI: the history entry exists before clients hear that the prompt ended.
+            let mut end = Map::new();
+            end.insert("node".into(), Json::Null);
+            events.send("executing", end);
             self.queue.send_status();
         }
     }
 
     /// Runs one prompt, sending its events, and returns its history entry. A panic that
     /// escapes the run is reported as the prompt's error; the server goes on.
-    fn run_one(&self, prompt: &QueuedPrompt, cache: &mut OutputCache) -> Json {
-        let events = PromptEvents::new(
-            &self.queue.clients,
-            prompt.client_id.clone(),
-            prompt.id.clone(),
-        );
+    fn run_one(
+        &self,
+        prompt: &QueuedPrompt,
+        events: &PromptEvents,
+        cache: &mut OutputCache,
+    ) -> Json {
         let mut executor =
-            Executor::new(&self.plugins, &events).with_cancel_flag(self.queue.cancel.clone());
+            Executor::new(&self.plugins, events).with_cancel_flag(self.queue.cancel.clone());
         for (key, value) in &self.settings {
             executor = executor.with_setting(key, value);
         }
@@ -257,13 +266,7 @@ impl Worker {
                 false
             }
         };
-        let mut end = Map::new();
-        end.insert("node".into(), Json::Null);
-        events.send("executing", end);
-        let record = events
-            .record
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner());
+        let record = std::mem::take(&mut *events.record.lock().unwrap_or_else(|e| e.into_inner()));
         json!({
             "prompt": prompt.listing(),
             "outputs": record.outputs,

@@ -12,6 +12,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json as Reply, Router};
 use serde_json::{json, Map, Value as Json};
+use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::services::ServeDir;
 
 use super::queue::QueuedPrompt;
@@ -43,7 +44,12 @@ const MODEL_FOLDERS: &[&str] = &[
 ];
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let api = Router::new()
+    // Bodies are bounded from their declared length, before any is read, so an oversize
+    // request is answered 413 at once rather than after 16 MiB have been taken in.
+    let uploads = Router::new()
+        .route("/upload/image", post(upload_image))
+        .layer(RequestBodyLimitLayer::new(UPLOAD_LIMIT));
+    let requests = Router::new()
         .route("/ws", get(websocket))
         .route("/object_info", get(object_info))
         .route("/object_info/{class}", get(object_info_of))
@@ -53,10 +59,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/history", get(history).post(history_edit))
         .route("/history/{prompt_id}", get(history_of))
         .route("/view", get(view))
-        .route(
-            "/upload/image",
-            post(upload_image).layer(DefaultBodyLimit::max(UPLOAD_LIMIT)),
-        )
         .route("/system_stats", get(system_stats))
         .route("/embeddings", get(|| async { Reply(json!([])) }))
         .route("/extensions", get(|| async { Reply(json!([])) }))
@@ -76,11 +78,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(userdata_read)
                 .post(userdata_write)
                 .delete(userdata_delete),
-        );
+        )
+        .layer(RequestBodyLimitLayer::new(JSON_LIMIT));
+    let api = requests.merge(uploads);
     let app = Router::new()
         .merge(api.clone())
         .nest("/api", api)
-        .layer(DefaultBodyLimit::max(JSON_LIMIT));
+        .layer(DefaultBodyLimit::disable());
     let app = match &state.options.frontend {
         Some(dir) => app.fallback_service(ServeDir::new(dir)),
         None => app.route("/", get(no_frontend)),
