@@ -9,6 +9,7 @@ pub mod node;
 pub mod plugin;
 pub mod sampling;
 pub mod schedulers;
+pub mod train;
 pub mod video;
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ pub mod preview;
 pub mod prompt_travel;
 pub mod resize;
 pub mod reuse;
+pub mod vmc;
 
 pub use io::{load_video, save_video, LoadOptions, MediaError, VideoFormat};
 pub use latent_file::{load_latent, save_latent};

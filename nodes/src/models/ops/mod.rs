@@ -82,9 +82,9 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 
 /// Layer normalisation over the last dimension with affine `weight` and `bias`: candle's fused
 /// kernel for contiguous inputs without gradients, else the composition of ops (which has a
-/// backward; candle's kernel has none).
+/// backward; candle's kernel has none, nor an f64 form).
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if xs.is_contiguous() && no_gradient(&[xs, weight, bias]) {
+    if xs.is_contiguous() && xs.dtype() != DType::F64 && no_gradient(&[xs, weight, bias]) {
         candle_nn::ops::layer_norm(xs, weight, bias, eps as f32)
     } else {
         candle_nn::ops::layer_norm_slow(xs, weight, bias, eps as f32)
