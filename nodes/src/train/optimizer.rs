@@ -37,17 +37,17 @@ impl AdamWConfig {
                 return Err(format!("{name} {beta} is outside [0, 1)"));
             }
         }
-        if !(self.eps > 0.0) {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return Err(format!("eps {} must be positive", self.eps));
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return Err(format!(
                 "weight decay {} must not be negative",
                 self.weight_decay
             ));
         }
         if let Some(norm) = self.max_grad_norm {
-            if !(norm > 0.0) {
+            if norm.is_nan() || norm <= 0.0 {
                 return Err(format!("max_grad_norm {norm} must be positive"));
             }
         }
