@@ -35,7 +35,8 @@ fn adapt(workflow: &mut Workflow, video: &Path, frames: usize) {
                 set(workflow, "height", json!(128));
                 set(workflow, "frames", json!(frames));
             }
-            "VideoSampler" | "EntropyEditor" => set(workflow, "steps", json!(2)),
+            "VideoSampler" | "EntropyEditor" | "VideoInversion" => set(workflow, "steps", json!(2)),
+            "MotionCustomize" => set(workflow, "steps", json!(3)),
             "LoadVideoFile" => set(workflow, "video", json!(video.to_string_lossy())),
             _ => {}
         }
@@ -93,6 +94,11 @@ fn run_workflow(name: &str, frames: usize, expected_frames: usize) {
         (24, 32),
         "{name}: frame size"
     );
+}
+
+#[test]
+fn vmc_workflow_customises_inverts_and_samples_on_tiny_models() {
+    run_workflow("vmc.json", 6, 6);
 }
 
 #[test]

@@ -24,7 +24,11 @@ pub fn nodes() -> Vec<Box<dyn Node>> {
 
 /// Latents of one video that `model` can take, on its device: the channels it expects and a
 /// size its down blocks divide evenly.
-fn source_latents(model: &Model, latent: &Latent, input: &str) -> Result<Tensor, NodeFailure> {
+pub(super) fn source_latents(
+    model: &Model,
+    latent: &Latent,
+    input: &str,
+) -> Result<Tensor, NodeFailure> {
     let base = model.unet.base();
     let config = base.config();
     let latents = latent

@@ -16,6 +16,7 @@ mod noise;
 pub mod objects;
 mod sampler;
 mod spec;
+mod train;
 mod video_io;
 
 use std::path::{Path, PathBuf};
@@ -56,6 +57,7 @@ pub fn registry() -> &'static [Box<dyn Node>] {
         nodes.extend(sampler::nodes());
         nodes.extend(entropy::nodes());
         nodes.extend(editing::nodes());
+        nodes.extend(train::nodes());
         nodes.extend(demo::nodes());
         nodes.extend(comfy::nodes());
         nodes

@@ -397,29 +397,39 @@ impl Node for TextEncode {
 
     fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
         let clip: Clip = inputs.object("clip")?;
-        let text = inputs.string("text")?;
         let clip_skip = inputs.usize_or("clip_skip", clip.clip_skip)?;
-        if clip_skip > clip.encoder.num_hidden_layers() {
-            return Err(NodeFailure::input(
-                "clip_skip",
-                format!(
-                    "the text encoder has {} layers",
-                    clip.encoder.num_hidden_layers()
-                ),
-            ));
-        }
-        let tokenizer = clip
-            .tokenizer()
-            .map_err(|m| NodeFailure::input("clip", m))?;
-        let device = clip.encoder.device().clone();
-        let ids = tokenizer
-            .encode_to_tensor(&[text], &device)
-            .for_input("text")?;
-        let embeddings = clip.encoder.forward_with_clip_skip(&ids, clip_skip)?;
+        let embeddings = encode_text(&clip, inputs.string("text")?, clip_skip, "text")?;
         Ok(Outputs::one(
             Conditioning::per_video(embeddings).into_value(),
         ))
     }
+}
+
+/// The (1, 77, D) embeddings of `text` (truncated to 77 tokens) from the layer `clip_skip`
+/// counts from the end; errors name `input`.
+pub(super) fn encode_text(
+    clip: &Clip,
+    text: &str,
+    clip_skip: usize,
+    input: &str,
+) -> Result<Tensor, NodeFailure> {
+    if clip_skip > clip.encoder.num_hidden_layers() {
+        return Err(NodeFailure::input(
+            "clip_skip",
+            format!(
+                "the text encoder has {} layers",
+                clip.encoder.num_hidden_layers()
+            ),
+        ));
+    }
+    let tokenizer = clip
+        .tokenizer()
+        .map_err(|m| NodeFailure::input("clip", m))?;
+    let device = clip.encoder.device().clone();
+    let ids = tokenizer
+        .encode_to_tensor(&[text], &device)
+        .for_input(input)?;
+    Ok(clip.encoder.forward_with_clip_skip(&ids, clip_skip)?)
 }
 
 struct EmptyVideoLatent;

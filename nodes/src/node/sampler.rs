@@ -684,39 +684,48 @@ impl Node for VaeEncode {
     fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let images: Images = inputs.object("pixels")?;
         let vae: Vae = inputs.object("vae")?;
-        let chunk = chunk_of(inputs)?;
-        let scale = vae.model.config().spatial_scale();
-        let (_, h, w, _) = images.frames.dims4().for_input("pixels")?;
-        let (h, w) = (h / scale * scale, w / scale * scale);
-        if h == 0 || w == 0 {
-            return Err(NodeFailure::input(
-                "pixels",
-                format!("frames smaller than the VAE's scale of {scale} pixels"),
-            ));
-        }
-        let frames = images.frames.dim(0)?;
-        ctx.memory_budget(vae_device(&vae)).check(
-            "pixels",
-            &format!("encoding {frames} frames of {w}×{h} pixels"),
-            memory::vae_estimate(&vae.model, 1, frames, (h, w), chunk),
-        )?;
-
-        // IMAGE (F, H, W, 3) in [0, 1] → (1, 3, F, H, W) in [−1, 1], as ComfyUI crops.
-        let pixels = images
-            .frames
-            .narrow(1, 0, h)?
-            .narrow(2, 0, w)?
-            .to_dtype(DType::F32)?;
-        let video = ((pixels * 2.0)? - 1.0)?
-            .permute((3, 0, 1, 2))?
-            .unsqueeze(0)?
-            .to_device(vae_device(&vae))?;
-        let samples = vae
-            .model
-            .encode_video_observed(&video, chunk, None, &mut chunk_progress(ctx, "encoding"))
-            .map_err(|e| cancelled_or(ctx, e))?;
+        let samples = encode_frames(ctx, &vae, &images, chunk_of(inputs)?, "pixels")?;
         Ok(Outputs::one(Latent { samples }.into_value()))
     }
+}
+
+/// Encodes `images` as the latents of one video, `chunk` frames at a time; errors name `input`.
+pub(super) fn encode_frames(
+    ctx: &Context,
+    vae: &Vae,
+    images: &Images,
+    chunk: usize,
+    input: &str,
+) -> Result<Tensor, NodeFailure> {
+    let scale = vae.model.config().spatial_scale();
+    let (_, h, w, _) = images.frames.dims4().for_input(input)?;
+    let (h, w) = (h / scale * scale, w / scale * scale);
+    if h == 0 || w == 0 {
+        return Err(NodeFailure::input(
+            input,
+            format!("frames smaller than the VAE's scale of {scale} pixels"),
+        ));
+    }
+    let frames = images.frames.dim(0)?;
+    ctx.memory_budget(vae_device(vae)).check(
+        input,
+        &format!("encoding {frames} frames of {w}×{h} pixels"),
+        memory::vae_estimate(&vae.model, 1, frames, (h, w), chunk),
+    )?;
+
+    // IMAGE (F, H, W, 3) in [0, 1] → (1, 3, F, H, W) in [−1, 1], as ComfyUI crops.
+    let pixels = images
+        .frames
+        .narrow(1, 0, h)?
+        .narrow(2, 0, w)?
+        .to_dtype(DType::F32)?;
+    let video = ((pixels * 2.0)? - 1.0)?
+        .permute((3, 0, 1, 2))?
+        .unsqueeze(0)?
+        .to_device(vae_device(vae))?;
+    vae.model
+        .encode_video_observed(&video, chunk, None, &mut chunk_progress(ctx, "encoding"))
+        .map_err(|e| cancelled_or(ctx, e))
 }
 
 /// Reports each chunk of frames as a step of progress, and stops once the user cancels.
