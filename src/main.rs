@@ -385,56 +385,92 @@ fn main() -> ExitCode {
                 Ok(w) => w,
                 Err(code) => return code,
             };
-            let sink: Box<dyn EventSink> = if json_events {
-                Box::new(JsonLines)
-            } else if quiet {
-                Box::new(Silent)
-            } else {
-                Box::new(ProgressBars::new())
-            };
-            let out = out.unwrap_or_else(|| PathBuf::from("."));
-            let executor = match settings.executor(&plugins, sink.as_ref(), &workflow_file) {
-                Ok(executor) => executor
-                    .with_setting("output_dir", out.to_string_lossy())
-                    .with_setting("allow_non_finite", allow_non_finite.to_string()),
-                Err(message) => return refuse(&message, json_events),
-            };
-            stop_on_interrupt(executor.cancel_flag());
-            match executor.run(&workflow) {
-                Ok(summary) => {
-                    if !json_events {
-                        for (node, ui) in &summary.ui {
-                            for file in ui
-                                .as_object()
-                                .into_iter()
-                                .flat_map(|o| o.values())
-                                .flat_map(|v| v.as_array().cloned().unwrap_or_default())
-                            {
-                                if let Some(path) = file.get("fullpath").and_then(|p| p.as_str()) {
-                                    println!("node {node}: wrote {path}");
-                                }
-                            }
+            execute(
+                &plugins,
+                &workflow,
+                &workflow_file,
+                out,
+                &settings,
+                RunFlags {
+                    allow_non_finite,
+                    json_events,
+                    quiet,
+                },
+            )
+        }
+    }
+}
+
+/// How `execute` reports.
+#[derive(Clone, Copy)]
+struct RunFlags {
+    allow_non_finite: bool,
+    json_events: bool,
+    quiet: bool,
+}
+
+/// Runs `workflow` (read from `workflow_file`, whose folder is the default input folder) with
+/// `settings`, writing into `out`, and reports what it wrote or why it stopped.
+fn execute(
+    plugins: &PluginSet,
+    workflow: &Workflow,
+    workflow_file: &std::path::Path,
+    out: Option<PathBuf>,
+    settings: &Settings,
+    RunFlags {
+        allow_non_finite,
+        json_events,
+        quiet,
+    }: RunFlags,
+) -> ExitCode {
+    let sink: Box<dyn EventSink> = if json_events {
+        Box::new(JsonLines)
+    } else if quiet {
+        Box::new(Silent)
+    } else {
+        Box::new(ProgressBars::new())
+    };
+    let out = out.unwrap_or_else(|| PathBuf::from("."));
+    let executor = match settings.executor(plugins, sink.as_ref(), &workflow_file) {
+        Ok(executor) => executor
+            .with_setting("output_dir", out.to_string_lossy())
+            .with_setting("allow_non_finite", allow_non_finite.to_string()),
+        Err(message) => return refuse(&message, json_events),
+    };
+    stop_on_interrupt(executor.cancel_flag());
+    match executor.run(workflow) {
+        Ok(summary) => {
+            if !json_events {
+                for (node, ui) in &summary.ui {
+                    for file in ui
+                        .as_object()
+                        .into_iter()
+                        .flat_map(|o| o.values())
+                        .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+                    {
+                        if let Some(path) = file.get("fullpath").and_then(|p| p.as_str()) {
+                            println!("node {node}: wrote {path}");
                         }
                     }
-                    ExitCode::SUCCESS
-                }
-                Err(RunError::Invalid(report)) => {
-                    if json_events {
-                        println!("{}", json!({"type": "validation_error", "data": report}));
-                    } else {
-                        eprint!("{}", report.to_text());
-                    }
-                    ExitCode::from(EXIT_INVALID)
-                }
-                Err(RunError::Node(error)) => {
-                    eprintln!("error: {error}");
-                    ExitCode::from(EXIT_FAILED)
-                }
-                Err(RunError::Interrupted { node, class_type }) => {
-                    eprintln!("interrupted (at node {node}, {class_type})");
-                    ExitCode::from(EXIT_INTERRUPTED)
                 }
             }
+            ExitCode::SUCCESS
+        }
+        Err(RunError::Invalid(report)) => {
+            if json_events {
+                println!("{}", json!({"type": "validation_error", "data": report}));
+            } else {
+                eprint!("{}", report.to_text());
+            }
+            ExitCode::from(EXIT_INVALID)
+        }
+        Err(RunError::Node(error)) => {
+            eprintln!("error: {error}");
+            ExitCode::from(EXIT_FAILED)
+        }
+        Err(RunError::Interrupted { node, class_type }) => {
+            eprintln!("interrupted (at node {node}, {class_type})");
+            ExitCode::from(EXIT_INTERRUPTED)
         }
     }
 }
