@@ -787,3 +787,417 @@ pub fn save_weights(
     }
     written
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::attention::AttentionHook;
+    use crate::models::call::FeatureTap;
+    use crate::models::ops::with_composed_ops;
+    use crate::models::patcher::{Patch, PatchedUNet, UNetInputs};
+    use crate::models::random::random_weights_for;
+    use crate::models::unet::UNet2DConditionModel;
+    use crate::test_util::max_abs_diff;
+    use candle_core::Var;
+
+    /// SD 1.x's UNet layout at 32/64 channels, two levels: transformers in the first down
+    /// block (2 layers) and the last up block (3 layers), and the mid block.
+    fn tiny_unet_config() -> UNet2DConditionConfig {
+        serde_json::from_value(serde_json::json!({
+            "block_out_channels": [32, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 2, "norm_num_groups": 8,
+            "cross_attention_dim": 32, "attention_head_dim": 8
+        }))
+        .unwrap()
+    }
+
+    fn tiny_unet() -> Result<Arc<UNet2DConditionModel>> {
+        let config = tiny_unet_config();
+        let weights = random_weights_for(|vb| UNet2DConditionModel::new(vb, &config).map(|_| ()))?;
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        Ok(Arc::new(UNet2DConditionModel::new(vb, &config)?))
+    }
+
+    /// Puts a fixed m into every forward pass, as the injector's `AmplitudeTap` does.
+    struct FixedAmplitude(f64);
+
+    impl FeatureTap for FixedAmplitude {
+        fn observe(&self, point: &str, _xs: &Tensor, pass: &ForwardPass) -> Result<()> {
+            if point == "conv_in" {
+                pass.values.set(AMPLITUDE_VALUE, self.0);
+            }
+            Ok(())
+        }
+    }
+
+    /// The noise prediction of `unet` for one fixed 3-frame clip.
+    fn predict(unet: &PatchedUNet) -> Result<Tensor> {
+        let dev = Device::Cpu;
+        let sample = Tensor::arange(0f32, 4.0 * 3.0 * 64.0, &dev)?
+            .reshape((1, 4, 3, 8, 8))?
+            .affine(0.01, -1.0)?
+            .sin()?;
+        let text = Tensor::arange(0f32, 5.0 * 32.0, &dev)?
+            .reshape((1, 5, 32))?
+            .affine(0.05, 0.0)?
+            .cos()?;
+        unet.forward(&UNetInputs::new(&sample, 500.0, &text))
+    }
+
+    #[test]
+    fn sd15_has_sixteen_modules_of_24_8m_parameters() -> Result<()> {
+        let cfg = TemporalAdapterConfig::for_unet(&UNet2DConditionConfig::default())?;
+        let paths: Vec<&str> = cfg.slots.iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(cfg.slots.len(), 16);
+        assert_eq!(
+            paths
+                .iter()
+                .filter(|p| p.starts_with("down_blocks."))
+                .count(),
+            6
+        );
+        assert_eq!(
+            paths.iter().filter(|p| p.starts_with("mid_block.")).count(),
+            1
+        );
+        assert_eq!(
+            paths.iter().filter(|p| p.starts_with("up_blocks.")).count(),
+            9
+        );
+        assert_eq!(paths[0], "down_blocks.0.attentions.0");
+        assert_eq!(paths[6], "mid_block.attentions.0");
+        assert_eq!(paths[7], "up_blocks.1.attentions.0");
+        assert_eq!(paths[15], "up_blocks.3.attentions.2");
+        for slot in &cfg.slots {
+            let adaptive = slot.path.starts_with("up_blocks.");
+            assert_eq!(
+                slot.field == TemporalField::MotionAdaptive,
+                adaptive,
+                "{}",
+                slot.path
+            );
+        }
+        let widths: Vec<usize> = cfg.slots.iter().map(|s| s.channels).collect();
+        assert_eq!(
+            widths,
+            [
+                320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320,
+                320
+            ]
+        );
+        // Per module 2C² + 3C + 2 (Q, K, V bias-free; out with bias; LayerNorm; gate), with
+        // C = 320 five times, 640 five times and 1280 six times: 24,818,272. METHODS.md quotes
+        // 25.8M for inner width C/2; no choice of biases gets there (all biases: 24,836,992),
+        // while 24.8M is the "2.9% of the UNet" it also quotes (SD 1.5's UNet: 859.5M).
+        let count = cfg.parameter_count();
+        println!("SD 1.5 temporal adapter parameters: {count}");
+        assert_eq!(count, 24_818_272);
+        let share = count as f64 / 859_520_964.0;
+        assert!((share - 0.029).abs() < 0.0005, "{share}");
+        assert_eq!(cfg.trainable_keys().len(), 16 * 9);
+        Ok(())
+    }
+
+    #[test]
+    fn slots_follow_the_unet_layout() -> Result<()> {
+        let cfg = TemporalAdapterConfig::for_unet(&tiny_unet_config())?;
+        let slots: Vec<(&str, usize, TemporalField)> = cfg
+            .slots
+            .iter()
+            .map(|s| (s.path.as_str(), s.channels, s.field))
+            .collect();
+        use TemporalField::{Global, MotionAdaptive};
+        assert_eq!(
+            slots,
+            [
+                ("down_blocks.0.attentions.0", 32, Global),
+                ("down_blocks.0.attentions.1", 32, Global),
+                ("mid_block.attentions.0", 64, Global),
+                ("up_blocks.1.attentions.0", 32, MotionAdaptive),
+                ("up_blocks.1.attentions.1", 32, MotionAdaptive),
+                ("up_blocks.1.attentions.2", 32, MotionAdaptive),
+            ]
+        );
+        // The config counts what the built adapter holds.
+        let adapter = TemporalAdapter::init(&cfg, 1, DType::F32, &Device::Cpu)?;
+        let held: usize = adapter.weights().values().map(|t| t.elem_count()).sum();
+        assert_eq!(held, cfg.parameter_count());
+        let bad = TemporalAdapterConfig { heads: 3, ..cfg };
+        let error = bad.validate().unwrap_err().to_string();
+        assert!(error.contains("3 heads"), "{error}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_initialisation_is_reproducible_and_zero_where_the_paper_says() -> Result<()> {
+        let cfg = TemporalAdapterConfig::for_unet(&tiny_unet_config())?;
+        let a = TemporalAdapter::init_weights(&cfg, 7, DType::F32, &Device::Cpu)?;
+        let b = TemporalAdapter::init_weights(&cfg, 7, DType::F32, &Device::Cpu)?;
+        let c = TemporalAdapter::init_weights(&cfg, 8, DType::F32, &Device::Cpu)?;
+        let key = "up_blocks.1.attentions.2.temporal.to_k.weight";
+        assert_eq!(max_abs_diff(&a[key], &b[key]), 0.0);
+        assert!(max_abs_diff(&a[key], &c[key]) > 0.0);
+        let zero = |k: &str| {
+            a[k].abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        for suffix in [
+            "to_out.weight",
+            "to_out.bias",
+            "gate.a",
+            "gate.b",
+            "norm.bias",
+        ] {
+            assert_eq!(
+                zero(&format!("mid_block.attentions.0.temporal.{suffix}")),
+                0.0
+            );
+        }
+        let bound = xavier_bound(32, 16) as f32;
+        let largest = a[key].abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(largest > 0.0 && largest <= bound, "{largest} vs {bound}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_zero_initialised_adapter_leaves_the_unet_unchanged() -> Result<()> {
+        let base = tiny_unet()?;
+        let plain = PatchedUNet::new(base.clone());
+        let cfg = TemporalAdapterConfig::for_unet(base.config())?;
+        let adapter = Arc::new(TemporalAdapter::init(&cfg, 3, DType::F32, &Device::Cpu)?);
+        let adapted = plain
+            .with_temporal_adapter(adapter)
+            .map_err(candle_core::Error::Msg)?;
+        let expected = predict(&plain)?;
+        assert_eq!(max_abs_diff(&predict(&adapted)?, &expected), 0.0);
+        // With motion in the pass the up blocks' bias and the gates act, on a zero update.
+        let moving = |unet: &PatchedUNet| {
+            unet.with_patch(Patch::Tap(Arc::new(FixedAmplitude(0.8))))
+                .map_err(candle_core::Error::Msg)
+        };
+        assert_eq!(max_abs_diff(&predict(&moving(&adapted)?)?, &expected), 0.0);
+        assert_eq!(max_abs_diff(&predict(&moving(&plain)?)?, &expected), 0.0);
+        Ok(())
+    }
+
+    /// Random weights for every key of `cfg`, scaled by `scale` (the LayerNorm's scale about 1).
+    fn random_adapter_weights(
+        cfg: &TemporalAdapterConfig,
+        scale: f64,
+        dtype: DType,
+    ) -> Result<NamedWeights> {
+        let mut weights = NamedWeights::new();
+        for (key, shape) in cfg.weight_shapes() {
+            let noise = (Tensor::randn(0f64, 1.0, shape, &Device::Cpu)? * scale)?;
+            let tensor = if key.ends_with(".norm.weight") {
+                (noise + 1.0)?
+            } else {
+                noise
+            };
+            weights.insert(key, tensor.to_dtype(dtype)?);
+        }
+        Ok(weights)
+    }
+
+    #[test]
+    fn a_trained_adapter_changes_the_output_and_the_up_blocks_follow_m() -> Result<()> {
+        let base = tiny_unet()?;
+        let plain = PatchedUNet::new(base.clone());
+        let cfg = TemporalAdapterConfig::for_unet(base.config())?;
+        let adapter =
+            TemporalAdapter::from_weights(&cfg, random_adapter_weights(&cfg, 0.2, DType::F32)?)?;
+        let adapted = plain
+            .with_temporal_adapter(Arc::new(adapter))
+            .map_err(candle_core::Error::Msg)?;
+        let still = predict(&adapted)?;
+        assert!(max_abs_diff(&still, &predict(&plain)?) > 1e-4);
+        let moving = adapted
+            .with_patch(Patch::Tap(Arc::new(FixedAmplitude(1.0))))
+            .map_err(candle_core::Error::Msg)?;
+        assert!(max_abs_diff(&predict(&moving)?, &still) > 1e-5);
+        // A weight override of an adapter key reaches the adapter.
+        let key = "up_blocks.1.attentions.2.temporal.to_out.bias";
+        let mut replaced = NamedWeights::new();
+        replaced.insert(key.to_string(), Tensor::ones(32, DType::F32, &Device::Cpu)?);
+        let overridden = adapted
+            .with_weights(replaced)
+            .map_err(candle_core::Error::Msg)?;
+        assert!(max_abs_diff(&predict(&overridden)?, &still) > 1e-4);
+        Ok(())
+    }
+
+    #[test]
+    fn given_frame_positions_select_the_table_rows() -> Result<()> {
+        let cfg = TemporalAdapterConfig::for_unet(&tiny_unet_config())?;
+        let adapter =
+            TemporalAdapter::from_weights(&cfg, random_adapter_weights(&cfg, 0.3, DType::F32)?)?;
+        let xs = Tensor::randn(0f32, 1.0, (6, 32, 2, 2), &Device::Cpu)?;
+        let hook = AttentionHook::new();
+        let mut pass = ForwardPass::new(&hook);
+        pass.frames = 3;
+        pass.values.set(AMPLITUDE_VALUE, 0.5);
+        let path = "up_blocks.1.attentions.0";
+        let default = adapter.apply(path, &xs, 3, &pass)?;
+        let positions = [0, 1, 2];
+        pass.frame_positions = Some(&positions);
+        assert_eq!(
+            max_abs_diff(&adapter.apply(path, &xs, 3, &pass)?, &default),
+            0.0
+        );
+        let spread = [0, 4, 8];
+        pass.frame_positions = Some(&spread);
+        assert!(max_abs_diff(&adapter.apply(path, &xs, 3, &pass)?, &default) > 1e-5);
+        let beyond = [0, 1, 40];
+        pass.frame_positions = Some(&beyond);
+        let error = adapter.apply(path, &xs, 3, &pass).unwrap_err().to_string();
+        assert!(error.contains("frame position 40"), "{error}");
+        Ok(())
+    }
+
+    /// One f64 module at `path` of a 8-channel, 2-head adapter, with every weight a `Var`:
+    /// autograd's gradient of a scalar loss equals central finite differences.
+    fn gradients_match_finite_differences(path: &str, field: TemporalField) -> Result<()> {
+        let cfg = TemporalAdapterConfig {
+            heads: 2,
+            lambda_max: 1.0,
+            max_frames: 8,
+            norm_eps: 1e-5,
+            slots: vec![AdapterSlot {
+                path: path.to_string(),
+                channels: 8,
+                field,
+            }],
+        };
+        let dev = Device::Cpu;
+        let start = random_adapter_weights(&cfg, 0.5, DType::F64)?;
+        let vars: BTreeMap<String, Var> = start
+            .iter()
+            .map(|(key, t)| Ok((key.clone(), Var::from_tensor(t)?)))
+            .collect::<Result<_>>()?;
+        // Two videos of 4 frames of 2×2 pixels, m = 0.6 (the bias acts in the up blocks, the
+        // gate everywhere).
+        let frames = 4;
+        let xs = Tensor::randn(0f64, 1.0, (2 * frames, 8, 2, 2), &dev)?;
+        let probe = Tensor::randn(0f64, 1.0, (2 * frames, 8, 2, 2), &dev)?;
+        let hook = AttentionHook::new();
+        let mut pass = ForwardPass::new(&hook);
+        pass.frames = frames;
+        pass.values.set(AMPLITUDE_VALUE, 0.6);
+        // Both evaluations on the composed (differentiable) ops, which the tracked one takes
+        // anyway: candle's one-pass layer norm has no f64 kernel.
+        let loss = |weights: NamedWeights| -> Result<Tensor> {
+            with_composed_ops(|| {
+                let adapter = TemporalAdapter::from_weights(&cfg, weights)?;
+                (adapter.apply(path, &xs, frames, &pass)? * &probe)?.sum_all()
+            })
+        };
+        let tracked: NamedWeights = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let grads = loss(tracked)?.backward()?;
+        let eps = 1e-5;
+        for (key, var) in &vars {
+            let grad = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient reached `{key}`"))
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            assert!(
+                grad.iter().any(|g| g.abs() > 1e-8),
+                "`{key}`: all-zero gradient"
+            );
+            let values = start[key].flatten_all()?.to_vec1::<f64>()?;
+            let len = values.len();
+            for index in [0, len / 2, len - 1] {
+                let at = |delta: f64| -> Result<f64> {
+                    let mut moved = values.clone();
+                    moved[index] += delta;
+                    let mut weights = start.clone();
+                    let shape = start[key].shape().clone();
+                    weights.insert(key.clone(), Tensor::from_vec(moved, shape, &dev)?);
+                    loss(weights)?.to_scalar::<f64>()
+                };
+                let numeric = (at(eps)? - at(-eps)?) / (2.0 * eps);
+                let analytic = grad[index];
+                let error = (analytic - numeric).abs();
+                assert!(
+                    error <= 1e-4 * analytic.abs().max(numeric.abs()) + 1e-9,
+                    "`{key}`[{index}]: autograd {analytic}, finite differences {numeric}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_of_a_global_module_match_finite_differences() -> Result<()> {
+        gradients_match_finite_differences("down_blocks.0.attentions.0", TemporalField::Global)
+    }
+
+    #[test]
+    fn gradients_of_a_motion_adaptive_module_match_finite_differences() -> Result<()> {
+        gradients_match_finite_differences(
+            "up_blocks.1.attentions.0",
+            TemporalField::MotionAdaptive,
+        )
+    }
+
+    #[test]
+    fn a_saved_adapter_loads_back_and_another_unets_is_refused() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("vdm-temporal-adapter-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let unet = tiny_unet_config();
+        let mut cfg = TemporalAdapterConfig::for_unet(&unet)?;
+        cfg.heads = 4;
+        cfg.lambda_max = 0.5;
+        let adapter =
+            TemporalAdapter::from_weights(&cfg, random_adapter_weights(&cfg, 0.1, DType::F32)?)?;
+        let path = dir.join("adapter.safetensors");
+        adapter.save(&path)?;
+        let loaded = TemporalAdapter::load(&path, &unet, DType::F32, &Device::Cpu)?;
+        assert_eq!(loaded.config(), &cfg);
+        for (key, tensor) in adapter.weights() {
+            assert_eq!(max_abs_diff(&loaded.weights()[key], tensor), 0.0, "{key}");
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()?;
+        assert_eq!(leftovers, [std::ffi::OsString::from("adapter.safetensors")]);
+
+        // The same layout at other widths: every shape differs.
+        let wider = UNet2DConditionConfig {
+            block_out_channels: vec![64, 128],
+            ..unet.clone()
+        };
+        let error = TemporalAdapter::load(&path, &wider, DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("not a temporal adapter for this UNet")
+                && error.contains("[64, 128]")
+                && error.contains("of shape"),
+            "{error}"
+        );
+        // Another layout: modules where this UNet has none.
+        let deeper = UNet2DConditionConfig {
+            layers_per_block: crate::models::unet::PerBlock::All(1),
+            ..unet
+        };
+        let error = TemporalAdapter::load(&path, &deeper, DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("which no module of this layout has"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}
