@@ -64,8 +64,11 @@
 //! let grads = loss.backward()?; // gradients for every key of `cfg.trainable_keys()`
 //! ```
 //!
-//! Keys of an adapter applied can also be replaced later with [`Patch::Weights`], as for
-//! motion modules. Save the trained weights with [`TemporalAdapter::save`] (or
+//! For sampling, build the adapter from detached tensors (`var.as_tensor().detach()`) or load
+//! the saved file: layers whose weights track gradients take the composed ops, never the fused
+//! CPU kernels. Keys of an adapter applied can also be replaced later with [`Patch::Weights`],
+//! as for motion modules. m during training comes from the pass's values as at inference (an
+//! `AmplitudeTap` patch), else 0. Save the trained weights with [`TemporalAdapter::save`] (or
 //! [`save_weights`]).
 //!
 //! [`Patch::Weights`]: crate::models::patcher::Patch::Weights
@@ -358,8 +361,16 @@ impl TemporalModule {
     /// `<slot>.temporal.…`). The hints give the paper's initialisation to a `VarMap` builder
     /// (random Q/K/V, everything else 0 except the LayerNorm's scale).
     pub fn new(vb: VarBuilder, slot: &AdapterSlot, cfg: &TemporalAdapterConfig) -> Result<Self> {
-        let vb = vb.pp(slot.prefix());
         let (c, inner) = (slot.channels, slot.inner());
+        if c % 2 != 0 || cfg.heads == 0 || inner % cfg.heads != 0 {
+            candle_core::bail!(
+                "temporal adapter at {}: {c} channels give an inner width of C/2 = {inner}, \
+                 which cannot be split into {} heads",
+                slot.path,
+                cfg.heads
+            )
+        }
+        let vb = vb.pp(slot.prefix());
         let xavier = xavier_bound(c, inner);
         let projection = |name: &str, shape: (usize, usize), init: Init| -> Result<Linear> {
             Linear::new(vb.pp(name).get_with_hints(shape, "weight", init)?, None)
@@ -656,8 +667,23 @@ impl TemporalAdapter {
     }
 
     /// Checks that every module has a spatial transformer of its width in a UNet with
-    /// `unet_weights` (its checkpoint keys): the transformer's GroupNorm `<path>.norm.weight`.
+    /// `unet_weights` (its checkpoint keys): the transformer's GroupNorm `<path>.norm.weight`;
+    /// and that the adapter's weights have the UNet's dtype and device.
     pub fn check_fits(&self, unet_weights: &NamedWeights) -> std::result::Result<(), String> {
+        if let (Some(ours), Some(unet)) =
+            (self.weights.values().next(), unet_weights.values().next())
+        {
+            if ours.dtype() != unet.dtype() || !ours.device().same_device(unet.device()) {
+                return Err(format!(
+                    "the temporal adapter's weights are {:?} on {:?}, the UNet's {:?} on {:?} \
+                     (build or load the adapter in the UNet's dtype and device)",
+                    ours.dtype(),
+                    ours.device(),
+                    unet.dtype(),
+                    unet.device()
+                ));
+            }
+        }
         for slot in &self.config.slots {
             match unet_weights.get(&format!("{}.norm.weight", slot.path)) {
                 None => {
@@ -1029,6 +1055,35 @@ mod tests {
             .with_weights(replaced)
             .map_err(candle_core::Error::Msg)?;
         assert!(max_abs_diff(&predict(&overridden)?, &still) > 1e-4);
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_reach_every_adapter_key_through_the_unet() -> Result<()> {
+        let base = tiny_unet()?;
+        let cfg = TemporalAdapterConfig::for_unet(base.config())?;
+        let vars: BTreeMap<String, Var> = random_adapter_weights(&cfg, 0.2, DType::F32)?
+            .iter()
+            .map(|(key, t)| Ok((key.clone(), Var::from_tensor(t)?)))
+            .collect::<Result<_>>()?;
+        let weights = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let adapter = TemporalAdapter::from_weights(&cfg, weights)?;
+        let model = PatchedUNet::new(base)
+            .with_temporal_adapter(Arc::new(adapter))
+            .map_err(candle_core::Error::Msg)?
+            .with_patch(Patch::Tap(Arc::new(FixedAmplitude(0.5))))
+            .map_err(candle_core::Error::Msg)?;
+        let grads = predict(&model)?.sqr()?.mean_all()?.backward()?;
+        for key in cfg.trainable_keys() {
+            let grad = grads
+                .get(vars[&key].as_tensor())
+                .unwrap_or_else(|| panic!("no gradient reached `{key}`"));
+            let largest = grad.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(largest > 0.0 && largest.is_finite(), "`{key}`: {largest}");
+        }
         Ok(())
     }
 
