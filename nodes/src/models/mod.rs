@@ -10,6 +10,7 @@ pub mod motion;
 pub mod ops;
 pub mod patcher;
 pub mod random;
+pub mod temporal_adapter;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -13,6 +13,7 @@ use super::attention::{
 };
 use super::call::{FeatureTap, ForwardPass};
 use super::motion::{ModuleGate, MotionAdapter, MotionPatch};
+use super::temporal_adapter::TemporalAdapter;
 use super::unet::{UNet2DConditionModel, UNetPatches};
 use super::weights::{self, NamedWeights};
 
@@ -44,6 +45,9 @@ pub enum Patch {
     /// Weights replaced by checkpoint key, in the UNet or in the motion modules applied before
     /// or after (LoRA deltas merged into a weight, tuned projections, trainable `Var`s).
     Weights(Arc<NamedWeights>),
+    /// Lightweight temporal modules after every spatial transformer (Hong & Quan), run in patch
+    /// order; weight overrides of their keys apply to them.
+    TemporalAdapter(Arc<TemporalAdapter>),
 }
 
 impl Patch {
@@ -55,6 +59,9 @@ impl Patch {
             Patch::Observer(_) => "attention observer".to_string(),
             Patch::Gate(_) => "motion-module gate".to_string(),
             Patch::Weights(w) => format!("{} weight overrides", w.len()),
+            Patch::TemporalAdapter(a) => {
+                format!("temporal adapter ({} modules)", a.modules().len())
+            }
         }
     }
 }
@@ -70,6 +77,8 @@ pub struct PatchedUNet {
     hook: AttentionHook,
     taps: Vec<Arc<dyn FeatureTap>>,
     gates: Vec<Arc<dyn ModuleGate>>,
+    /// The temporal adapters applied, with the weight overrides in place.
+    adapters: Vec<Arc<TemporalAdapter>>,
 }
 
 impl std::fmt::Debug for PatchedUNet {
@@ -91,6 +100,7 @@ impl PatchedUNet {
             hook: AttentionHook::new(),
             taps: Vec::new(),
             gates: Vec::new(),
+            adapters: Vec::new(),
         }
     }
 
@@ -135,9 +145,12 @@ impl PatchedUNet {
             Patch::Tap(tap) => patched.taps.push(tap.clone()),
             Patch::Observer(observer) => patched.hook.push_observer(observer.clone()),
             Patch::Gate(gate) => patched.gates.push(gate.clone()),
-            Patch::Motion(_) | Patch::Weights(_) => {
+            Patch::Motion(_) | Patch::Weights(_) | Patch::TemporalAdapter(_) => {
                 if let Patch::Motion(m) = &patch {
                     self.base.check_motion(&m.adapter)?;
+                }
+                if let Patch::TemporalAdapter(adapter) = &patch {
+                    adapter.check_fits(self.base.weights())?;
                 }
                 let mut patches = self.patches.clone();
                 patches.push(patch);
@@ -168,6 +181,28 @@ impl PatchedUNet {
             gate: None,
         }));
         Self::resolve(self.base.clone(), patches).map_err(|e| e.to_string())
+    }
+
+    /// The same UNet with `adapter`'s temporal modules in place of any temporal adapter applied
+    /// before. Fails when the adapter does not fit this UNet.
+    pub fn with_temporal_adapter(
+        &self,
+        adapter: Arc<TemporalAdapter>,
+    ) -> std::result::Result<Self, String> {
+        adapter.check_fits(self.base.weights())?;
+        let mut patches: Vec<Patch> = self
+            .patches
+            .iter()
+            .filter(|p| !matches!(p, Patch::TemporalAdapter(_)))
+            .cloned()
+            .collect();
+        patches.push(Patch::TemporalAdapter(adapter));
+        Self::resolve(self.base.clone(), patches).map_err(|e| e.to_string())
+    }
+
+    /// The first temporal adapter applied, with the weight overrides in place.
+    pub fn temporal_adapter(&self) -> Option<&TemporalAdapter> {
+        self.adapters.first().map(|a| a.as_ref())
     }
 
     /// The same UNet with `processor` on every attention layer whose path starts with `prefix`.
@@ -202,6 +237,7 @@ impl PatchedUNet {
         let mut hook = AttentionHook::new();
         let mut taps = Vec::new();
         let mut gates = Vec::new();
+        let mut adapters = Vec::new();
         for patch in &patches {
             match patch {
                 Patch::Motion(m) => motion.push(m.clone()),
@@ -210,6 +246,7 @@ impl PatchedUNet {
                 Patch::Observer(observer) => hook.push_observer(observer.clone()),
                 Patch::Gate(gate) => gates.push(gate.clone()),
                 Patch::Weights(w) => replaced.extend(w.iter().map(|(k, t)| (k.clone(), t.clone()))),
+                Patch::TemporalAdapter(a) => adapters.push(a.clone()),
             }
         }
         let mut unet = base.clone();
@@ -233,9 +270,19 @@ impl PatchedUNet {
                     modules.adapter = Arc::new(adapter);
                 }
             }
+            for adapter in &mut adapters {
+                let for_adapter = weights::matching(adapter.weights(), &replaced)?;
+                if !for_adapter.is_empty() {
+                    for key in for_adapter.keys() {
+                        unclaimed.remove(key.as_str());
+                    }
+                    *adapter = Arc::new(adapter.with_weights(&Arc::new(for_adapter))?);
+                }
+            }
             if let Some((key, _)) = unclaimed.first_key_value() {
                 candle_core::bail!(
-                    "weight override `{key}` names no weight of the UNet or of its motion modules"
+                    "weight override `{key}` names no weight of the UNet, of its motion modules \
+                     or of its temporal adapter"
                 )
             }
         }
@@ -247,6 +294,7 @@ impl PatchedUNet {
             hook,
             taps,
             gates,
+            adapters,
         })
     }
 
@@ -276,7 +324,8 @@ impl PatchedUNet {
             motion: &motion,
             taps: &taps,
         };
-        self.unet.forward(inputs, &patches)
+        let adapters: Vec<&TemporalAdapter> = self.adapters.iter().map(|a| a.as_ref()).collect();
+        self.unet.forward_with_adapters(inputs, &patches, &adapters)
     }
 
     /// Every attention layer of the UNet and of the motion modules applied, by diffusers path
@@ -307,11 +356,12 @@ impl PatchedUNet {
     }
 
     /// The most frames one call can see (the shortest positional table of the motion modules
-    /// applied), if bounded.
+    /// and temporal adapters applied), if bounded.
     pub fn max_frames(&self) -> Option<usize> {
         self.motion
             .iter()
             .map(|m| m.adapter.config().motion_max_seq_length)
+            .chain(self.adapters.iter().map(|a| a.config().max_frames))
             .min()
     }
 }

@@ -1,8 +1,14 @@
 //! Motion of a clip: `MotionEstimator` (dense optical flow), `MOTION` files with `SaveMotion`
 //! and `LoadMotion`, and `TemporalAttentionInjector`, which adapts a model's temporal attention
-//! to the motion.
+//! to the motion (and applies a trained temporal adapter).
+
+use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::json;
+
+use crate::models::patcher::PatchedUNet;
+use crate::models::temporal_adapter::TemporalAdapter;
 
 use crate::video::motion::{
     estimate_motion, flow_preview, load_motion, save_motion, FlowMethod, LucasKanadeConfig,
@@ -13,11 +19,15 @@ use crate::video::motion_adaptive::{
     apply_motion_adaptive, Amplitude, ClipReference, MotionAdaptiveConfig, ReceptiveField,
 };
 
+use super::models::{check_model, resolve_model};
 use super::objects::{Model, Motion};
 use super::{
     check_filename_prefix, check_input_file, file_entry, resolve_input_path, Context,
     DescriptorBuilder, ForInput, Images, Inputs, Node, NodeFailure, Outputs, PluginType,
 };
+
+/// The folders of the models folder where trained temporal adapters are looked for.
+const TEMPORAL_ADAPTER_FOLDERS: &[&str] = &["temporal_adapters"];
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
     vec![
@@ -180,7 +190,11 @@ impl Node for TemporalAttentionInjector {
              motion_override when it is ≥ 0, else the amplitude of `motion`, else estimated in each \
              model call from the lowest-resolution features: m = clamp(mean ‖x_(f+1) − x_f‖₁ / \
              mean ‖x_f‖₁ / κ, 0, 1), κ = {}. The up blocks' motion modules are scaled by the gate \
-             g(m) = 2·sigmoid(gate_strength·m). At m = 0 the model is unchanged.",
+             g(m) = 2·sigmoid(gate_strength·m). At m = 0 the model is unchanged. `adapter` adds \
+             a trained temporal adapter (Hong & Quan's lightweight temporal modules after every \
+             spatial transformer, global in the down and mid blocks, biased by −λ_max·m·|i − j| in \
+             the up blocks with the λ_max it was trained with, gated by sigmoid(a·m + b)); the \
+             same m drives it.",
             defaults.kappa
         );
         DescriptorBuilder::new(
@@ -226,12 +240,38 @@ impl Node for TemporalAttentionInjector {
             (-10.0, 10.0, 0.1),
             "a of the motion-aware gate 2·sigmoid(a·m) on the up blocks' temporal branch: > 0 strengthens it for fast clips, < 0 weakens it, 0 leaves it.",
         )
+        .string(
+            "adapter",
+            "",
+            "A trained temporal adapter (.safetensors) for this model's UNet, looked up as a path, then under <models>/temporal_adapters/; empty for none.",
+        )
         .output("MODEL", "MODEL")
         .build()
     }
 
-    fn execute(&self, inputs: &Inputs, _ctx: &Context) -> Result<Outputs, NodeFailure> {
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        match inputs.get("adapter") {
+            Some(vdm_ffi::Value::Str(name)) if !name.trim().is_empty() => {
+                check_model(inputs, ctx, "adapter", TEMPORAL_ADAPTER_FOLDERS)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
         let model: Model = inputs.object("model")?;
+        let adapter = match inputs.get("adapter") {
+            Some(_) => match inputs.string("adapter")?.trim() {
+                "" => None,
+                name => Some(resolve_model(
+                    ctx,
+                    "adapter",
+                    TEMPORAL_ADAPTER_FOLDERS,
+                    name,
+                )?),
+            },
+            None => None,
+        };
         let defaults = MotionAdaptiveConfig::default();
         let field = match inputs.get("mode") {
             Some(_) => inputs.string("mode")?.parse().for_input("mode")?,
@@ -266,10 +306,30 @@ impl Node for TemporalAttentionInjector {
                 kappa: defaults.kappa,
             },
         };
-        let unet = apply_motion_adaptive(&model.unet, config, amplitude)
-            .map_err(NodeFailure::execution)?;
+        let unet = inject(&model.unet, adapter.as_deref(), config, amplitude)?;
         Ok(Outputs::one(model.with_unet(unet).into_value()))
     }
+}
+
+/// `unet` with the temporal adapter of the file at `adapter` (when given) and the
+/// motion-adaptive patches, whose m the adapter's bias and gates read too.
+fn inject(
+    unet: &PatchedUNet,
+    adapter: Option<&Path>,
+    config: MotionAdaptiveConfig,
+    amplitude: Amplitude,
+) -> Result<PatchedUNet, NodeFailure> {
+    let unet = match adapter {
+        Some(path) => {
+            let base = unet.base();
+            let adapter = TemporalAdapter::load(path, base.config(), base.dtype(), base.device())
+                .for_input("adapter")?;
+            unet.with_temporal_adapter(Arc::new(adapter))
+                .map_err(|e| NodeFailure::input("adapter", e))?
+        }
+        None => unet.clone(),
+    };
+    apply_motion_adaptive(&unet, config, amplitude).map_err(NodeFailure::execution)
 }
 
 /// The clip a `MOTION` measured, checked against the clip being sampled at each model call.
@@ -282,4 +342,110 @@ fn reference_of(motion: &Motion) -> Result<ClipReference, NodeFailure> {
         width,
         source: "TemporalAttentionInjector input `motion`".to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::patcher::UNetInputs;
+    use crate::models::random::random_weights_for;
+    use crate::models::temporal_adapter::{self, TemporalAdapterConfig};
+    use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+    use crate::models::weights::NamedWeights;
+    use crate::test_util::max_abs_diff;
+    use crate::video::motion_adaptive::AMPLITUDE_VALUE;
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+
+    #[test]
+    fn the_adapter_reads_the_amplitude_the_injector_writes() {
+        assert_eq!(temporal_adapter::AMPLITUDE_VALUE, AMPLITUDE_VALUE);
+    }
+
+    /// SD 1.x's UNet layout at 32/64 channels, two levels.
+    fn tiny_unet(channels: [usize; 2]) -> PatchedUNet {
+        let config: UNet2DConditionConfig = serde_json::from_value(json!({
+            "block_out_channels": channels,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 2, "norm_num_groups": 8,
+            "cross_attention_dim": 32, "attention_head_dim": 8
+        }))
+        .unwrap();
+        let weights =
+            random_weights_for(|vb| UNet2DConditionModel::new(vb, &config).map(|_| ())).unwrap();
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        PatchedUNet::new(Arc::new(UNet2DConditionModel::new(vb, &config).unwrap()))
+    }
+
+    /// The noise prediction of `unet` for a fixed 3-frame clip, with m = 0.7 from the injector.
+    fn injected_prediction(unet: &PatchedUNet, adapter: Option<&Path>) -> Tensor {
+        let amplitude = Amplitude::Fixed {
+            m: 0.7,
+            reference: None,
+        };
+        let injected = inject(unet, adapter, MotionAdaptiveConfig::default(), amplitude).unwrap();
+        let dev = Device::Cpu;
+        let sample = Tensor::arange(0f32, 4.0 * 3.0 * 64.0, &dev)
+            .and_then(|t| t.reshape((1, 4, 3, 8, 8)))
+            .and_then(|t| t.affine(0.01, -1.0))
+            .and_then(|t| t.sin())
+            .unwrap();
+        let text = Tensor::arange(0f32, 5.0 * 32.0, &dev)
+            .and_then(|t| t.reshape((1, 5, 32)))
+            .and_then(|t| t.affine(0.05, 0.0))
+            .and_then(|t| t.cos())
+            .unwrap();
+        injected
+            .forward(&UNetInputs::new(&sample, 500.0, &text))
+            .unwrap()
+    }
+
+    #[test]
+    fn an_injected_zero_adapter_leaves_the_model_and_a_trained_one_changes_it() {
+        let dir = std::env::temp_dir().join(format!("vdm-injector-adapter-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let unet = tiny_unet([32, 64]);
+        let cfg = TemporalAdapterConfig::for_unet(unet.base().config()).unwrap();
+        let zero = dir.join("zero.safetensors");
+        TemporalAdapter::init(&cfg, 11, DType::F32, &Device::Cpu)
+            .and_then(|adapter| adapter.save(&zero))
+            .unwrap();
+        let mut trained: NamedWeights =
+            TemporalAdapter::init_weights(&cfg, 11, DType::F32, &Device::Cpu).unwrap();
+        for (key, tensor) in trained.iter_mut() {
+            if key.ends_with(".to_out.weight") {
+                *tensor = Tensor::randn(0f32, 0.3, tensor.shape(), &Device::Cpu).unwrap();
+            }
+        }
+        let trained_path = dir.join("trained.safetensors");
+        temporal_adapter::save_weights(&cfg, &trained, &trained_path).unwrap();
+
+        let without = injected_prediction(&unet, None);
+        assert_eq!(
+            max_abs_diff(&injected_prediction(&unet, Some(&zero)), &without),
+            0.0
+        );
+        assert!(max_abs_diff(&injected_prediction(&unet, Some(&trained_path)), &without) > 1e-4);
+
+        // An adapter trained for another UNet is refused, naming the input.
+        let amplitude = Amplitude::Estimated { kappa: 0.3 };
+        let other = tiny_unet([64, 128]);
+        let failure = inject(
+            &other,
+            Some(&zero),
+            MotionAdaptiveConfig::default(),
+            amplitude,
+        )
+        .unwrap_err();
+        assert_eq!(failure.input.as_deref(), Some("adapter"));
+        assert!(
+            failure
+                .message
+                .contains("not a temporal adapter for this UNet"),
+            "{}",
+            failure.message
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -1,7 +1,9 @@
 //! The down, mid and up blocks of the UNet, with the motion-module slots of diffusers'
 //! `CrossAttnDownBlockMotion`, `DownBlockMotion`, `UNetMidBlockCrossAttnMotion`,
 //! `CrossAttnUpBlockMotion` and `UpBlockMotion`: after each spatial transformer (or each resnet in
-//! blocks without one) a motion module runs when a motion patch is applied.
+//! blocks without one) a motion module runs when a motion patch is applied. Right after each
+//! spatial transformer (`…attentions.M`), before that, the temporal adapter's module runs when
+//! one is applied.
 
 use candle_core::{Result, Tensor};
 
@@ -9,6 +11,7 @@ use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::transformer::{SpatialTransformer, SpatialTransformerConfig};
 use crate::models::call::ForwardPass;
 use crate::models::motion::MotionPatch;
+use crate::models::temporal_adapter::TemporalAdapter;
 use candle_nn::VarBuilder;
 
 /// Everything a block's forward reads besides its input.
@@ -22,6 +25,8 @@ pub(crate) struct BlockInputs<'a> {
     pub frames: usize,
     /// The motion patches, applied in order at every motion-module slot.
     pub motion: &'a [MotionPatch<'a>],
+    /// Temporal adapters, applied in order after every spatial transformer.
+    pub adapters: &'a [&'a TemporalAdapter],
     pub pass: &'a ForwardPass<'a>,
 }
 
@@ -32,6 +37,24 @@ impl BlockInputs<'_> {
 
     fn spatial(&self, attention: &SpatialTransformer, xs: &Tensor) -> Result<Tensor> {
         attention.forward(xs, self.text, self.pass, self.frames)
+    }
+
+    /// The spatial transformer at `path` (`down_blocks.0.attentions.1`, built only when an
+    /// adapter is applied), then every temporal adapter's module there, in patch order.
+    fn spatial_then_adapters(
+        &self,
+        attention: &SpatialTransformer,
+        path: impl FnOnce() -> String,
+        xs: &Tensor,
+    ) -> Result<Tensor> {
+        let xs = self.spatial(attention, xs)?;
+        if self.adapters.is_empty() {
+            return Ok(xs);
+        }
+        let path = path();
+        self.adapters.iter().try_fold(xs, |xs, adapter| {
+            adapter.apply(&path, &xs, self.frames, self.pass)
+        })
     }
 
     /// The motion-module slot `slot` (its diffusers path): every motion patch that has a module
@@ -137,7 +160,8 @@ impl DownBlock {
             xs = resnet.forward(&xs, inputs.temb_act)?;
             inputs.observe(|| format!("down_blocks.{i}.resnets.{j}"), &xs)?;
             if let Some(attention) = self.attentions.get(j) {
-                xs = inputs.spatial(attention, &xs)?;
+                let path = || format!("down_blocks.{i}.attentions.{j}");
+                xs = inputs.spatial_then_adapters(attention, path, &xs)?;
                 inputs.observe(|| format!("down_blocks.{i}.attentions.{j}"), &xs)?;
             }
             if !inputs.motion.is_empty() {
@@ -205,7 +229,11 @@ impl MidBlock {
     pub(crate) fn forward(&self, xs: &Tensor, inputs: &BlockInputs) -> Result<Tensor> {
         let mut xs = self.resnets[0].forward(xs, inputs.temb_act)?;
         for (j, (attention, resnet)) in self.attentions.iter().zip(&self.resnets[1..]).enumerate() {
-            xs = inputs.spatial(attention, &xs)?;
+            xs = inputs.spatial_then_adapters(
+                attention,
+                || format!("mid_block.attentions.{j}"),
+                &xs,
+            )?;
             if !inputs.motion.is_empty() {
                 xs = inputs.temporal(&format!("mid_block.motion_modules.{j}"), &xs)?;
             }
@@ -319,7 +347,8 @@ impl UpBlock {
             })?;
             xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, inputs.temb_act)?;
             if let Some(attention) = self.attentions.get(j) {
-                xs = inputs.spatial(attention, &xs)?;
+                let path = || format!("up_blocks.{i}.attentions.{j}");
+                xs = inputs.spatial_then_adapters(attention, path, &xs)?;
             }
             if !inputs.motion.is_empty() {
                 xs = inputs.temporal(&format!("up_blocks.{i}.motion_modules.{j}"), &xs)?;

@@ -26,6 +26,7 @@ use crate::models::call::{
     FeatureTap, ForwardPass, ForwardValues, GuidanceLayout, RunObserver, SamplingStep,
 };
 use crate::models::motion::{MotionAdapter, MotionPatch};
+use crate::models::temporal_adapter::TemporalAdapter;
 use crate::models::weights::{self, NamedWeights};
 use blocks::{BlockInputs, DownBlock, DownBlockConfig, MidBlock, UpBlock, UpBlockConfig};
 use conv::Conv2d;
@@ -483,6 +484,17 @@ impl UNet2DConditionModel {
     /// motion-module slot (without any, the frames are independent images); the taps see the
     /// activations at their named points.
     pub fn forward(&self, inputs: &UNetInputs, patches: &UNetPatches) -> Result<Tensor> {
+        self.forward_with_adapters(inputs, patches, &[])
+    }
+
+    /// [`Self::forward`] with the modules of `adapters` after every spatial transformer, in
+    /// order (the lightweight temporal modules of [`crate::models::temporal_adapter`]).
+    pub fn forward_with_adapters(
+        &self,
+        inputs: &UNetInputs,
+        patches: &UNetPatches,
+        adapters: &[&TemporalAdapter],
+    ) -> Result<Tensor> {
         let sample = inputs.sample;
         let (batch, channels, frames, height, width) = sample.dims5()?;
         if channels != self.config.in_channels {
@@ -554,6 +566,7 @@ impl UNet2DConditionModel {
             text: &text,
             frames,
             motion: patches.motion,
+            adapters,
             pass: &pass,
         };
         let mut skips = vec![xs.clone()];
