@@ -11,6 +11,7 @@ pub mod execute;
 pub mod object_info;
 pub mod plugin;
 pub mod serve;
+pub mod training;
 pub mod ui_workflow;
 pub mod validate;
 pub mod workflow;

@@ -116,6 +116,11 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Train: customise a motion module on one clip (VMC).
+    Train {
+        #[command(subcommand)]
+        job: TrainCommand,
+    },
     /// Print a ComfyUI UI-format workflow (what the editor's "Save" writes) in the API format,
     /// as the editor's "Export (API)" would; an API-format file is printed as it is read.
     /// `run` and `validate` read UI files directly.
@@ -128,6 +133,55 @@ enum Command {
         /// Print what ComfyUI's /object_info would return for these nodes.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// VMC: learn the motion of one clip by fine-tuning the temporal attention (Q, K, V) of a
+    /// motion module; writes the tuned projections as a small safetensors patch into --out
+    /// (with a training state, from which an interrupted run resumes, and the losses as CSV).
+    Vmc {
+        /// SD 1.x checkpoint (a file or diffusers folder, or a name under <models>/checkpoints/).
+        #[arg(long)]
+        checkpoint: String,
+        /// AnimateDiff motion module (or a name under <models>/animatediff_models/).
+        #[arg(long)]
+        motion_module: String,
+        /// The clip whose motion is learnt: a video file or a folder of frames, at the size to
+        /// train at (the frames are encoded as they are).
+        #[arg(long)]
+        clip: String,
+        /// Use at most this many frames of the clip (0: all; the motion module sees at most
+        /// its table's length at once, 32 for AnimateDiff v3).
+        #[arg(long, default_value_t = 16)]
+        frames: u32,
+        /// An appearance-invariant prompt: what moves and how ("a bird is flying").
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 400)]
+        steps: u32,
+        #[arg(long, default_value_t = 1e-4)]
+        learning_rate: f64,
+        /// paper, official or l2 (METHODS.md §2).
+        #[arg(long, default_value = "paper")]
+        loss: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Name of the patch in the output folder (may contain subfolders).
+        #[arg(long, default_value = "vmc/motion")]
+        prefix: String,
+        /// Save the training state every this many steps.
+        #[arg(long, default_value_t = 50)]
+        checkpoint_every: u32,
+        /// Output folder.
+        #[arg(long, value_name = "DIR", default_value = "output")]
+        out: PathBuf,
+        /// Print the workflow that the command runs (API format) and exit.
+        #[arg(long)]
+        print_workflow: bool,
+        #[command(flatten)]
+        settings: Settings,
     },
 }
 
@@ -333,6 +387,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Train { job } => train(&plugins, job),
         Command::Serve {
             listen,
             port,
@@ -473,6 +528,62 @@ fn execute(
             ExitCode::from(EXIT_INTERRUPTED)
         }
     }
+}
+
+/// `vdm train …`: builds the job's workflow and runs it.
+fn train(plugins: &PluginSet, job: TrainCommand) -> ExitCode {
+    let TrainCommand::Vmc {
+        checkpoint,
+        motion_module,
+        clip,
+        frames,
+        prompt,
+        steps,
+        learning_rate,
+        loss,
+        seed,
+        prefix,
+        checkpoint_every,
+        out,
+        print_workflow,
+        settings,
+    } = job;
+    let prompt_json = vdm::training::vmc_workflow(&vdm::training::VmcJob {
+        checkpoint,
+        motion_module,
+        clip,
+        frames,
+        prompt,
+        steps,
+        learning_rate,
+        loss,
+        seed,
+        filename_prefix: prefix,
+        checkpoint_every,
+    });
+    if print_workflow {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&prompt_json).expect("serialisable")
+        );
+        return ExitCode::SUCCESS;
+    }
+    if let Some(why) = plugins.none_found() {
+        eprintln!("{why}");
+        return ExitCode::from(EXIT_INVALID);
+    }
+    let workflow = match Workflow::from_json(prompt_json) {
+        Ok(workflow) => workflow,
+        Err(e) => return refuse(&e.to_string(), false),
+    };
+    // Relative clip paths are the current folder's.
+    let here = PathBuf::from("vdm-train");
+    let flags = RunFlags {
+        allow_non_finite: false,
+        json_events: false,
+        quiet: false,
+    };
+    execute(plugins, &workflow, &here, Some(out), &settings, flags)
 }
 
 /// `vdm serve`: runs until the process is stopped.

@@ -579,3 +579,78 @@ fn classes_of_other_node_packs_are_named_and_extra_inputs_only_warn() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn train_vmc_writes_a_patch_and_its_losses_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    common::write_moving_texture_gif(&dir.path().join("clip.gif"), 4, (24, 32), (1, 0));
+    let models_arg = models.root.to_string_lossy().into_owned();
+    let args = |prompt: &'static str| {
+        vec![
+            "train",
+            "vmc",
+            "--checkpoint",
+            "tiny-sd",
+            "--motion-module",
+            "tiny-motion",
+            "--clip",
+            "clip.gif",
+            "--prompt",
+            prompt,
+            "--steps",
+            "2",
+            "--learning-rate",
+            "0.001",
+            "--models",
+            &models_arg,
+            "--device",
+            "cpu",
+            "--out",
+            "out",
+            "--prefix",
+            "vmc/texture",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<String>>()
+    };
+
+    let good = args("a texture moving right");
+    let output = vdm(&strs(&good), dir.path());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let folder = dir.path().join("out/vmc");
+    let patch = folder.join("texture_00001_.safetensors");
+    assert!(patch.is_file(), "{stdout}");
+    assert!(
+        stdout.contains("wrote out/vmc/texture_00001_.safetensors"),
+        "{stdout}"
+    );
+    let csv = std::fs::read_to_string(folder.join("texture.vmc-loss.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3);
+    assert!(folder.join("texture.vmc-state.safetensors").is_file());
+
+    let mut printing = good.clone();
+    printing.push("--print-workflow".into());
+    let printed = vdm(&strs(&printing), dir.path());
+    let workflow: Value = serde_json::from_slice(&printed.stdout).unwrap();
+    assert_eq!(workflow["6"]["class_type"], "MotionCustomize");
+    assert_eq!(workflow["6"]["inputs"]["steps"], 2);
+
+    let empty = vdm(&strs(&args(" ")), dir.path());
+    assert_eq!(empty.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&empty.stderr);
+    assert!(
+        stderr.contains("MotionCustomize") && stderr.contains("prompt"),
+        "{stderr}"
+    );
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
