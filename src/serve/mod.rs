@@ -10,6 +10,7 @@
 //! [`Executor`]: crate::Executor
 
 mod clients;
+mod models;
 mod paths;
 mod queue;
 mod routes;
