@@ -69,7 +69,14 @@ pub fn list_models(models: &Path, folders: &[&str]) -> Vec<String> {
     names
 }
 
+/// How deep subfolders are searched. Symbolic links are followed (models are often linked in
+/// from another disk), so a link to a folder above would otherwise recurse without end.
+const MAX_DEPTH: usize = 8;
+
 fn collect_models(dir: &Path, prefix: &str, names: &mut Vec<String>) {
+    if prefix.split('/').count() > MAX_DEPTH {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -174,6 +181,22 @@ mod tests {
                 "sd15/unet/c.bin"
             ]
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_to_a_folder_above_does_not_recurse_without_end() {
+        let models = tempfile::tempdir().unwrap();
+        let loras = models.path().join("loras");
+        std::fs::create_dir_all(&loras).unwrap();
+        std::fs::write(loras.join("l.safetensors"), "").unwrap();
+        std::os::unix::fs::symlink(&loras, loras.join("again")).unwrap();
+        let names = list_models(models.path(), &["loras"]);
+        assert_eq!(
+            names[0],
+            "again/again/again/again/again/again/again/again/l.safetensors"
+        );
+        assert_eq!(names.len(), MAX_DEPTH + 1);
     }
 
     #[test]
