@@ -681,3 +681,36 @@ fn uploaded_images_small_and_past_the_json_limit_come_back_from_view() {
     let (_, reply) = upload(&server, "small.png", &png);
     assert_eq!(reply["name"], "small (1).png");
 }
+
+#[test]
+fn previews_are_written_where_view_serves_temporary_files() {
+    let server = serve();
+    let mut socket = connect(&server, "previewer");
+    let mut prompt = small_noise_preview(3);
+    prompt["3"] = json!({"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}});
+    let prompt_id = queue(&server, "previewer", prompt);
+    let messages = messages_until_done(&mut socket, &prompt_id);
+    assert!(
+        kinds(&messages).contains(&"execution_success"),
+        "{messages:?}"
+    );
+    let history = get_json(&server, &format!("/history/{prompt_id}"));
+    let images = history[&prompt_id]["outputs"]["3"]["images"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(images.len(), 3, "one PNG per frame: {images:?}");
+    for image in images {
+        assert_eq!(image["type"], "temp");
+        let (status, png) = get(
+            &server,
+            &format!(
+                "/view?filename={}&subfolder={}&type=temp",
+                image["filename"].as_str().unwrap(),
+                image["subfolder"].as_str().unwrap()
+            ),
+        );
+        assert_eq!(status, 200, "{image}");
+        assert!(png.starts_with(b"\x89PNG"));
+    }
+}

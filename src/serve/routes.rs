@@ -212,7 +212,7 @@ async fn queue_prompt(State(state): Shared, body: Bytes) -> Response {
     let checked = tokio::task::spawn_blocking(move || {
         let state = validation_state;
         let mut executor = Executor::new(&state.plugins, &Silent);
-        for (key, value) in worker_settings(&state.options) {
+        for (key, value) in super::executor_settings(&state.options) {
             executor = executor.with_setting(&key, value);
         }
         let report = executor.validate(&workflow);
@@ -260,21 +260,6 @@ async fn queue_prompt(State(state): Shared, body: Bytes) -> Response {
         front,
     );
     Reply(json!({"prompt_id": prompt_id, "number": number, "node_errors": {}})).into_response()
-}
-
-/// The executor settings for the server's folders, as the worker uses them.
-fn worker_settings(options: &super::ServeOptions) -> Vec<(String, String)> {
-    let mut settings: Vec<(String, String)> = options
-        .settings
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    settings.push(("output_dir".into(), super::path_setting(&options.output)));
-    settings.push(("input_dir".into(), super::path_setting(&options.input)));
-    if let Some(models) = &options.models {
-        settings.push(("models_dir".into(), super::path_setting(models)));
-    }
-    settings
 }
 
 async fn queue_listing(State(state): Shared) -> Reply<Json> {
