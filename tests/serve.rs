@@ -570,6 +570,30 @@ fn saved_workflows_can_be_renamed_without_leaving_the_user_folder() {
         get_json(&server, "/userdata?dir=workflows"),
         json!(["b.json"])
     );
+    // The editor's workflow browser asks for every file below, described.
+    post(&server, "/userdata/workflows%2Fdeep%2Fd.json", b"{}");
+    assert_eq!(
+        get_json(&server, "/userdata?dir=workflows"),
+        json!(["b.json"]),
+        "subfolders only with recurse"
+    );
+    let listing = get_json(
+        &server,
+        "/api/userdata?dir=workflows&recurse=true&split=false&full_info=true",
+    );
+    let described: Vec<(&str, u64)> = listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["path"].as_str().unwrap(), f["size"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(described, [("b.json", 8), ("deep/d.json", 2)]);
+    assert!(listing[0]["modified"].as_f64().unwrap() > 1e9, "{listing}");
+    assert!(listing[0]["created"].as_f64().unwrap() > 1e9, "{listing}");
+    assert_eq!(
+        get_json(&server, "/userdata?dir=workflows&recurse=true&split=true"),
+        json!([["b.json", "b.json"], ["deep/d.json", "deep", "d.json"]])
+    );
 
     // An existing destination is kept with overwrite=false, replaced otherwise.
     post(&server, "/userdata/workflows%2Fc.json", b"{\"c\": 1}");

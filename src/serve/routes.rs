@@ -551,8 +551,11 @@ async fn model_files(State(state): Shared, UrlPath(folder): UrlPath<String>) -> 
     Reply(json!(models::list_models(models, &[folder.as_str()]))).into_response()
 }
 
-/// Every file under `dir`, as `/`-separated paths relative to it.
-fn list_files(dir: &Path, prefix: &str, files: &mut Vec<String>) {
+/// The files in `dir`, and with `recurse` in its subfolders, as `/`-separated paths relative
+/// to it. Subfolders are searched to a bounded depth: a symbolic link to a folder above would
+/// otherwise recurse without end.
+fn list_files(dir: &Path, prefix: &str, recurse: bool, files: &mut Vec<String>) {
+    const MAX_DEPTH: usize = 16;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -565,11 +568,34 @@ fn list_files(dir: &Path, prefix: &str, files: &mut Vec<String>) {
         };
         let path = entry.path();
         if path.is_dir() {
-            list_files(&path, &relative, files);
+            if recurse && relative.split('/').count() < MAX_DEPTH {
+                list_files(&path, &relative, recurse, files);
+            }
         } else if path.is_file() {
             files.push(relative);
         }
     }
+}
+
+/// ComfyUI's description of a user's file: its path relative to the folder listed, its size,
+/// and its modification and creation times in seconds (the creation time is the modification
+/// time on filesystems that do not record it).
+fn file_info(path: &Path, relative: &str) -> Json {
+    let metadata = std::fs::metadata(path).ok();
+    let seconds = |time: std::io::Result<std::time::SystemTime>| {
+        time.ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs_f64())
+    };
+    let modified = metadata.as_ref().and_then(|m| seconds(m.modified()));
+    let created = metadata.as_ref().and_then(|m| seconds(m.created()));
+    let size = metadata.map_or(0, |m| m.len());
+    json!({
+        "path": relative,
+        "size": size,
+        "modified": modified.unwrap_or(0.0),
+        "created": created.or(modified).unwrap_or(0.0),
+    })
 }
 
 /// The editor's settings file.
@@ -622,8 +648,10 @@ async fn setting_update(
     write_settings(&state, &settings)
 }
 
-/// `GET /userdata?dir=workflows`: the files under that folder of the user's data, relative to
-/// it; 404 when the folder does not exist, as the editor expects.
+/// `GET /userdata?dir=workflows`: the files of that folder of the user's data, relative to
+/// it, and with `recurse=true` those of its subfolders; 404 when the folder does not exist, as
+/// the editor expects. `full_info=true` describes each file ([`file_info`]); `split=true`
+/// gives each as `[path, component, ...]`.
 async fn userdata_list(
     State(state): Shared,
     Query(query): Query<HashMap<String, String>>,
@@ -637,10 +665,29 @@ async fn userdata_list(
     if !dir.is_dir() || !paths::inside(&state.options.user, &dir) {
         return not_found();
     }
+    let flag = |name: &str| {
+        query
+            .get(name)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    };
     let mut files = Vec::new();
-    list_files(&dir, "", &mut files);
+    list_files(&dir, "", flag("recurse"), &mut files);
     files.sort();
-    Reply(json!(files)).into_response()
+    let listing: Vec<Json> = files
+        .iter()
+        .map(|relative| {
+            if flag("full_info") {
+                file_info(&dir.join(relative), relative)
+            } else if flag("split") {
+                let mut parts = vec![json!(relative)];
+                parts.extend(relative.split('/').map(|part| json!(part)));
+                Json::Array(parts)
+            } else {
+                json!(relative)
+            }
+        })
+        .collect();
+    Reply(Json::Array(listing)).into_response()
 }
 
 /// The user's data file that `file` names, when it stays inside the user folder.
@@ -747,14 +794,7 @@ async fn userdata_write(
 fn userdata_reply(relative: &str, path: &Path, query: &HashMap<String, String>) -> Response {
     let relative = relative.trim_start_matches('/');
     if query.get("full_info").is_some_and(|f| f == "true") {
-        let metadata = std::fs::metadata(path).ok();
-        let modified = metadata
-            .as_ref()
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0.0, |d| d.as_secs_f64());
-        let size = metadata.map_or(0, |m| m.len());
-        Reply(json!({"path": relative, "size": size, "modified": modified})).into_response()
+        Reply(file_info(path, relative)).into_response()
     } else {
         Reply(json!(relative)).into_response()
     }
