@@ -72,10 +72,17 @@ struct TestServer {
     base: String,
     address: std::net::SocketAddr,
     output: std::path::PathBuf,
+    input: std::path::PathBuf,
+    user: std::path::PathBuf,
     _dirs: tempfile::TempDir,
 }
 
 fn serve() -> TestServer {
+    serve_with_models(None)
+}
+
+/// A server whose `--models` folder is `models`.
+fn serve_with_models(models: Option<std::path::PathBuf>) -> TestServer {
     let set = PluginSet::load(
         &[],
         &[
@@ -91,12 +98,15 @@ fn serve() -> TestServer {
     options.input = dirs.path().join("input");
     options.temp = dirs.path().join("temp");
     options.user = dirs.path().join("user");
+    options.models = models;
     options.settings.insert("device".into(), "cpu".into());
     let server = vdm::serve::start(set, options).unwrap();
     TestServer {
         base: format!("http://{}", server.address),
         address: server.address,
         output,
+        input: dirs.path().join("input"),
+        user: dirs.path().join("user"),
         _dirs: dirs,
     }
 }
@@ -268,6 +278,23 @@ fn a_prompt_runs_and_its_gif_comes_back_and_a_second_run_is_cached() {
     assert_eq!(status, 200);
     assert!(gif.starts_with(b"GIF8"));
     assert!(server.output.exists());
+    // What the editor previews: the GIF under `images`, as ComfyUI's own nodes report files,
+    // with no server path in it; and ComfyUI's `meta` for the output node.
+    assert_eq!(
+        entry["outputs"]["3"]["images"][0]["filename"],
+        file["filename"]
+    );
+    assert!(
+        !entry.to_string().contains("fullpath"),
+        "a server path leaked: {entry}"
+    );
+    assert_eq!(entry["meta"]["3"]["display_node"], "3");
+    let executed = messages
+        .iter()
+        .find(|m| m["type"] == "executed" && m["data"]["node"] == "3");
+    let executed = executed.unwrap();
+    assert_eq!(executed["data"]["display_node"], "3");
+    assert!(!executed.to_string().contains("fullpath"));
 
     let again = queue(&server, "runner", small_noise_preview(42));
     let messages = messages_until_done(&mut socket, &again);
@@ -389,4 +416,325 @@ fn status_of_oversize_post(server: &TestServer, path: &str, length: usize) -> u1
     stream.read_exact(&mut head).unwrap();
     let line = String::from_utf8_lossy(&head);
     line["HTTP/1.1 ".len()..].trim().parse().unwrap()
+}
+
+#[test]
+fn an_interrupt_stops_the_running_prompt_within_a_step_and_the_next_one_runs() {
+    let server = serve();
+    let mut socket = connect(&server, "interrupter");
+    // 1000 steps of 20 ms: 20 s if the interrupt were missed, far past what the test allows.
+    let slow = json!({
+        "1": {"class_type": "TestSlow", "inputs": {"steps": 1000, "ms_per_step": 20}},
+        "2": {"class_type": "TestSink", "inputs": {"value": ["1", 0]}}
+    });
+    let running = queue(&server, "interrupter", slow);
+    loop {
+        let message = next_message(&mut socket);
+        if message["type"] == "progress" && message["data"]["prompt_id"] == running {
+            break;
+        }
+    }
+    let asked = std::time::Instant::now();
+    assert_eq!(post(&server, "/interrupt", b"").0, 200);
+    let messages = messages_until_done(&mut socket, &running);
+    let stopped_after = asked.elapsed();
+    let interrupted = messages
+        .iter()
+        .find(|m| m["type"] == "execution_interrupted")
+        .unwrap_or_else(|| panic!("no execution_interrupted in {:?}", kinds(&messages)));
+    assert_eq!(interrupted["data"]["node_id"], "1");
+    assert_eq!(interrupted["data"]["node_type"], "TestSlow");
+    assert!(
+        stopped_after < std::time::Duration::from_secs(2),
+        "the run went on {stopped_after:?} after the interrupt"
+    );
+    let history = get_json(&server, &format!("/history/{running}"));
+    let status = &history[&running]["status"];
+    assert_eq!(status["status_str"], "error");
+    assert_eq!(status["completed"], false);
+    assert!(
+        status["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m[0] == "execution_interrupted"),
+        "{status}"
+    );
+
+    let next = queue(
+        &server,
+        "interrupter",
+        json!({
+            "1": {"class_type": "TestSlow", "inputs": {"steps": 2, "ms_per_step": 1}},
+            "2": {"class_type": "TestSink", "inputs": {"value": ["1", 0]}}
+        }),
+    );
+    let messages = messages_until_done(&mut socket, &next);
+    assert!(
+        kinds(&messages).contains(&"execution_success"),
+        "{:?}",
+        kinds(&messages)
+    );
+}
+
+#[test]
+fn model_inputs_list_the_models_folder_again_on_each_request() {
+    let models = tempfile::tempdir().unwrap();
+    for dir in ["checkpoints/sd15", "animatediff_models", "vae"] {
+        std::fs::create_dir_all(models.path().join(dir)).unwrap();
+    }
+    for file in [
+        "checkpoints/sd15/dreamshaper.safetensors",
+        "checkpoints/readme.txt",
+        "animatediff_models/mm_sd_v15_v2.ckpt",
+    ] {
+        std::fs::write(models.path().join(file), "").unwrap();
+    }
+    let server = serve_with_models(Some(models.path().to_path_buf()));
+    let combo = |info: &serde_json::Value, class: &str, input: &str| {
+        info[class]["input"]["required"][input][0].clone()
+    };
+
+    let info = get_json(&server, "/object_info");
+    assert_eq!(
+        combo(&info, "CheckpointLoaderSimple", "ckpt_name"),
+        json!(["sd15/dreamshaper.safetensors"])
+    );
+    assert_eq!(
+        combo(&info, "CheckpointLoader", "ckpt_name"),
+        json!(["sd15/dreamshaper.safetensors"])
+    );
+    assert_eq!(
+        combo(&info, "ADE_LoadAnimateDiffModel", "model_name"),
+        json!(["mm_sd_v15_v2.ckpt"])
+    );
+    assert_eq!(combo(&info, "VAELoader", "vae_name"), json!([]));
+    assert_eq!(
+        combo(&info, "LoraLoader", "lora_name"),
+        json!([]),
+        "a missing folder lists nothing"
+    );
+
+    // The editor's refresh: a new request sees the file added since.
+    std::fs::write(models.path().join("vae/kl-f8.pt"), "").unwrap();
+    let info = get_json(&server, "/object_info");
+    assert_eq!(combo(&info, "VAELoader", "vae_name"), json!(["kl-f8.pt"]));
+    let one = get_json(&server, "/api/object_info/VAELoader");
+    assert_eq!(one["VAELoader"], info["VAELoader"]);
+    assert_eq!(get_json(&server, "/models/vae"), json!(["kl-f8.pt"]));
+    assert_eq!(
+        get_json(&server, "/models/checkpoints"),
+        json!(["sd15/dreamshaper.safetensors"])
+    );
+    assert_eq!(get(&server, "/models/..").0, 404);
+}
+
+#[test]
+fn system_stats_reports_the_machines_memory() {
+    let server = serve();
+    let stats = get_json(&server, "/system_stats");
+    let system = &stats["system"];
+    for key in ["os", "comfyui_version", "python_version", "pytorch_version"] {
+        assert!(system[key].is_string(), "{key}: {stats}");
+    }
+    assert!(system["argv"].is_array(), "{stats}");
+    assert_eq!(stats["devices"][0]["type"], "cpu");
+    if cfg!(target_os = "linux") {
+        let total = system["ram_total"].as_u64().unwrap();
+        let free = system["ram_free"].as_u64().unwrap();
+        assert!(total > 64 << 20, "{stats}");
+        assert!(free > 0 && free <= total, "{stats}");
+    }
+}
+
+#[test]
+fn saved_workflows_can_be_renamed_without_leaving_the_user_folder() {
+    let server = serve();
+    let (status, reply) = post(&server, "/userdata/workflows%2Fa.json", b"{\"a\": 1}");
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply, json!("workflows/a.json"));
+
+    let (status, reply) = post(
+        &server,
+        "/api/userdata/workflows%2Fa.json/move/workflows%2Fb.json",
+        b"",
+    );
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply, json!("workflows/b.json"));
+    assert!(!server.user.join("workflows/a.json").exists());
+    assert_eq!(
+        get_json(&server, "/userdata/workflows%2Fb.json"),
+        json!({"a": 1})
+    );
+    assert_eq!(
+        get_json(&server, "/userdata?dir=workflows"),
+        json!(["b.json"])
+    );
+    // The editor's workflow browser asks for every file below, described.
+    post(&server, "/userdata/workflows%2Fdeep%2Fd.json", b"{}");
+    assert_eq!(
+        get_json(&server, "/userdata?dir=workflows"),
+        json!(["b.json"]),
+        "subfolders only with recurse"
+    );
+    let listing = get_json(
+        &server,
+        "/api/userdata?dir=workflows&recurse=true&split=false&full_info=true",
+    );
+    let described: Vec<(&str, u64)> = listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["path"].as_str().unwrap(), f["size"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(described, [("b.json", 8), ("deep/d.json", 2)]);
+    assert!(listing[0]["modified"].as_f64().unwrap() > 1e9, "{listing}");
+    assert!(listing[0]["created"].as_f64().unwrap() > 1e9, "{listing}");
+    assert_eq!(
+        get_json(&server, "/userdata?dir=workflows&recurse=true&split=true"),
+        json!([["b.json", "b.json"], ["deep/d.json", "deep", "d.json"]])
+    );
+
+    // An existing destination is kept with overwrite=false, replaced otherwise.
+    post(&server, "/userdata/workflows%2Fc.json", b"{\"c\": 1}");
+    let (status, _) = post(
+        &server,
+        "/userdata/workflows%2Fb.json/move/workflows%2Fc.json?overwrite=false",
+        b"",
+    );
+    assert_eq!(status, 409);
+    let (status, reply) = post(
+        &server,
+        "/userdata/workflows%2Fb.json/move/workflows%2Fc.json?full_info=true",
+        b"",
+    );
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["path"], "workflows/c.json");
+    assert_eq!(reply["size"], 8);
+    assert_eq!(
+        get_json(&server, "/userdata/workflows%2Fc.json"),
+        json!({"a": 1})
+    );
+
+    assert_eq!(
+        post(
+            &server,
+            "/userdata/workflows%2Fmissing.json/move/x.json",
+            b""
+        )
+        .0,
+        404
+    );
+    for (from, to) in [
+        ("workflows%2Fc.json", "..%2Fescaped.json"),
+        ("workflows%2Fc.json", "%2Ftmp%2Fescaped.json"),
+        ("..%2Foutput%2Fx", "stolen.json"),
+    ] {
+        let (status, _) = post(&server, &format!("/userdata/{from}/move/{to}"), b"");
+        assert!(status == 403 || status == 404, "{from} -> {to}: {status}");
+    }
+    assert!(server.user.join("workflows/c.json").is_file());
+    assert!(!server.user.parent().unwrap().join("escaped.json").exists());
+}
+
+/// A `multipart/form-data` body with the file as `image` and the given text fields.
+fn multipart(filename: &str, bytes: &[u8], fields: &[(&str, &str)]) -> (String, Vec<u8>) {
+    let boundary = "vdm-test-boundary-7d1f3a";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; \
+             filename=\"{filename}\"\r\nContent-Type: image/png\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn upload(server: &TestServer, filename: &str, bytes: &[u8]) -> (u16, serde_json::Value) {
+    let (content_type, body) = multipart(filename, bytes, &[("type", "input")]);
+    let mut response = agent()
+        .post(format!("{}/upload/image", server.base))
+        .header("Content-Type", &content_type)
+        .send(&body[..])
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(json!(text)))
+}
+
+#[test]
+fn uploaded_images_small_and_past_the_json_limit_come_back_from_view() {
+    let server = serve();
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_fn(4, 3, |x, y| image::Rgb([x as u8 * 60, y as u8 * 80, 200]))
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let png = png.into_inner();
+    let (status, reply) = upload(&server, "small.png", &png);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply,
+        json!({"name": "small.png", "subfolder": "", "type": "input"})
+    );
+    let (status, body) = get(&server, "/view?filename=small.png&type=input");
+    assert_eq!(status, 200);
+    assert_eq!(body, png);
+
+    // Uploads may hold 256 MiB, well past the 16 MiB of a JSON body.
+    let mut large = png.clone();
+    large.resize(20 << 20, 0x5a);
+    let (status, reply) = upload(&server, "large.png", &large);
+    assert_eq!(status, 200, "{reply}");
+    let (status, body) = get(&server, "/view?filename=large.png&type=input");
+    assert_eq!(status, 200);
+    assert!(body == large, "the 20 MiB upload came back changed");
+    assert!(server.input.join("large.png").is_file());
+
+    // The same name again is stored beside it, not over it.
+    let (_, reply) = upload(&server, "small.png", &png);
+    assert_eq!(reply["name"], "small (1).png");
+}
+
+#[test]
+fn previews_are_written_where_view_serves_temporary_files() {
+    let server = serve();
+    let mut socket = connect(&server, "previewer");
+    let mut prompt = small_noise_preview(3);
+    prompt["3"] = json!({"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}});
+    let prompt_id = queue(&server, "previewer", prompt);
+    let messages = messages_until_done(&mut socket, &prompt_id);
+    assert!(
+        kinds(&messages).contains(&"execution_success"),
+        "{messages:?}"
+    );
+    let history = get_json(&server, &format!("/history/{prompt_id}"));
+    let images = history[&prompt_id]["outputs"]["3"]["images"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(images.len(), 3, "one PNG per frame: {images:?}");
+    for image in images {
+        assert_eq!(image["type"], "temp");
+        let (status, png) = get(
+            &server,
+            &format!(
+                "/view?filename={}&subfolder={}&type=temp",
+                image["filename"].as_str().unwrap(),
+                image["subfolder"].as_str().unwrap()
+            ),
+        );
+        assert_eq!(status, 200, "{image}");
+        assert!(png.starts_with(b"\x89PNG"));
+    }
 }

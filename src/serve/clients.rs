@@ -135,21 +135,111 @@ impl EventSink for PromptEvents<'_> {
                 return;
             }
         }
-        if let Event::Executed { node, output } = &event {
-            if !output.is_null() {
-                self.record
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .outputs
-                    .insert(node.clone(), output.clone());
+        let event = match event {
+            Event::Executed { node, output } => {
+                let output = for_the_editor(output);
+                if !output.is_null() {
+                    self.record
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .outputs
+                        .insert(node.clone(), output.clone());
+                }
+                Event::Executed { node, output }
             }
-        }
+            other => other,
+        };
         let message = event.to_json();
         let kind = message["type"].as_str().unwrap_or_default().to_owned();
-        let data = match message.get("data") {
+        let mut data = match message.get("data") {
             Some(Json::Object(data)) => data.clone(),
             _ => Map::new(),
         };
+        if kind == "executed" {
+            // ComfyUI names the node whose widget shows the output; without groups it is the
+            // node itself.
+            let node = data.get("node").cloned().unwrap_or(Json::Null);
+            data.insert("display_node".into(), node);
+        }
         self.send(&kind, data);
+    }
+}
+
+/// The extensions of files the editor shows in a `<video>` element.
+const VIDEO_EXTENSIONS: &[&str] = &[".mp4", ".webm", ".mov", ".mkv"];
+
+/// A node's `ui` output as the editor takes it. File entries lose their `fullpath`: the
+/// server's folders are nobody's business over the network, and `/view` finds files by
+/// `filename`, `subfolder` and `type`. The editor previews only `images` (ComfyUI's core
+/// video nodes report theirs there, with `animated: [true]`); vdm's `videos` and Video Helper
+/// Suite's `gifs` (whose own previews come from that pack's script, not loaded here) are
+/// listed under `images` as well, flagged `animated` when they are video files, which the
+/// editor plays as video. A GIF is left unflagged: the editor would put it in a `<video>`
+/// element, which cannot play it, while an `<img>` animates it.
+pub fn for_the_editor(mut output: Json) -> Json {
+    strip_full_paths(&mut output);
+    let Json::Object(fields) = &mut output else {
+        return output;
+    };
+    if fields.contains_key("images") {
+        return output;
+    }
+    let files: Vec<Json> = ["videos", "gifs"]
+        .iter()
+        .filter_map(|key| fields.get(*key)?.as_array())
+        .flatten()
+        .filter(|entry| entry.get("filename").is_some_and(Json::is_string))
+        .cloned()
+        .collect();
+    if files.is_empty() {
+        return output;
+    }
+    let all_video = files.iter().all(|entry| {
+        let name = entry["filename"]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        VIDEO_EXTENSIONS.iter().any(|ext| name.ends_with(ext))
+    });
+    if all_video {
+        fields.insert("animated".into(), json!([true]));
+    }
+    fields.insert("images".into(), Json::Array(files));
+    output
+}
+
+/// Removes every `fullpath` field, at any depth.
+fn strip_full_paths(value: &mut Json) {
+    match value {
+        Json::Object(fields) => {
+            fields.remove("fullpath");
+            fields.values_mut().for_each(strip_full_paths);
+        }
+        Json::Array(items) => items.iter_mut().for_each(strip_full_paths),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_lose_full_paths_and_videos_are_listed_as_images() {
+        let gif = for_the_editor(json!({"videos": [
+            {"filename": "a.gif", "subfolder": "", "type": "output", "fullpath": "/srv/out/a.gif"}]}));
+        let entry = json!({"filename": "a.gif", "subfolder": "", "type": "output"});
+        assert_eq!(gif, json!({"videos": [entry], "images": [entry]}));
+
+        let mp4 = for_the_editor(json!({"gifs": [
+            {"filename": "b.mp4", "subfolder": "s", "type": "output", "format": "video/h264-mp4",
+             "fullpath": "/srv/out/s/b.mp4"}]}));
+        assert_eq!(mp4["animated"], json!([true]));
+        assert_eq!(mp4["images"], mp4["gifs"]);
+        assert!(mp4["images"][0].get("fullpath").is_none());
+
+        let images = json!({"images": [{"filename": "c.png"}], "videos": [{"filename": "d.gif"}]});
+        assert_eq!(for_the_editor(images.clone()), images);
+        assert_eq!(for_the_editor(json!({"value": 5})), json!({"value": 5}));
     }
 }

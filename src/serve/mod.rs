@@ -10,6 +10,7 @@
 //! [`Executor`]: crate::Executor
 
 mod clients;
+mod models;
 mod paths;
 mod queue;
 mod routes;
@@ -107,16 +108,10 @@ pub fn start(plugins: PluginSet, options: ServeOptions) -> std::io::Result<Runni
     let plugins = Arc::new(plugins);
     let clients = Arc::new(Clients::default());
     let queue = Arc::new(Queue::new(clients.clone()));
-    let mut settings = options.settings.clone();
-    settings.insert("output_dir".into(), path_setting(&options.output));
-    settings.insert("input_dir".into(), path_setting(&options.input));
-    if let Some(models) = &options.models {
-        settings.insert("models_dir".into(), path_setting(models));
-    }
     let worker = Worker {
         queue: queue.clone(),
         plugins: plugins.clone(),
-        settings,
+        settings: executor_settings(&options),
     };
     std::thread::Builder::new()
         .name("vdm-serve-worker".into())
@@ -141,6 +136,19 @@ pub fn start(plugins: PluginSet, options: ServeOptions) -> std::io::Result<Runni
             })
         })?;
     Ok(RunningServer { address, thread })
+}
+
+/// The executor settings prompts are validated and run with: the server's own, and its
+/// folders, `temp_dir` included so that previews land where `/view?type=temp` serves them.
+fn executor_settings(options: &ServeOptions) -> BTreeMap<String, String> {
+    let mut settings = options.settings.clone();
+    settings.insert("output_dir".into(), path_setting(&options.output));
+    settings.insert("input_dir".into(), path_setting(&options.input));
+    settings.insert("temp_dir".into(), path_setting(&options.temp));
+    if let Some(models) = &options.models {
+        settings.insert("models_dir".into(), path_setting(models));
+    }
+    settings
 }
 
 /// A folder as an executor setting.

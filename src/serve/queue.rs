@@ -267,6 +267,17 @@ impl Worker {
             }
         };
         let record = std::mem::take(&mut *events.record.lock().unwrap_or_else(|e| e.into_inner()));
+        // ComfyUI's `meta`: for each output, the node that shows it (the node itself here,
+        // where there are no subgraphs to expand).
+        let meta: Map<String, Json> = record
+            .outputs
+            .keys()
+            .map(|node| {
+                let about = json!({"node_id": node, "display_node": node,
+                    "parent_node": null, "real_node_id": node});
+                (node.clone(), about)
+            })
+            .collect();
         json!({
             "prompt": prompt.listing(),
             "outputs": record.outputs,
@@ -275,7 +286,7 @@ impl Worker {
                 "completed": succeeded,
                 "messages": record.messages,
             },
-            "meta": {},
+            "meta": meta,
         })
     }
 }

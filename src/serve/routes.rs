@@ -16,7 +16,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::services::ServeDir;
 
 use super::queue::QueuedPrompt;
-use super::{paths, AppState};
+use super::{models, paths, AppState};
 use crate::events::Silent;
 use crate::execute::Executor;
 use crate::validate;
@@ -27,21 +27,6 @@ type Shared = State<Arc<AppState>>;
 const JSON_LIMIT: usize = 16 << 20;
 /// The most an upload may hold.
 const UPLOAD_LIMIT: usize = 256 << 20;
-
-/// The model folders ComfyUI's `/models` names, in its order.
-const MODEL_FOLDERS: &[&str] = &[
-    "checkpoints",
-    "loras",
-    "vae",
-    "text_encoders",
-    "diffusion_models",
-    "clip_vision",
-    "controlnet",
-    "embeddings",
-    "upscale_models",
-    "animatediff_models",
-    "animatediff_motion_lora",
-];
 
 pub fn router(state: Arc<AppState>) -> Router {
     // Bodies are bounded from their declared length, before any is read, so an oversize
@@ -76,7 +61,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/userdata/{*file}",
             get(userdata_read)
-                .post(userdata_write)
+                .post(userdata_post)
                 .delete(userdata_delete),
         )
         .layer(RequestBodyLimitLayer::new(JSON_LIMIT));
@@ -186,10 +171,9 @@ fn new_id() -> String {
 }
 
 async fn object_info(State(state): Shared) -> Reply<Json> {
-    Reply(crate::object_info::object_info(
-        state.plugins.descriptors(),
-        "vdm_nodes",
-    ))
+    let mut info = crate::object_info::object_info(state.plugins.descriptors(), "vdm_nodes");
+    models::fill_model_combos(&mut info, state.options.models.as_deref());
+    Reply(info)
 }
 
 async fn object_info_of(State(state): Shared, UrlPath(class): UrlPath<String>) -> Reply<Json> {
@@ -198,10 +182,12 @@ async fn object_info_of(State(state): Shared, UrlPath(class): UrlPath<String>) -
         .descriptors()
         .find(|d| d.class_type.as_str() == class)
         .map(|d| crate::object_info::node_info(d, "vdm_nodes"));
-    Reply(match found {
+    let mut info = match found {
         Some(info) => json!({ class: info }),
         None => json!({}),
-    })
+    };
+    models::fill_model_combos(&mut info, state.options.models.as_deref());
+    Reply(info)
 }
 
 async fn prompt_status(State(state): Shared) -> Reply<Json> {
@@ -226,7 +212,7 @@ async fn queue_prompt(State(state): Shared, body: Bytes) -> Response {
     let checked = tokio::task::spawn_blocking(move || {
         let state = validation_state;
         let mut executor = Executor::new(&state.plugins, &Silent);
-        for (key, value) in worker_settings(&state.options) {
+        for (key, value) in super::executor_settings(&state.options) {
             executor = executor.with_setting(&key, value);
         }
         let report = executor.validate(&workflow);
@@ -274,21 +260,6 @@ async fn queue_prompt(State(state): Shared, body: Bytes) -> Response {
         front,
     );
     Reply(json!({"prompt_id": prompt_id, "number": number, "node_errors": {}})).into_response()
-}
-
-/// The executor settings for the server's folders, as the worker uses them.
-fn worker_settings(options: &super::ServeOptions) -> Vec<(String, String)> {
-    let mut settings: Vec<(String, String)> = options
-        .settings
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    settings.push(("output_dir".into(), super::path_setting(&options.output)));
-    settings.push(("input_dir".into(), super::path_setting(&options.input)));
-    if let Some(models) = &options.models {
-        settings.push(("models_dir".into(), super::path_setting(models)));
-    }
-    settings
 }
 
 async fn queue_listing(State(state): Shared) -> Reply<Json> {
@@ -512,11 +483,12 @@ async fn system_stats(State(state): Shared) -> Reply<Json> {
         .map(|d| json!({"name": d, "type": d, "index": 0, "vram_total": 0, "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0}))
         .into_iter()
         .collect();
+    let (ram_total, ram_free) = memory_bytes().unwrap_or((0, 0));
     Reply(json!({
         "system": {
             "os": std::env::consts::OS,
-            "ram_total": 0,
-            "ram_free": 0,
+            "ram_total": ram_total,
+            "ram_free": ram_free,
             "comfyui_version": concat!("vdm ", env!("CARGO_PKG_VERSION")),
             "python_version": "",
             "pytorch_version": "",
@@ -527,12 +499,33 @@ async fn system_stats(State(state): Shared) -> Reply<Json> {
     }))
 }
 
+/// The machine's memory, total and available, in bytes, from `/proc/meminfo` (ComfyUI reports
+/// psutil's `total` and `available`, which are these two lines); `None` where there is no
+/// such file.
+fn memory_bytes() -> Option<(u64, u64)> {
+    parse_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// `MemTotal` and `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
+    let kib = |key: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|n| n * 1024)
+    };
+    Some((kib("MemTotal")?, kib("MemAvailable")?))
+}
+
 async fn features() -> Reply<Json> {
     Reply(json!({"supports_preview_metadata": false, "max_upload_size": UPLOAD_LIMIT}))
 }
 
 async fn model_folders(State(state): Shared) -> Reply<Json> {
-    let mut folders: Vec<String> = MODEL_FOLDERS.iter().map(|f| f.to_string()).collect();
+    let mut folders: Vec<String> = models::MODEL_FOLDERS
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
     if let Some(models) = &state.options.models {
         if let Ok(entries) = std::fs::read_dir(models) {
             for entry in entries.flatten() {
@@ -550,17 +543,19 @@ async fn model_files(State(state): Shared, UrlPath(folder): UrlPath<String>) -> 
     let Some(models) = &state.options.models else {
         return Reply(json!([])).into_response();
     };
-    let Some(dir) = paths::join_relative(models, &folder) else {
+    // One plain folder name; a folder that is a symbolic link (models kept on another disk)
+    // is listed like any other, as ComfyUI does.
+    if paths::join(models, "", &folder).is_none() {
         return not_found();
-    };
-    let mut files = Vec::new();
-    list_files(&dir, "", &mut files);
-    files.sort();
-    Reply(json!(files)).into_response()
+    }
+    Reply(json!(models::list_models(models, &[folder.as_str()]))).into_response()
 }
 
-/// Every file under `dir`, as `/`-separated paths relative to it (ComfyUI's model names).
-fn list_files(dir: &Path, prefix: &str, files: &mut Vec<String>) {
+/// The files in `dir`, and with `recurse` in its subfolders, as `/`-separated paths relative
+/// to it. Subfolders are searched to a bounded depth: a symbolic link to a folder above would
+/// otherwise recurse without end.
+fn list_files(dir: &Path, prefix: &str, recurse: bool, files: &mut Vec<String>) {
+    const MAX_DEPTH: usize = 16;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -573,11 +568,34 @@ fn list_files(dir: &Path, prefix: &str, files: &mut Vec<String>) {
         };
         let path = entry.path();
         if path.is_dir() {
-            list_files(&path, &relative, files);
+            if recurse && relative.split('/').count() < MAX_DEPTH {
+                list_files(&path, &relative, recurse, files);
+            }
         } else if path.is_file() {
             files.push(relative);
         }
     }
+}
+
+/// ComfyUI's description of a user's file: its path relative to the folder listed, its size,
+/// and its modification and creation times in seconds (the creation time is the modification
+/// time on filesystems that do not record it).
+fn file_info(path: &Path, relative: &str) -> Json {
+    let metadata = std::fs::metadata(path).ok();
+    let seconds = |time: std::io::Result<std::time::SystemTime>| {
+        time.ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs_f64())
+    };
+    let modified = metadata.as_ref().and_then(|m| seconds(m.modified()));
+    let created = metadata.as_ref().and_then(|m| seconds(m.created()));
+    let size = metadata.map_or(0, |m| m.len());
+    json!({
+        "path": relative,
+        "size": size,
+        "modified": modified.unwrap_or(0.0),
+        "created": created.or(modified).unwrap_or(0.0),
+    })
 }
 
 /// The editor's settings file.
@@ -630,8 +648,10 @@ async fn setting_update(
     write_settings(&state, &settings)
 }
 
-/// `GET /userdata?dir=workflows`: the files under that folder of the user's data, relative to
-/// it; 404 when the folder does not exist, as the editor expects.
+/// `GET /userdata?dir=workflows`: the files of that folder of the user's data, relative to
+/// it, and with `recurse=true` those of its subfolders; 404 when the folder does not exist, as
+/// the editor expects. `full_info=true` describes each file ([`file_info`]); `split=true`
+/// gives each as `[path, component, ...]`.
 async fn userdata_list(
     State(state): Shared,
     Query(query): Query<HashMap<String, String>>,
@@ -645,10 +665,29 @@ async fn userdata_list(
     if !dir.is_dir() || !paths::inside(&state.options.user, &dir) {
         return not_found();
     }
+    let flag = |name: &str| {
+        query
+            .get(name)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    };
     let mut files = Vec::new();
-    list_files(&dir, "", &mut files);
+    list_files(&dir, "", flag("recurse"), &mut files);
     files.sort();
-    Reply(json!(files)).into_response()
+    let listing: Vec<Json> = files
+        .iter()
+        .map(|relative| {
+            if flag("full_info") {
+                file_info(&dir.join(relative), relative)
+            } else if flag("split") {
+                let mut parts = vec![json!(relative)];
+                parts.extend(relative.split('/').map(|part| json!(part)));
+                Json::Array(parts)
+            } else {
+                json!(relative)
+            }
+        })
+        .collect();
+    Reply(Json::Array(listing)).into_response()
 }
 
 /// The user's data file that `file` names, when it stays inside the user folder.
@@ -669,9 +708,52 @@ async fn userdata_read(State(state): Shared, UrlPath(file): UrlPath<String>) -> 
     }
 }
 
+/// `POST /userdata/{file}`, or ComfyUI's `POST /userdata/{file}/move/{dest}`. The two share
+/// one route because the router cannot hold a catch-all beside a route it overlaps; they are
+/// told apart on the raw path, where the subfolders of each name are still encoded (`%2F`), so
+/// a move is exactly three segments with `move` in the middle.
+async fn userdata_post(
+    state: Shared,
+    uri: axum::http::Uri,
+    UrlPath(file): UrlPath<String>,
+    query: Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let raw = uri.path();
+    let after = raw
+        .find("/userdata/")
+        .map_or("", |at| &raw[at + "/userdata/".len()..]);
+    let segments: Vec<&str> = after.split('/').collect();
+    if let [from, "move", to] = segments[..] {
+        return match (percent_decode(from), percent_decode(to)) {
+            (Some(from), Some(to)) => userdata_move(state, from, to, query).await,
+            _ => bad_request("the file names are not valid percent-encoded UTF-8"),
+        };
+    }
+    userdata_write(state, file, query, body).await
+}
+
+/// `%XX` escapes replaced by their bytes, or `None` when an escape is malformed or the result
+/// is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 async fn userdata_write(
     State(state): Shared,
-    UrlPath(file): UrlPath<String>,
+    file: String,
     Query(query): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
@@ -704,18 +786,63 @@ async fn userdata_write(
     if let Err(e) = tokio::fs::write(&path, &body).await {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
     }
-    let modified = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0.0, |d| d.as_secs_f64());
-    let relative = file.trim_start_matches('/');
-    let name = relative.rsplit('/').next().unwrap_or(relative);
+    userdata_reply(&file, &path, &query)
+}
+
+/// What ComfyUI answers after writing or moving a user's file: its path relative to the user
+/// folder, or with `full_info=true` that path with its size and modification time.
+fn userdata_reply(relative: &str, path: &Path, query: &HashMap<String, String>) -> Response {
+    let relative = relative.trim_start_matches('/');
     if query.get("full_info").is_some_and(|f| f == "true") {
-        Reply(json!({"path": name, "size": body.len(), "modified": modified})).into_response()
+        Reply(file_info(path, relative)).into_response()
     } else {
         Reply(json!(relative)).into_response()
     }
+}
+
+/// `POST /userdata/{file}/move/{dest}`: renames a user's file (the editor renaming a saved
+/// workflow); the names arrive URL-encoded with their subfolders (`workflows%2Fa.json`).
+/// An existing destination is replaced unless `overwrite=false`, which answers 409.
+async fn userdata_move(
+    State(state): Shared,
+    file: String,
+    dest: String,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let user = &state.options.user;
+    let (Some(source), Some(target)) = (userdata_path(&state, &file), userdata_path(&state, &dest))
+    else {
+        return (StatusCode::FORBIDDEN, "invalid file name").into_response();
+    };
+    if !source.is_file() || !paths::inside(user, &source) {
+        return not_found();
+    }
+    let Some(dir) = target.parent() else {
+        return bad_request("invalid file name");
+    };
+    if std::fs::create_dir_all(dir).is_err() || !paths::inside(user, dir) {
+        return (
+            StatusCode::FORBIDDEN,
+            "the folder leads outside the user folder",
+        )
+            .into_response();
+    }
+    if target.symlink_metadata().is_ok() {
+        if query.get("overwrite").is_some_and(|o| o == "false") {
+            return (StatusCode::CONFLICT, "file exists").into_response();
+        }
+        if !target.is_file() || !paths::inside(user, &target) {
+            return (
+                StatusCode::FORBIDDEN,
+                "the destination is not a file inside the user folder",
+            )
+                .into_response();
+        }
+    }
+    if let Err(e) = std::fs::rename(&source, &target) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    userdata_reply(&dest, &target, &query)
 }
 
 async fn userdata_delete(State(state): Shared, UrlPath(file): UrlPath<String>) -> Response {
@@ -728,5 +855,33 @@ async fn userdata_delete(State(state): Shared, UrlPath(file): UrlPath<String>) -
     match std::fs::remove_file(&path) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_gives_total_and_available_bytes() {
+        let text = "MemTotal:       16318412 kB\nMemFree:         1000000 kB\n\
+                    MemAvailable:   12000000 kB\nBuffers:  1 kB\n";
+        assert_eq!(
+            parse_meminfo(text),
+            Some((16318412 * 1024, 12000000 * 1024))
+        );
+        assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
+    }
+
+    #[test]
+    fn percent_escapes_decode_and_bad_ones_are_refused() {
+        assert_eq!(
+            percent_decode("workflows%2Fa%20b.json").as_deref(),
+            Some("workflows/a b.json")
+        );
+        assert_eq!(percent_decode("%C3%A9t%C3%A9").as_deref(), Some("été"));
+        for bad in ["%2", "%zz", "%FF"] {
+            assert_eq!(percent_decode(bad), None, "{bad}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Nodes that exercise the host: a constant, an adder, a sink (output node), one that panics,
-//! one that fails on an input, and one that reports progress until cancelled. Kept free of
+//! one that fails on an input, and two that report progress until cancelled (one of them
+//! slowly, so that a test can interrupt it while it runs). Kept free of
 //! the real plugin so host tests control exactly what each node does.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -99,6 +100,12 @@ extern "C" fn nodes() -> RVec<NodeDescriptor> {
         node("TestPanic", vec![int("value")], &["INT"], false),
         node("TestFailOnNegative", vec![int("value")], &["INT"], false),
         node("TestCountdown", vec![int("steps")], &["INT"], false),
+        node(
+            "TestSlow",
+            vec![int("steps"), int("ms_per_step")],
+            &["INT"],
+            false,
+        ),
         node("TestRuns", vec![], &["INT"], false),
         node("TestCheckPositive", vec![int("value")], &["INT"], false),
     ]
@@ -194,6 +201,24 @@ fn run(request: &ExecuteRequest<'_>) -> Result<Vec<Value>, Failure> {
                     return Err((ErrorKind::Cancelled, None, "cancelled".into()));
                 }
                 request.host.progress(step, steps, "counting".into());
+            }
+            Ok(vec![Value::Int(steps as i64)])
+        }
+        "TestSlow" => {
+            // A sampler's shape: a step of work, then the progress report and the cancel
+            // check, which is where a real node notices an interrupt.
+            let steps = get("steps")?.max(0) as u64;
+            let pause = std::time::Duration::from_millis(get("ms_per_step")?.max(0) as u64);
+            for step in 1..=steps {
+                std::thread::sleep(pause);
+                request.host.progress(step, steps, "waiting".into());
+                if request.host.cancelled() {
+                    return Err((
+                        ErrorKind::Cancelled,
+                        None,
+                        format!("cancelled at step {step}"),
+                    ));
+                }
             }
             Ok(vec![Value::Int(steps as i64)])
         }
