@@ -486,7 +486,7 @@ fn execute(
         Box::new(ProgressBars::new())
     };
     let out = out.unwrap_or_else(|| PathBuf::from("."));
-    let executor = match settings.executor(plugins, sink.as_ref(), &workflow_file) {
+    let executor = match settings.executor(plugins, sink.as_ref(), workflow_file) {
         Ok(executor) => executor
             .with_setting("output_dir", out.to_string_lossy())
             .with_setting("allow_non_finite", allow_non_finite.to_string()),
