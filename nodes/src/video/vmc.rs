@@ -657,6 +657,47 @@ mod tests {
         Ok(())
     }
 
+    /// The frozen layers' fused kernels on the training path give the trained projections the
+    /// gradients candle's own ops give them.
+    #[test]
+    fn the_fused_training_path_gives_the_composed_paths_gradients() -> Result<()> {
+        let unet = tiny_model();
+        let latents = moving_square(4);
+        let text = text();
+        let gradients = || -> Result<Vec<Tensor>> {
+            let vars: Vec<(String, Var)> = unet
+                .motion()
+                .unwrap()
+                .weights()
+                .iter()
+                .filter(|(key, _)| is_temporal_qkv(key))
+                .map(|(key, tensor)| (key.clone(), Var::from_tensor(tensor).unwrap()))
+                .collect();
+            let model = unet
+                .with_weights(
+                    vars.iter()
+                        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                        .collect(),
+                )
+                .unwrap();
+            let noise = (&latents * 0.5)?.sin()?;
+            let predicted = forward(&model, &latents, &text);
+            let grads = motion_loss(MotionLoss::Paper, &predicted, &noise, 0.5)?.backward()?;
+            Ok(vars
+                .iter()
+                .map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone())
+                .collect())
+        };
+        let fused = gradients()?;
+        let composed = crate::models::ops::with_composed_ops(gradients)?;
+        for (a, b) in fused.iter().zip(&composed) {
+            let scale = b.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            let error = crate::test_util::max_abs_diff(a, b) / scale.max(1e-12);
+            assert!(error < 1e-4, "relative error {error}");
+        }
+        Ok(())
+    }
+
     /// Autograd against central finite differences, in f64, on one motion module whose Q, K and
     /// V are the variables: with plain temporal attention, and with the motion-adaptive bias of
     /// amplitude 0.6 on its logits.

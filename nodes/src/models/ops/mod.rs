@@ -8,6 +8,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod conv;
+pub(crate) mod frozen;
 pub(crate) mod geglu;
 pub(crate) mod group_norm;
 pub(crate) mod linear;

@@ -9,7 +9,11 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Conv2dConfig, Module, VarBuilder};
 
-use crate::models::ops::{self as fused, conv::Im2ColConv};
+use crate::models::ops::{
+    self as fused,
+    conv::Im2ColConv,
+    frozen::{self, FrozenConv},
+};
 
 /// `nn.Conv2d(in, out, kernel, stride, padding)` with bias (dilation 1, one group).
 #[derive(Debug, Clone)]
@@ -59,16 +63,24 @@ impl Conv2d {
 
     /// (N, C_in, H, W) → (N, C_out, H_out, W_out).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if !(fused::applies(&[xs, &self.weight, &self.bias]) && xs.rank() == 4) {
-            return self.inner.forward(xs);
-        }
         let op = Im2ColConv {
             kernel: self.kernel,
             stride: self.stride,
             padding: self.padding,
         };
-        xs.contiguous()?
-            .apply_op3_no_bwd(&self.weight.contiguous()?, &self.bias, &op)
+        if xs.rank() == 4 && fused::applies(&[xs, &self.weight, &self.bias]) {
+            return xs
+                .contiguous()?
+                .apply_op3_no_bwd(&self.weight.contiguous()?, &self.bias, &op);
+        }
+        if xs.rank() == 4 && frozen::applies(xs, &[&self.weight, &self.bias]) {
+            return xs.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                &self.bias,
+                FrozenConv(op),
+            );
+        }
+        self.inner.forward(xs)
     }
 }
 

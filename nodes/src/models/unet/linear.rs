@@ -4,11 +4,14 @@
 //! of the bias, and of the residual when the layer ends a residual branch: candle's linear adds
 //! the bias in a second pass and the residual add is a third. Elsewhere candle's linear runs.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 use crate::models::ops::{
     self as fused,
+    frozen::{self, FrozenLinear},
     linear::{FusedLinear, ToImages},
 };
 
@@ -16,14 +19,14 @@ use crate::models::ops::{
 pub struct Linear {
     inner: candle_nn::Linear,
     /// The bias as f32 on the CPU, read by the fused kernel (absent without bias or elsewhere).
-    cpu_bias: Option<Vec<f32>>,
+    cpu_bias: Option<Arc<[f32]>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let cpu_bias = match &bias {
             Some(b) if b.device().is_cpu() && b.dtype() == DType::F32 => {
-                Some(b.flatten_all()?.to_vec1::<f32>()?)
+                Some(Arc::from(b.flatten_all()?.to_vec1::<f32>()?))
             }
             _ => None,
         };
@@ -39,10 +42,13 @@ impl Linear {
 
     /// (…, in) → (…, out).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self.fused(xs) {
-            Some(op) => xs.contiguous()?.apply_op2_no_bwd(self.weight(), &op),
-            None => self.inner.forward(xs),
+        if let Some(op) = self.fused(xs) {
+            return xs.contiguous()?.apply_op2_no_bwd(self.weight(), &op);
         }
+        if let Some(op) = self.frozen(xs) {
+            return xs.contiguous()?.apply_op2(self.weight(), op);
+        }
+        self.inner.forward(xs)
     }
 
     /// `self(xs) + residual`, the residual of the output's shape.
@@ -52,7 +58,12 @@ impl Linear {
                 xs.contiguous()?
                     .apply_op3_no_bwd(self.weight(), &residual.contiguous()?, &op)
             }
-            _ => self.inner.forward(xs)? + residual,
+            _ => match self.frozen(xs) {
+                Some(op) if residual.device().is_cpu() && residual.dtype() == DType::F32 => xs
+                    .contiguous()?
+                    .apply_op3(self.weight(), &residual.contiguous()?, op),
+                _ => self.inner.forward(xs)? + residual,
+            },
         }
     }
 
@@ -92,6 +103,17 @@ impl Linear {
                 images_out.affine(scale, 0.0)? + residual
             }
         }
+    }
+
+    /// The fused kernel with an input-only backward, when a gradient flows through `xs` and
+    /// none through the weights.
+    fn frozen(&self, xs: &Tensor) -> Option<FrozenLinear> {
+        let mut weights = vec![self.weight()];
+        weights.extend(self.inner.bias());
+        let bias_ready = self.inner.bias().is_none() || self.cpu_bias.is_some();
+        (bias_ready && xs.rank() >= 1 && frozen::applies(xs, &weights)).then(|| FrozenLinear {
+            bias: self.cpu_bias.clone(),
+        })
     }
 
     /// The fused kernel, when it applies to `xs`.
