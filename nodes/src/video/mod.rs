@@ -33,8 +33,8 @@ pub mod noise;
 pub mod preview;
 pub mod prompt_travel;
 pub mod resize;
-pub mod temporal_training;
 pub mod reuse;
+pub mod temporal_training;
 pub mod vmc;
 
 pub use io::{load_video, save_video, LoadOptions, MediaError, VideoFormat};

@@ -398,7 +398,10 @@ mod tests {
             clips_seen[draw.clip] = true;
         }
         assert_eq!(clips_seen, [true; 3]);
-        assert_ne!(draw_step(5, 0, &lengths, 4, 1000), draw_step(6, 0, &lengths, 4, 1000));
+        assert_ne!(
+            draw_step(5, 0, &lengths, 4, 1000),
+            draw_step(6, 0, &lengths, 4, 1000)
+        );
     }
 
     #[test]
@@ -442,7 +445,10 @@ mod tests {
         }
         // The zero-initialised output projections moved: the adapter learnt something.
         let init = TemporalAdapter::init_weights(&trained.config, 7, DType::F32, &Device::Cpu)?;
-        let out_key = expected.iter().find(|k| k.ends_with(".to_out.weight")).unwrap();
+        let out_key = expected
+            .iter()
+            .find(|k| k.ends_with(".to_out.weight"))
+            .unwrap();
         assert!(max_abs_diff(&trained.weights[out_key], &init[out_key]) > 0.0);
 
         // Applied for sampling, the trained adapter changes the prediction.
@@ -534,7 +540,10 @@ mod tests {
         let error = train_temporal_adapter(&unet, &data, &too_long, None, |_| Ok(()))
             .err()
             .unwrap();
-        assert!(error.to_string().contains("clip 1 has 5 frame(s)"), "{error}");
+        assert!(
+            error.to_string().contains("clip 1 has 5 frame(s)"),
+            "{error}"
+        );
         let single = TemporalTrainingSettings {
             frames: 1,
             ..settings(1)
