@@ -600,7 +600,7 @@ impl Node for TrainTemporalAdapter {
                  the image UNet frozen: each step takes a window of `frames` frames of one clip, a \
                  timestep and noise, and the plain ε-prediction MSE. m is estimated in every forward as \
                  the Temporal Attention Injector does. Motion modules on the model stay frozen and the \
-                 adapter is trained on top of them. Writes the adapter as safetensors (and a training \
+                 adapter is trained on top of them; an adapter already applied is replaced. Writes the adapter as safetensors (and a training \
                  state beside it, from which an interrupted run resumes) and outputs the model with \
                  the adapter applied; sample it through the Temporal Attention Injector, whose m drives \
                  the adapter's bias and gates.",
@@ -772,5 +772,53 @@ impl Node for LoadTemporalAdapter {
             .with_temporal_adapter(Arc::new(adapter))
             .map_err(|e| NodeFailure::input("adapter_name", e))?;
         Ok(Outputs::one(model.with_unet(unet).into_value()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_gif(path: &Path, frames: u32) {
+        let file = std::fs::File::create(path).unwrap();
+        let mut encoder = image::codecs::gif::GifEncoder::new(file);
+        for f in 0..frames {
+            let img = image::RgbaImage::from_fn(4, 4, |x, _| {
+                image::Rgba([(x * 40 + f * 10) as u8, 0, 0, 255])
+            });
+            encoder.encode_frame(image::Frame::new(img)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_clip_folder_lists_frame_folders_gifs_and_videos_in_natural_order_and_their_captions() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write_gif(&root.join("walk10.gif"), 2);
+        write_gif(&root.join("walk2.gif"), 2);
+        std::fs::write(root.join("walk2.txt"), "  a man walking \n").unwrap();
+        std::fs::write(root.join("notes.txt"), "not a clip").unwrap();
+        std::fs::write(root.join("still.png"), b"a still is no clip").unwrap();
+        std::fs::write(root.join(".walk3.gif"), b"hidden").unwrap();
+        std::fs::write(root.join("ride.MP4"), b"read through ffmpeg").unwrap();
+        let frames = root.join("frames");
+        std::fs::create_dir_all(&frames).unwrap();
+        image::RgbImage::new(4, 4)
+            .save(frames.join("0001.png"))
+            .unwrap();
+        std::fs::create_dir_all(root.join("empty")).unwrap();
+
+        let names: Vec<String> = clip_paths(root)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["frames", "ride.MP4", "walk2.gif", "walk10.gif"]);
+        assert_eq!(
+            clip_caption(&root.join("walk2.gif")).unwrap().as_deref(),
+            Some("a man walking")
+        );
+        assert_eq!(clip_caption(&root.join("walk10.gif")).unwrap(), None);
+        assert_eq!(clip_caption(&frames).unwrap(), None);
     }
 }

@@ -5,7 +5,10 @@
 //! uniform in [0, 1000) and noise ε (independent, or temporally correlated as `video_noise`
 //! draws it), noises the window's clean latents to x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε, and takes the
 //! plain ε-prediction MSE between the UNet's prediction and ε. Only the adapter's weights are
-//! `Var`s; the UNet (and whatever the MODEL carries: motion modules, LoRAs) stays frozen.
+//! `Var`s; the UNet (and whatever the MODEL carries: motion modules, LoRAs) stays frozen. A
+//! MODEL with AnimateDiff motion modules is accepted: the adapter is trained on top of them, as
+//! it will be sampled. A temporal adapter already on the MODEL is replaced by the one trained
+//! (training starts from the initialisation, not from it).
 //!
 //! Every draw of a step comes from (seed, step) alone, so a run resumed from a saved state takes
 //! the same steps as an unbroken one, bit for bit. The adapter starts from
