@@ -18,7 +18,8 @@
 //! m, the motion amplitude the up blocks' bias and every module's gate read, is estimated in
 //! each forward from the lowest-resolution features by an `AmplitudeTap`, as the
 //! `TemporalAttentionInjector` does at inference when it is given no motion: the adapter learns
-//! with the m it will see.
+//! with the m it will see. The estimate comes after the down blocks, so their modules see m = 0
+//! and their gate slopes a get no gradient (their gates are sigmoid(b), as at inference).
 
 use std::sync::Arc;
 
@@ -292,8 +293,10 @@ pub fn train_temporal_adapter(
         let model = with_amplitude
             .with_temporal_adapter(Arc::new(adapter))
             .map_err(candle_core::Error::Msg)?;
+        // The model computes in its own dtype; the loss in f32.
+        let (noisy, text) = (noisy.to_dtype(dtype)?, clip.text.to_dtype(dtype)?);
         let predicted = model
-            .forward(&UNetInputs::new(&noisy, draw.timestep as f64, &clip.text))?
+            .forward(&UNetInputs::new(&noisy, draw.timestep as f64, &text))?
             .to_dtype(DType::F32)?;
         (predicted - noise)?.sqr()?.mean_all()
     };
@@ -524,6 +527,120 @@ mod tests {
         for (key, tensor) in &unbroken.weights {
             assert_eq!(max_abs_diff(tensor, &resumed.weights[key]), 0.0, "{key}");
         }
+        Ok(())
+    }
+
+    /// A UNet in half precision trains f32 parameters through the cast into its dtype.
+    #[test]
+    fn a_half_precision_unet_trains_f32_parameters() -> Result<()> {
+        let f32_model = tiny_image_model();
+        let weights: std::collections::HashMap<String, Tensor> = f32_model
+            .base()
+            .weights()
+            .iter()
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        let vb = VarBuilder::from_tensors(weights, DType::F16, &Device::Cpu);
+        let unet = PatchedUNet::new(Arc::new(UNet2DConditionModel::new(
+            vb,
+            f32_model.base().config(),
+        )?));
+        let clips = clips();
+        let alphas = alphas();
+        let data = TemporalTrainingData {
+            clips: &clips,
+            alphas_cumprod: &alphas,
+        };
+        let trained = train_temporal_adapter(&unet, &data, &settings(2), None, |_| Ok(()))?;
+        assert!(
+            trained.losses.iter().all(|l| l.is_finite()),
+            "{:?}",
+            trained.losses
+        );
+        let init = TemporalAdapter::init_weights(&trained.config, 7, DType::F32, &Device::Cpu)?;
+        // Every weight learns but the down blocks' gate slopes a: m is estimated after the
+        // down blocks, so there g = sigmoid(a·0 + b), at inference as in training.
+        let still: Vec<&String> = trained
+            .weights
+            .iter()
+            .filter(|(key, tensor)| max_abs_diff(tensor, &init[*key]) == 0.0)
+            .map(|(key, _)| key)
+            .collect();
+        assert!(!still.is_empty());
+        for key in still {
+            assert!(
+                key.starts_with("down_blocks.") && key.ends_with(".gate.a"),
+                "{key} did not move"
+            );
+        }
+        for (key, tensor) in &trained.weights {
+            assert_eq!(tensor.dtype(), DType::F32, "{key}");
+        }
+        assert_eq!(
+            trained
+                .adapter(DType::F16)?
+                .weights()
+                .values()
+                .next()
+                .unwrap()
+                .dtype(),
+            DType::F16
+        );
+        Ok(())
+    }
+
+    /// The tiny image model with a motion module of two levels (at most 8 frames at once).
+    fn tiny_model_with_motion() -> PatchedUNet {
+        use crate::models::motion::{MotionAdapter, MotionAdapterConfig};
+        let config: MotionAdapterConfig = serde_json::from_value(serde_json::json!({
+            "block_out_channels": [32, 64],
+            "motion_layers_per_block": 1,
+            "motion_max_seq_length": 8,
+            "use_motion_mid_block": false
+        }))
+        .unwrap();
+        let weights =
+            random_weights_for(|vb| MotionAdapter::new(vb, &config, 8).map(|_| ())).unwrap();
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        let motion = MotionAdapter::new(vb, &config, 8).unwrap();
+        tiny_image_model()
+            .with_motion(Arc::new(motion), 1.0)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_adapter_trains_on_top_of_frozen_motion_modules_within_their_frames() -> Result<()> {
+        let unet = tiny_model_with_motion();
+        let clips = clips();
+        let alphas = alphas();
+        let data = TemporalTrainingData {
+            clips: &clips,
+            alphas_cumprod: &alphas,
+        };
+        let trained = train_temporal_adapter(&unet, &data, &settings(2), None, |_| Ok(()))?;
+        assert_eq!(trained.losses.len(), 2);
+        assert!(trained.losses.iter().all(|l| l.is_finite()));
+        assert_eq!(trained.weights.len(), trained.config.trainable_keys().len());
+
+        let long = vec![TrainingClip {
+            latents: moving_square(10, 1),
+            text: clips[0].text.clone(),
+        }];
+        let data = TemporalTrainingData {
+            clips: &long,
+            alphas_cumprod: &alphas,
+        };
+        let too_many = TemporalTrainingSettings {
+            frames: 9,
+            ..settings(1)
+        };
+        let error = train_temporal_adapter(&unet, &data, &too_many, None, |_| Ok(()))
+            .err()
+            .unwrap();
+        assert!(
+            error.to_string().contains("motion modules see at most 8"),
+            "{error}"
+        );
         Ok(())
     }
 
