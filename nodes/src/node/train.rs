@@ -416,8 +416,12 @@ impl TrainTemporalAdapter {
     fn settings(inputs: &Inputs) -> Result<TemporalTrainingSettings, NodeFailure> {
         let defaults = TemporalTrainingSettings::default();
         let steps = inputs.usize("steps")? as u64;
+        let schedule_name = match inputs.get("lr_schedule") {
+            Some(_) => inputs.string("lr_schedule")?,
+            None => "constant",
+        };
         let schedule = LrSchedule::named(
-            inputs.string("lr_schedule").unwrap_or("constant"),
+            schedule_name,
             inputs.usize_or("warmup_steps", 0)? as u64,
             steps,
         )
@@ -536,7 +540,10 @@ impl TrainTemporalAdapter {
                 ),
             ));
         }
-        let prompt = inputs.string("prompt").unwrap_or("");
+        let prompt = match inputs.get("prompt") {
+            Some(_) => inputs.string("prompt")?,
+            None => "",
+        };
         let clip_skip = inputs.usize_or("clip_skip", clip_encoder.clip_skip)?;
         let base = model.unet.base();
         let mut texts: std::collections::HashMap<String, Tensor> = Default::default();
