@@ -353,7 +353,7 @@ impl Node for LoadMotionPatch {
 /// output folder, where `TrainTemporalAdapter` writes them); the injector's folder too.
 const TEMPORAL_ADAPTER_FOLDERS: &[&str] = &["temporal_adapters"];
 
-/// File extensions of the clips read through `ffmpeg`, besides GIFs and frame folders.
+/// Whether the file at `path` is a clip: a GIF, or a video that `ffmpeg` reads.
 fn is_clip_file(path: &Path) -> bool {
     let extension = path
         .extension()
