@@ -1,28 +1,45 @@
 //! Training nodes: `MotionCustomize` (VMC: the motion of one clip into a motion module's
-//! temporal attention) and `LoadMotionPatch`, which applies a saved result.
+//! temporal attention) and `LoadMotionPatch`, which applies a saved result;
+//! `TrainTemporalAdapter` (Hong & Quan's lightweight temporal modules, trained on a folder of
+//! clips) and `LoadTemporalAdapter`, which applies a saved adapter.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use serde_json::json;
 
+use crate::models::temporal_adapter::{save_weights, TemporalAdapter, TemporalAdapterConfig};
 use crate::schedulers::{DdimScheduler, DdimSchedulerConfig, Scheduler};
 use crate::train::{self, AdamWConfig, Checkpointing, LrSchedule};
-use crate::video::io::{resolve_prefix, save_atomically, MediaError};
+use crate::video::io::{
+    frame_folder_files, natural_cmp, resize_frames, resolve_prefix, save_atomically, LoadOptions,
+    MediaError, FFMPEG_VIDEO_EXTENSIONS,
+};
+use crate::video::noise::NoiseMode;
+use crate::video::temporal_training::{
+    self, TemporalTrainingData, TemporalTrainingSettings, TrainingClip,
+};
 use crate::video::vmc::{self, MotionLoss, VmcData, VmcSettings};
 
 use super::editing::source_latents;
 use super::models::{encode_text, resolve_model};
 use super::objects::{Clip, Model, Vae};
 use super::sampler::encode_frames;
+use super::video_io::load_frames;
 use super::{
-    cancelled_or, check_filename_prefix, file_entry, save_failure, Context, DescriptorBuilder,
-    ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
+    cancelled_or, check_filename_prefix, file_entry, resolve_input_path, save_failure, Context,
+    DescriptorBuilder, ForInput, Images, Inputs, Latent, Node, NodeFailure, Outputs, PluginType,
 };
 
 pub fn nodes() -> Vec<Box<dyn Node>> {
-    vec![Box::new(MotionCustomize), Box::new(LoadMotionPatch)]
+    vec![
+        Box::new(MotionCustomize),
+        Box::new(LoadMotionPatch),
+        Box::new(TrainTemporalAdapter),
+        Box::new(LoadTemporalAdapter),
+    ]
 }
 
 /// Where saved motion patches are looked for, under the models folder (after the output folder,
@@ -329,5 +346,486 @@ impl Node for LoadMotionPatch {
             .with_weights(patch)
             .map_err(|e| NodeFailure::input("patch_name", e))?;
         Ok(Outputs::one(model.with_unet(unet).into_value()))
+    }
+}
+
+/// Where `LoadTemporalAdapter` looks for adapters under the models folder (after a path and the
+/// output folder, where `TrainTemporalAdapter` writes them); the injector's folder too.
+const TEMPORAL_ADAPTER_FOLDERS: &[&str] = &["temporal_adapters"];
+
+/// Whether the file at `path` is a clip: a GIF, or a video that `ffmpeg` reads.
+fn is_clip_file(path: &Path) -> bool {
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    extension == "gif" || FFMPEG_VIDEO_EXTENSIONS.contains(&extension.as_str())
+}
+
+/// The clips of `folder`, in natural order of their names: folders of PNG/JPEG frames, GIFs
+/// and videos; hidden entries and every other file (notes, captions, stills) are skipped.
+fn clip_paths(folder: &Path) -> Result<Vec<PathBuf>, NodeFailure> {
+    let entries = std::fs::read_dir(folder).map_err(|e| {
+        NodeFailure::input(
+            "clips",
+            format!("cannot read the clip folder {}: {e}", folder.display()),
+        )
+    })?;
+    let mut clips = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|e| NodeFailure::input("clips", format!("{}: {e}", folder.display())))?
+            .path();
+        let hidden = path
+            .file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with('.'));
+        let is_clip = if path.is_dir() {
+            frame_folder_files(&path).is_ok()
+        } else {
+            is_clip_file(&path)
+        };
+        if is_clip && !hidden {
+            clips.push(path);
+        }
+    }
+    let name = |p: &PathBuf| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    clips.sort_by(|a, b| natural_cmp(&name(a), &name(b)));
+    Ok(clips)
+}
+
+/// The caption of a clip: the text of `<clip name>.txt` beside it (`walk.gif` → `walk.txt`, a
+/// frame folder `walk/` → `walk.txt`), when there is one.
+fn clip_caption(clip: &Path) -> Result<Option<String>, NodeFailure> {
+    let caption = clip.with_extension("txt");
+    if !caption.is_file() {
+        return Ok(None);
+    }
+    std::fs::read_to_string(&caption)
+        .map(|text| Some(text.trim().to_string()))
+        .map_err(|e| NodeFailure::input("clips", format!("{}: {e}", caption.display())))
+}
+
+struct TrainTemporalAdapter;
+
+impl TrainTemporalAdapter {
+    fn settings(inputs: &Inputs) -> Result<TemporalTrainingSettings, NodeFailure> {
+        let defaults = TemporalTrainingSettings::default();
+        let steps = inputs.usize("steps")? as u64;
+        let schedule_name = match inputs.get("lr_schedule") {
+            Some(_) => inputs.string("lr_schedule")?,
+            None => "constant",
+        };
+        let schedule = LrSchedule::named(
+            schedule_name,
+            inputs.usize_or("warmup_steps", 0)? as u64,
+            steps,
+        )
+        .map_err(|e| NodeFailure::input("lr_schedule", e))?;
+        let noise: NoiseMode = match inputs.get("noise") {
+            Some(_) => inputs
+                .string("noise")?
+                .parse()
+                .map_err(|e| NodeFailure::input("noise", e))?,
+            None => defaults.noise,
+        };
+        let correlation = inputs.float_or("correlation", defaults.correlation)?;
+        if noise != NoiseMode::Independent && !(0.0..1.0).contains(&correlation) {
+            return Err(NodeFailure::input(
+                "correlation",
+                format!("{correlation} is outside [0, 1)"),
+            ));
+        }
+        let max_grad_norm = inputs.float_or("max_grad_norm", 1.0)?;
+        let settings = TemporalTrainingSettings {
+            steps,
+            learning_rate: inputs.float("learning_rate")?,
+            frames: inputs.usize("frames")?,
+            seed: inputs.seed("seed")?,
+            noise,
+            correlation,
+            optimizer: AdamWConfig {
+                weight_decay: inputs.float_or("weight_decay", 0.01)?,
+                max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
+                ..AdamWConfig::default()
+            },
+            schedule,
+            checkpoint_every: inputs.usize_or("checkpoint_every", 100)? as u64,
+        };
+        if settings.learning_rate.is_nan() || settings.learning_rate <= 0.0 {
+            return Err(NodeFailure::input("learning_rate", "must be positive"));
+        }
+        if settings.frames < 2 {
+            return Err(NodeFailure::input(
+                "frames",
+                "windows of fewer than 2 frames have no motion to learn",
+            ));
+        }
+        let most = TemporalAdapterConfig::DEFAULT_MAX_FRAMES;
+        if settings.frames > most {
+            return Err(NodeFailure::input(
+                "frames",
+                format!(
+                    "{}; the temporal adapter sees at most {most} frames at once",
+                    settings.frames
+                ),
+            ));
+        }
+        settings
+            .optimizer
+            .validate()
+            .map_err(NodeFailure::execution)?;
+        Ok(settings)
+    }
+
+    /// The frame size clips are cropped and resized to: `width`×`height`, which the VAE and the
+    /// UNet's downsampling must divide.
+    fn frame_size(
+        inputs: &Inputs,
+        model: &Model,
+        vae: &Vae,
+    ) -> Result<(usize, usize), NodeFailure> {
+        let levels = model.unet.base().config().block_out_channels.len();
+        let multiple = vae.model.config().spatial_scale() << levels.saturating_sub(1);
+        let mut size = [0; 2];
+        for (slot, input) in size.iter_mut().zip(["width", "height"]) {
+            let value = inputs.usize_or(input, 256)?;
+            if value == 0 || value % multiple != 0 {
+                return Err(NodeFailure::input(
+                    input,
+                    format!(
+                        "{value} pixels; the VAE and the UNet need a positive multiple of {multiple}"
+                    ),
+                ));
+            }
+            *slot = value;
+        }
+        Ok((size[0], size[1]))
+    }
+
+    /// Every clip of the `clips` folder loaded, cropped and resized to `width`×`height`,
+    /// VAE-encoded once, with the embeddings of its caption (else `prompt`).
+    fn encode_clips(
+        inputs: &Inputs,
+        ctx: &Context,
+        model: &Model,
+        frames: usize,
+    ) -> Result<Vec<TrainingClip>, NodeFailure> {
+        let vae: Vae = inputs.object("vae")?;
+        let clip_encoder: Clip = inputs.object("clip")?;
+        let (width, height) = Self::frame_size(inputs, model, &vae)?;
+        let given = inputs.string("clips")?;
+        let folder = resolve_input_path(ctx, given);
+        if !folder.is_dir() {
+            return Err(NodeFailure::input(
+                "clips",
+                format!(
+                    "`{given}` is not a folder of clips (looked at {})",
+                    folder.display()
+                ),
+            ));
+        }
+        let paths = clip_paths(&folder)?;
+        if paths.is_empty() {
+            return Err(NodeFailure::input(
+                "clips",
+                format!(
+                    "{} holds no clips (folders of PNG/JPEG frames, GIFs, or videos: {})",
+                    folder.display(),
+                    FFMPEG_VIDEO_EXTENSIONS.join(", ")
+                ),
+            ));
+        }
+        let prompt = match inputs.get("prompt") {
+            Some(_) => inputs.string("prompt")?,
+            None => "",
+        };
+        let clip_skip = inputs.usize_or("clip_skip", clip_encoder.clip_skip)?;
+        let base = model.unet.base();
+        let mut texts: std::collections::HashMap<String, Tensor> = Default::default();
+        let mut clips = Vec::with_capacity(paths.len());
+        for path in paths {
+            let (loaded, _) = load_frames(ctx, "clips", &path, LoadOptions::default())?;
+            let count = loaded.dim(0)?;
+            if count < 2 {
+                return Err(NodeFailure::input(
+                    "clips",
+                    format!(
+                        "{} has {count} frame; a clip needs 2 frames or more to show motion",
+                        path.display()
+                    ),
+                ));
+            }
+            if count < frames {
+                return Err(NodeFailure::input(
+                    "clips",
+                    format!(
+                        "{} has {count} frames, fewer than the {frames} of a training window \
+                         (lower `frames` or remove the clip)",
+                        path.display()
+                    ),
+                ));
+            }
+            let resized = resize_frames(&loaded, width, height)?;
+            let latents = encode_frames(
+                ctx,
+                &vae,
+                &Images { frames: resized },
+                ENCODE_CHUNK,
+                "clips",
+            )?
+            .to_device(base.device())?
+            .to_dtype(DType::F32)?;
+            let caption = clip_caption(&path)?.unwrap_or_else(|| prompt.to_string());
+            let text = match texts.get(&caption) {
+                Some(text) => text.clone(),
+                None => {
+                    let text = encode_text(&clip_encoder, &caption, clip_skip, "prompt")?
+                        .to_device(base.device())?
+                        .to_dtype(DType::F32)?;
+                    texts.insert(caption, text.clone());
+                    text
+                }
+            };
+            clips.push(TrainingClip { latents, text });
+        }
+        Ok(clips)
+    }
+}
+
+impl Node for TrainTemporalAdapter {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("TrainTemporalAdapter", "Train Temporal Adapter", "vdm/training")
+            .description(
+                "Trains Hong & Quan's lightweight motion-adaptive temporal modules (one small temporal \
+                 attention after every spatial transformer, global in the down and mid blocks, biased \
+                 by −λ_max·m·|i − j| in the up blocks, gated by sigmoid(a·m + b)) on a folder of clips, \
+                 the image UNet frozen: each step takes a window of `frames` frames of one clip, a \
+                 timestep and noise, and the plain ε-prediction MSE. m is estimated in every forward as \
+                 the Temporal Attention Injector does. Motion modules on the model stay frozen and the \
+                 adapter is trained on top of them; an adapter already applied is replaced. Writes the adapter as safetensors (and a training \
+                 state beside it, from which an interrupted run resumes) and outputs the model with \
+                 the adapter applied; sample it through the Temporal Attention Injector, whose m drives \
+                 the adapter's bias and gates.",
+            )
+            .object("model", "MODEL", "The image model (its UNet stays frozen).")
+            .object("clip", "CLIP", "The text encoder of the prompt and the captions.")
+            .object("vae", "VAE", "Encodes the clips' frames, once, before training.")
+            .string("clips", "clips", "A folder (absolute, or under the input folder) whose entries are clips: folders of PNG/JPEG frames, GIFs, or videos through ffmpeg; other files are skipped. A `<clip name>.txt` beside a clip is its caption.")
+            .int("steps", 2000, 1, 1_000_000, "Training steps.")
+            .float("learning_rate", 1e-4, (0.0, 1.0, 0.00001), "AdamW's learning rate.")
+            .int("frames", 16, 2, 32, "Frames of every training window, consecutive frames of one clip.")
+            .seed("seed", "Seed of the adapter's initialisation and of every step's clip, window, timestep and noise.")
+            .string("filename_prefix", "temporal_adapters/adapter", "File name prefix of the adapter in the output folder; may contain subfolders.")
+            .optional()
+            .text("prompt", "", "The prompt of clips without a caption; empty trains unconditionally.")
+            .int("width", 256, 8, 4096, "Frames are centre-cropped to this aspect and resized to this width.")
+            .int("height", 256, 8, 4096, "… and this height.")
+            .combo("noise", &NoiseMode::NAMES, "independent: noise of its own per frame; mixed: a shared component, correlation ρ between any two frames; progressive: AR(1), ρ^|i − j|.")
+            .float("correlation", 0.0, (0.0, 0.99, 0.01), "ρ of mixed or progressive noise.")
+            .int("clip_skip", 1, 1, 12, "1: the text encoder's last layer; 2: the penultimate.")
+            .float("weight_decay", 0.01, (0.0, 1.0, 0.001), "AdamW's decoupled weight decay.")
+            .float("max_grad_norm", 1.0, (0.0, 1000.0, 0.1), "Gradients are clipped to this global norm; 0 does not clip.")
+            .combo("lr_schedule", &LrSchedule::NAMES, "constant, or a half cosine to 0 at the last step; both after the warm-up.")
+            .int("warmup_steps", 0, 0, 1_000_000, "Steps of linear warm-up from 0.")
+            .int("checkpoint_every", 100, 0, 1_000_000, "Save the training state every this many steps (and at the end); 0: only at the end.")
+            .output("MODEL", "MODEL")
+            .output_node()
+            .build()
+    }
+
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        let mut failures = check_filename_prefix(inputs, ctx);
+        if let Some(vdm_ffi::Value::Str(given)) = inputs.get("clips") {
+            let folder = resolve_input_path(ctx, given);
+            if !folder.is_dir() {
+                failures.push(NodeFailure::input(
+                    "clips",
+                    format!(
+                        "`{given}` is not a folder of clips (looked at {})",
+                        folder.display()
+                    ),
+                ));
+            }
+        }
+        failures
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let model: Model = inputs.object("model")?;
+        let settings = Self::settings(inputs)?;
+        if let Some(max) = model.unet.max_frames() {
+            if settings.frames > max {
+                return Err(NodeFailure::input(
+                    "frames",
+                    format!(
+                        "{}; the model's motion modules see at most {max} frames at once",
+                        settings.frames
+                    ),
+                ));
+            }
+        }
+        let clips = Self::encode_clips(inputs, ctx, &model, settings.frames)?;
+        let scheduler = DdimScheduler::new(DdimSchedulerConfig::sd15())?;
+
+        let out_dir = ctx.output_dir();
+        let prefix = inputs.string("filename_prefix")?;
+        let (folder, name) = resolve_prefix(&out_dir, prefix).map_err(save_failure)?;
+        let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
+        for clip in &clips {
+            data_fingerprint(&clip.latents, &clip.text)?.hash(&mut fingerprint);
+        }
+        let checkpointing = Checkpointing {
+            path: folder.join(format!("{name}.temporal-state.safetensors")),
+            run: format!(
+                "{} data {:016x}",
+                settings.describe_without_steps(),
+                fingerprint.finish()
+            ),
+        };
+        let data = TemporalTrainingData {
+            clips: &clips,
+            alphas_cumprod: scheduler.alphas_cumprod(),
+        };
+        let trained = temporal_training::train_temporal_adapter(
+            &model.unet,
+            &data,
+            &settings,
+            Some(&checkpointing),
+            |report| {
+                ctx.progress(report.step, report.steps, &report.summary());
+                ctx.check_cancelled()
+                    .map_err(|_| candle_core::Error::Msg("cancelled".into()))
+            },
+        )
+        .map_err(|e| cancelled_or(ctx, e))?;
+
+        let loss_csv = folder.join(format!("{name}.temporal-loss.csv"));
+        train::write_loss_csv(&loss_csv, &trained.losses)?;
+        let adapter_path = save_atomically(&out_dir, prefix, "safetensors", |temp| {
+            save_weights(&trained.config, &trained.weights, temp).map_err(|e| MediaError::Encode {
+                path: temp.to_path_buf(),
+                message: e.to_string(),
+            })
+        })
+        .map_err(save_failure)?;
+        let adapter = trained.adapter(model.unet.base().dtype())?;
+        let unet = model
+            .unet
+            .with_temporal_adapter(Arc::new(adapter))
+            .map_err(|e| NodeFailure::input("model", e))?;
+        Ok(Outputs {
+            values: vec![model.with_unet(unet).into_value()],
+            ui: Some(json!({
+                "loss": trained.losses,
+                "adapter": [file_entry(&out_dir, &adapter_path)],
+                "loss_csv": [file_entry(&out_dir, &loss_csv)],
+                "resumed_at_step": [trained.resumed_at],
+            })),
+        })
+    }
+}
+
+struct LoadTemporalAdapter;
+
+impl LoadTemporalAdapter {
+    /// The adapter file: a path, a file in the output folder (where `TrainTemporalAdapter`
+    /// writes), or one under `<models>/temporal_adapters/`.
+    fn path(inputs: &Inputs, ctx: &Context) -> Result<PathBuf, NodeFailure> {
+        let name = inputs.string("adapter_name")?;
+        let in_output = ctx.output_dir().join(name);
+        let climbs = name.split(['/', '\\']).any(|part| part == "..");
+        if !climbs && !name.trim().is_empty() && in_output.is_file() {
+            return Ok(in_output);
+        }
+        resolve_model(ctx, "adapter_name", TEMPORAL_ADAPTER_FOLDERS, name)
+    }
+}
+
+impl Node for LoadTemporalAdapter {
+    fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
+        DescriptorBuilder::new("LoadTemporalAdapter", "Load Temporal Adapter", "vdm/training")
+            .description(
+                "Applies a temporal adapter written by Train Temporal Adapter to a model with the \
+                 UNet it was trained on. Names are looked up as paths, then in the output folder, \
+                 then under <models>/temporal_adapters/. m is 0 until a Temporal Attention Injector \
+                 gives it (a measured motion, an override, or the estimate).",
+            )
+            .object("model", "MODEL", "The model with the image UNet the adapter was trained on.")
+            .string("adapter_name", "", "The adapter file (.safetensors).")
+            .output("MODEL", "MODEL")
+            .build()
+    }
+
+    fn check(&self, inputs: &Inputs, ctx: &Context) -> Vec<NodeFailure> {
+        match inputs.get("adapter_name") {
+            Some(vdm_ffi::Value::Str(_)) => Self::path(inputs, ctx).err().into_iter().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn execute(&self, inputs: &Inputs, ctx: &Context) -> Result<Outputs, NodeFailure> {
+        let model: Model = inputs.object("model")?;
+        let path = Self::path(inputs, ctx)?;
+        let base = model.unet.base();
+        let adapter = TemporalAdapter::load(&path, base.config(), base.dtype(), base.device())
+            .for_input("adapter_name")?;
+        let unet = model
+            .unet
+            .with_temporal_adapter(Arc::new(adapter))
+            .map_err(|e| NodeFailure::input("adapter_name", e))?;
+        Ok(Outputs::one(model.with_unet(unet).into_value()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_gif(path: &Path, frames: u32) {
+        let file = std::fs::File::create(path).unwrap();
+        let mut encoder = image::codecs::gif::GifEncoder::new(file);
+        for f in 0..frames {
+            let img = image::RgbaImage::from_fn(4, 4, |x, _| {
+                image::Rgba([(x * 40 + f * 10) as u8, 0, 0, 255])
+            });
+            encoder.encode_frame(image::Frame::new(img)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_clip_folder_lists_frame_folders_gifs_and_videos_in_natural_order_and_their_captions() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write_gif(&root.join("walk10.gif"), 2);
+        write_gif(&root.join("walk2.gif"), 2);
+        std::fs::write(root.join("walk2.txt"), "  a man walking \n").unwrap();
+        std::fs::write(root.join("notes.txt"), "not a clip").unwrap();
+        std::fs::write(root.join("still.png"), b"a still is no clip").unwrap();
+        std::fs::write(root.join(".walk3.gif"), b"hidden").unwrap();
+        std::fs::write(root.join("ride.MP4"), b"read through ffmpeg").unwrap();
+        let frames = root.join("frames");
+        std::fs::create_dir_all(&frames).unwrap();
+        image::RgbImage::new(4, 4)
+            .save(frames.join("0001.png"))
+            .unwrap();
+        std::fs::create_dir_all(root.join("empty")).unwrap();
+
+        let names: Vec<String> = clip_paths(root)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["frames", "ride.MP4", "walk2.gif", "walk10.gif"]);
+        assert_eq!(
+            clip_caption(&root.join("walk2.gif")).unwrap().as_deref(),
+            Some("a man walking")
+        );
+        assert_eq!(clip_caption(&root.join("walk10.gif")).unwrap(), None);
+        assert_eq!(clip_caption(&frames).unwrap(), None);
     }
 }

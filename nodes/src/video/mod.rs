@@ -15,6 +15,8 @@
 //! - [`attention_edit`]: processors that perturb (identity, uniform), enhance (IE-Adapt,
 //!   Enhance-A-Video) attention by layer and step range.
 //! - [`freeinit`]: FreeInit's re-noising passes around the sampling loop.
+//! - [`temporal_training`]: training the lightweight motion-adaptive temporal adapter on clips,
+//!   the image UNet frozen.
 //! - [`reuse`]: denoising reuse (Dr. Mo): key frames run the whole schedule, the others are
 //!   propagated from them until a switch step, as a frame strategy of the sampling loop.
 
@@ -32,6 +34,7 @@ pub mod preview;
 pub mod prompt_travel;
 pub mod resize;
 pub mod reuse;
+pub mod temporal_training;
 pub mod vmc;
 
 pub use io::{load_video, save_video, LoadOptions, MediaError, VideoFormat};
