@@ -199,14 +199,22 @@ pub fn customize_motion(
     if parameters.is_empty() {
         candle_core::bail!("the motion module has no temporal attention projections to train")
     }
-    // The model reads the variables' storage: every optimiser step is seen by the next forward.
-    let trainable: NamedWeights = parameters
-        .iter()
-        .map(|(key, var)| (key.clone(), var.as_tensor().clone()))
-        .collect();
-    let trained = unet
-        .with_weights(trainable)
-        .map_err(candle_core::Error::Msg)?;
+    // The parameters and the optimiser's moments are f32 whatever the model's dtype. An f32
+    // model reads the variables' storage, so it is built once and sees every optimiser step;
+    // another dtype takes a cast of them, rebuilt at every step.
+    let dtype = unet.base().dtype();
+    let with_parameters = |parameters: &[(String, Var)]| -> Result<PatchedUNet> {
+        let weights = parameters
+            .iter()
+            .map(|(key, var)| Ok((key.clone(), var.as_tensor().to_dtype(dtype)?)))
+            .collect::<Result<NamedWeights>>()?;
+        unet.with_weights(weights).map_err(candle_core::Error::Msg)
+    };
+    let built_once = match dtype {
+        DType::F32 => Some(with_parameters(&parameters)?),
+        _ => None,
+    };
+    let vars = parameters.clone();
     let mut optimizer = AdamW::new(parameters, settings.optimizer)?;
     let mut losses = match checkpointing {
         Some(checkpointing) => train::resume(&mut optimizer, checkpointing)?,
@@ -242,7 +250,18 @@ pub fn customize_motion(
         let alpha_bar = f64::from(data.alphas_cumprod[timestep]);
         let noisy = (latents.affine(alpha_bar.sqrt(), 0.0)?
             + noise.affine((1.0 - alpha_bar).sqrt(), 0.0)?)?;
-        let predicted = trained.forward(&UNetInputs::new(&noisy, timestep as f64, data.text))?;
+        let rebuilt;
+        let trained = match &built_once {
+            Some(model) => model,
+            None => {
+                rebuilt = with_parameters(&vars)?;
+                &rebuilt
+            }
+        };
+        let (noisy, text) = (noisy.to_dtype(dtype)?, data.text.to_dtype(dtype)?);
+        let predicted = trained
+            .forward(&UNetInputs::new(&noisy, timestep as f64, &text))?
+            .to_dtype(DType::F32)?;
         motion_loss(settings.loss, &predicted, &noise, alpha_bar)
     };
     train::train(
@@ -336,6 +355,10 @@ mod tests {
 
     /// SD 1.x's layout at 32/64 channels with a motion module of two levels.
     fn tiny_model() -> PatchedUNet {
+        tiny_model_in(DType::F32)
+    }
+
+    fn tiny_model_in(dtype: DType) -> PatchedUNet {
         let config: UNet2DConditionConfig = serde_json::from_value(serde_json::json!({
             "in_channels": 4, "out_channels": 4, "sample_size": 8,
             "block_out_channels": [32, 64],
@@ -347,9 +370,9 @@ mod tests {
         .unwrap();
         let weights =
             random_weights_for(|vb| UNet2DConditionModel::new(vb, &config).map(|_| ())).unwrap();
-        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
         let unet = UNet2DConditionModel::new(vb, &config).unwrap();
-        let vb = VarBuilder::from_tensors(motion_weights(), DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_tensors(motion_weights(), dtype, &Device::Cpu);
         let adapter = MotionAdapter::new(vb, &motion_config(), 8).unwrap();
         PatchedUNet::new(Arc::new(unet))
             .with_motion(Arc::new(adapter), 1.0)
@@ -694,6 +717,35 @@ mod tests {
             let scale = b.abs()?.max_all()?.to_scalar::<f32>()? as f64;
             let error = crate::test_util::max_abs_diff(a, b) / scale.max(1e-12);
             assert!(error < 1e-4, "relative error {error}");
+        }
+        Ok(())
+    }
+
+    /// A half-precision model trains f32 parameters, cast into its dtype at every step.
+    #[test]
+    fn a_half_precision_model_trains_f32_parameters() -> Result<()> {
+        let unet = tiny_model_in(DType::F16);
+        let latents = moving_square(4);
+        let text = text();
+        let alphas = alphas();
+        let data = VmcData {
+            latents: &latents,
+            text: &text,
+            alphas_cumprod: &alphas,
+        };
+        let tuned = customize_motion(&unet, &data, &settings(3), None, |_| Ok(()))?;
+        assert!(
+            tuned.losses.iter().all(|l| l.is_finite()),
+            "{:?}",
+            tuned.losses
+        );
+        for (key, tensor) in &tuned.patch {
+            assert_eq!(tensor.dtype(), DType::F32, "{key}");
+            let before = unet.motion().unwrap().weights()[key].to_dtype(DType::F32)?;
+            assert!(
+                crate::test_util::max_abs_diff(tensor, &before) > 0.0,
+                "{key} did not move"
+            );
         }
         Ok(())
     }
