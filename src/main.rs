@@ -116,7 +116,8 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
     },
-    /// Train: customise a motion module on one clip (VMC).
+    /// Train: customise a motion module on one clip (VMC), or train the lightweight temporal
+    /// adapter on a folder of clips.
     Train {
         #[command(subcommand)]
         job: TrainCommand,
@@ -174,6 +175,61 @@ enum TrainCommand {
         /// Save the training state every this many steps.
         #[arg(long, default_value_t = 50)]
         checkpoint_every: u32,
+        /// Output folder.
+        #[arg(long, value_name = "DIR", default_value = "output")]
+        out: PathBuf,
+        /// Print the workflow that the command runs (API format) and exit.
+        #[arg(long)]
+        print_workflow: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Train the lightweight motion-adaptive temporal modules (Hong & Quan) on a frozen SD 1.x
+    /// UNet, on a folder of clips; writes the adapter into --out (with a training state, from
+    /// which an interrupted run resumes, and the losses as CSV). It loads through
+    /// TemporalAttentionInjector's `adapter` input or LoadTemporalAdapter.
+    Temporal {
+        /// SD 1.x checkpoint (a file or diffusers folder, or a name under <models>/checkpoints/).
+        #[arg(long)]
+        checkpoint: String,
+        /// A folder of clips: folders of PNG/JPEG frames, GIFs, or videos through ffmpeg; a
+        /// `<clip>.txt` beside a clip is its caption.
+        #[arg(long)]
+        clips: String,
+        #[arg(long, default_value_t = 2000)]
+        steps: u32,
+        #[arg(long, default_value_t = 1e-4)]
+        learning_rate: f64,
+        /// Frames of every training window.
+        #[arg(long, default_value_t = 16)]
+        frames: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Frames are centre-cropped and resized to this size.
+        #[arg(long, default_value_t = 256)]
+        width: u32,
+        #[arg(long, default_value_t = 256)]
+        height: u32,
+        /// The prompt of clips without a caption (empty: unconditional).
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// Training noise: independent, mixed or progressive (correlated across frames).
+        #[arg(long, default_value = "independent")]
+        noise: String,
+        /// ρ of mixed or progressive noise.
+        #[arg(long, default_value_t = 0.0)]
+        correlation: f64,
+        /// constant or cosine (after the warm-up).
+        #[arg(long, default_value = "constant")]
+        lr_schedule: String,
+        #[arg(long, default_value_t = 0)]
+        warmup_steps: u32,
+        /// Save the training state every this many steps.
+        #[arg(long, default_value_t = 100)]
+        checkpoint_every: u32,
+        /// Name of the adapter in the output folder (may contain subfolders).
+        #[arg(long, default_value = "temporal_adapters/adapter")]
+        prefix: String,
         /// Output folder.
         #[arg(long, value_name = "DIR", default_value = "output")]
         out: PathBuf,
@@ -532,39 +588,92 @@ fn execute(
 
 /// `vdm train …`: builds the job's workflow and runs it.
 fn train(plugins: &PluginSet, job: TrainCommand) -> ExitCode {
-    let TrainCommand::Vmc {
-        checkpoint,
-        motion_module,
-        clip,
-        frames,
-        prompt,
-        steps,
-        learning_rate,
-        loss,
-        seed,
-        prefix,
-        checkpoint_every,
-        out,
-        print_workflow,
-        settings,
-    } = job;
-    let prompt_json = vdm::training::vmc_workflow(&vdm::training::VmcJob {
-        checkpoint,
-        motion_module,
-        clip,
-        frames,
-        prompt,
-        steps,
-        learning_rate,
-        loss,
-        seed,
-        filename_prefix: prefix,
-        checkpoint_every,
-    });
+    let (workflow, out, print_workflow, settings) = match job {
+        TrainCommand::Vmc {
+            checkpoint,
+            motion_module,
+            clip,
+            frames,
+            prompt,
+            steps,
+            learning_rate,
+            loss,
+            seed,
+            prefix,
+            checkpoint_every,
+            out,
+            print_workflow,
+            settings,
+        } => {
+            let job = vdm::training::VmcJob {
+                checkpoint,
+                motion_module,
+                clip,
+                frames,
+                prompt,
+                steps,
+                learning_rate,
+                loss,
+                seed,
+                filename_prefix: prefix,
+                checkpoint_every,
+            };
+            (
+                vdm::training::vmc_workflow(&job),
+                out,
+                print_workflow,
+                settings,
+            )
+        }
+        TrainCommand::Temporal {
+            checkpoint,
+            clips,
+            steps,
+            learning_rate,
+            frames,
+            seed,
+            width,
+            height,
+            prompt,
+            noise,
+            correlation,
+            lr_schedule,
+            warmup_steps,
+            checkpoint_every,
+            prefix,
+            out,
+            print_workflow,
+            settings,
+        } => {
+            let job = vdm::training::TemporalJob {
+                checkpoint,
+                clips,
+                steps,
+                learning_rate,
+                frames,
+                seed,
+                width,
+                height,
+                prompt,
+                noise,
+                correlation,
+                lr_schedule,
+                warmup_steps,
+                checkpoint_every,
+                filename_prefix: prefix,
+            };
+            (
+                vdm::training::temporal_workflow(&job),
+                out,
+                print_workflow,
+                settings,
+            )
+        }
+    };
     if print_workflow {
         println!(
             "{}",
-            serde_json::to_string_pretty(&prompt_json).expect("serialisable")
+            serde_json::to_string_pretty(&workflow).expect("serialisable")
         );
         return ExitCode::SUCCESS;
     }
@@ -572,7 +681,7 @@ fn train(plugins: &PluginSet, job: TrainCommand) -> ExitCode {
         eprintln!("{why}");
         return ExitCode::from(EXIT_INVALID);
     }
-    let workflow = match Workflow::from_json(prompt_json) {
+    let workflow = match Workflow::from_json(workflow) {
         Ok(workflow) => workflow,
         Err(e) => return refuse(&e.to_string(), false),
     };

@@ -45,3 +45,45 @@ pub fn vmc_workflow(job: &VmcJob) -> Json {
         }}
     })
 }
+
+/// What `vdm train temporal` trains on, and how long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemporalJob {
+    /// SD 1.x checkpoint: its UNet stays frozen.
+    pub checkpoint: String,
+    /// A folder of clips (frame folders, GIFs, videos).
+    pub clips: String,
+    pub steps: u32,
+    pub learning_rate: f64,
+    pub frames: u32,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    /// The prompt of clips without a caption (empty: unconditional).
+    pub prompt: String,
+    /// independent, mixed or progressive.
+    pub noise: String,
+    pub correlation: f64,
+    pub lr_schedule: String,
+    pub warmup_steps: u32,
+    pub checkpoint_every: u32,
+    pub filename_prefix: String,
+}
+
+/// Node id of `TrainTemporalAdapter` in [`temporal_workflow`].
+pub const TEMPORAL_NODE: &str = "2";
+
+/// Load the checkpoint, train the adapter on the clips.
+pub fn temporal_workflow(job: &TemporalJob) -> Json {
+    json!({
+        "1": {"class_type": "CheckpointLoader", "inputs": {"ckpt_name": job.checkpoint}},
+        TEMPORAL_NODE: {"class_type": "TrainTemporalAdapter", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "clips": job.clips,
+            "steps": job.steps, "learning_rate": job.learning_rate, "frames": job.frames,
+            "seed": job.seed, "filename_prefix": job.filename_prefix, "prompt": job.prompt,
+            "width": job.width, "height": job.height, "noise": job.noise,
+            "correlation": job.correlation, "lr_schedule": job.lr_schedule,
+            "warmup_steps": job.warmup_steps, "checkpoint_every": job.checkpoint_every
+        }}
+    })
+}

@@ -654,3 +654,72 @@ fn train_vmc_writes_a_patch_and_its_losses_and_names_bad_input() {
 fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
+
+#[test]
+fn train_temporal_writes_an_adapter_from_a_folder_of_clips() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(&dir.path().join("models"));
+    let clips = dir.path().join("clips");
+    std::fs::create_dir_all(&clips).unwrap();
+    common::write_moving_texture_gif(&clips.join("right.gif"), 5, (24, 32), (1, 0));
+    let models_arg = models.root.to_string_lossy().into_owned();
+    let args: Vec<String> = [
+        "train",
+        "temporal",
+        "--checkpoint",
+        "tiny-sd",
+        "--clips",
+        "clips",
+        "--steps",
+        "2",
+        "--frames",
+        "4",
+        "--width",
+        "24",
+        "--height",
+        "32",
+        "--learning-rate",
+        "0.001",
+        "--models",
+        &models_arg,
+        "--device",
+        "cpu",
+        "--out",
+        "out",
+        "--prefix",
+        "adapters/a",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .collect();
+    let output = vdm(&strs(&args), dir.path());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        dir.path()
+            .join("out/adapters/a_00001_.safetensors")
+            .is_file(),
+        "{stdout}"
+    );
+    let csv = std::fs::read_to_string(dir.path().join("out/adapters/a.temporal-loss.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+
+    let mut printing = args.clone();
+    printing.push("--print-workflow".into());
+    let printed = vdm(&strs(&printing), dir.path());
+    let workflow: Value = serde_json::from_slice(&printed.stdout).unwrap();
+    assert_eq!(workflow["2"]["class_type"], "TrainTemporalAdapter");
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut no_clips = args.clone();
+    no_clips[5] = "empty".into();
+    let refused = vdm(&strs(&no_clips), dir.path());
+    assert_ne!(refused.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("clips"), "{stderr}");
+}
