@@ -17,7 +17,7 @@ use crate::workflow::{Input, Workflow};
 pub const DEMO_MODELS: &str = "vdm-demo-tiny-random";
 
 /// The shipped workflows, in the order the demo runs them (the first makes the clip).
-pub const WORKFLOWS: [(&str, &str); 11] = [
+pub const WORKFLOWS: [(&str, &str); 13] = [
     (
         "noise-preview.json",
         include_str!("../workflows/noise-preview.json"),
@@ -52,6 +52,11 @@ pub const WORKFLOWS: [(&str, &str); 11] = [
     (
         "comfyui-txt2vid.json",
         include_str!("../workflows/comfyui-txt2vid.json"),
+    ),
+    ("vmc.json", include_str!("../workflows/vmc.json")),
+    (
+        "train-temporal.json",
+        include_str!("../workflows/train-temporal.json"),
     ),
 ];
 
@@ -145,6 +150,19 @@ pub fn run_demo(
     Ok(runs)
 }
 
+const NO_CLIP: &str = "the demo clip (noise-preview.json) was not made";
+
+/// A folder holding only the demo clip, for the training workflows' `clips`.
+fn clip_folder(options: &DemoOptions, clip: &str) -> Result<String, String> {
+    let folder = options.out_dir.join("demo-clips");
+    let clip = Path::new(clip);
+    let name = clip.file_name().ok_or("the demo clip has no file name")?;
+    std::fs::create_dir_all(&folder)
+        .and_then(|()| std::fs::copy(clip, folder.join(name)))
+        .map_err(|e| format!("{}: {e}", folder.display()))?;
+    Ok(folder.to_string_lossy().into_owned())
+}
+
 /// Points `workflow` at the demo models and `clip`, with the demo's sizes.
 fn shrink(
     workflow: &mut Workflow,
@@ -171,10 +189,8 @@ fn shrink(
                 "frames" => json!(options.frames),
                 "frame_load_cap" => json!(options.frames),
                 "steps" => json!(options.steps),
-                "video" => match clip {
-                    Some(clip) => json!(clip),
-                    None => return Err("the demo clip (noise-preview.json) was not made".into()),
-                },
+                "video" => json!(clip.ok_or(NO_CLIP)?),
+                "clips" => json!(clip_folder(options, clip.ok_or(NO_CLIP)?)?),
                 _ => continue,
             };
             changes.push((id.clone(), input.clone(), new));
