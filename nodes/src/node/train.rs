@@ -300,19 +300,30 @@ fn save_patch(
     })
 }
 
+/// The file a training node wrote, named by `input`: a path, a file in the output folder
+/// (where the training nodes write), or one under the models folders `folders`.
+fn trained_file(
+    inputs: &Inputs,
+    ctx: &Context,
+    input: &str,
+    folders: &[&str],
+) -> Result<PathBuf, NodeFailure> {
+    let name = inputs.string(input)?;
+    let in_output = ctx.output_dir().join(name);
+    let climbs = name.split(['/', '\\']).any(|part| part == "..");
+    if !climbs && !name.trim().is_empty() && in_output.is_file() {
+        return Ok(in_output);
+    }
+    resolve_model(ctx, input, folders, name)
+}
+
 struct LoadMotionPatch;
 
 impl LoadMotionPatch {
     /// The patch file: a path, a file in the output folder (where `MotionCustomize` writes), or
     /// one under `<models>/motion_patches/`.
     fn path(inputs: &Inputs, ctx: &Context) -> Result<PathBuf, NodeFailure> {
-        let name = inputs.string("patch_name")?;
-        let in_output = ctx.output_dir().join(name);
-        let climbs = name.split(['/', '\\']).any(|part| part == "..");
-        if !climbs && !name.trim().is_empty() && in_output.is_file() {
-            return Ok(in_output);
-        }
-        resolve_model(ctx, "patch_name", MOTION_PATCH_FOLDERS, name)
+        trained_file(inputs, ctx, "patch_name", MOTION_PATCH_FOLDERS)
     }
 }
 
@@ -736,13 +747,7 @@ impl LoadTemporalAdapter {
     /// The adapter file: a path, a file in the output folder (where `TrainTemporalAdapter`
     /// writes), or one under `<models>/temporal_adapters/`.
     fn path(inputs: &Inputs, ctx: &Context) -> Result<PathBuf, NodeFailure> {
-        let name = inputs.string("adapter_name")?;
-        let in_output = ctx.output_dir().join(name);
-        let climbs = name.split(['/', '\\']).any(|part| part == "..");
-        if !climbs && !name.trim().is_empty() && in_output.is_file() {
-            return Ok(in_output);
-        }
-        resolve_model(ctx, "adapter_name", TEMPORAL_ADAPTER_FOLDERS, name)
+        trained_file(inputs, ctx, "adapter_name", TEMPORAL_ADAPTER_FOLDERS)
     }
 }
 

@@ -319,52 +319,18 @@ pub fn train_temporal_adapter(
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
-    use candle_nn::VarBuilder;
 
     use super::*;
-    use crate::models::random::random_weights_for;
-    use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
     use crate::test_util::max_abs_diff;
 
-    /// SD 1.x's layout at 32/64 channels: transformers in the first down block, the mid block
-    /// and the last up block, so the adapter has 5 modules.
-    fn tiny_image_model() -> PatchedUNet {
-        let config: UNet2DConditionConfig = serde_json::from_value(serde_json::json!({
-            "in_channels": 4, "out_channels": 4, "sample_size": 8,
-            "block_out_channels": [32, 64],
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "layers_per_block": 1, "norm_num_groups": 8,
-            "cross_attention_dim": 32, "attention_head_dim": 8
-        }))
-        .unwrap();
-        let weights =
-            random_weights_for(|vb| UNet2DConditionModel::new(vb, &config).map(|_| ())).unwrap();
-        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-        PatchedUNet::new(Arc::new(UNet2DConditionModel::new(vb, &config).unwrap()))
-    }
+    use crate::test_util::{moving_square, tiny_motion_model};
 
-    /// A bright square moving `speed` latent pixels right per frame: (1, 4, F, 8, 8).
-    fn moving_square(frames: usize, speed: usize) -> Tensor {
-        let mut values = vec![-0.5f32; 4 * frames * 64];
-        for c in 0..4 {
-            for f in 0..frames {
-                for y in 2..5 {
-                    for x in f * speed..f * speed + 3 {
-                        values[((c * frames + f) * 8 + y) * 8 + (x % 8)] = 1.0;
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(values, (1, 4, frames, 8, 8), &Device::Cpu).unwrap()
+    fn tiny_image_model() -> PatchedUNet {
+        crate::test_util::tiny_image_model(DType::F32)
     }
 
     fn alphas() -> Vec<f32> {
-        use crate::schedulers::{DdimScheduler, DdimSchedulerConfig, Scheduler};
-        DdimScheduler::new(DdimSchedulerConfig::sd15())
-            .unwrap()
-            .alphas_cumprod()
-            .to_vec()
+        crate::test_util::sd15_alphas_cumprod()
     }
 
     fn clips() -> Vec<TrainingClip> {
@@ -533,18 +499,7 @@ mod tests {
     /// A UNet in half precision trains f32 parameters through the cast into its dtype.
     #[test]
     fn a_half_precision_unet_trains_f32_parameters() -> Result<()> {
-        let f32_model = tiny_image_model();
-        let weights: std::collections::HashMap<String, Tensor> = f32_model
-            .base()
-            .weights()
-            .iter()
-            .map(|(k, t)| (k.clone(), t.clone()))
-            .collect();
-        let vb = VarBuilder::from_tensors(weights, DType::F16, &Device::Cpu);
-        let unet = PatchedUNet::new(Arc::new(UNet2DConditionModel::new(
-            vb,
-            f32_model.base().config(),
-        )?));
+        let unet = crate::test_util::tiny_image_model(DType::F16);
         let clips = clips();
         let alphas = alphas();
         let data = TemporalTrainingData {
@@ -589,28 +544,9 @@ mod tests {
         Ok(())
     }
 
-    /// The tiny image model with a motion module of two levels (at most 8 frames at once).
-    fn tiny_model_with_motion() -> PatchedUNet {
-        use crate::models::motion::{MotionAdapter, MotionAdapterConfig};
-        let config: MotionAdapterConfig = serde_json::from_value(serde_json::json!({
-            "block_out_channels": [32, 64],
-            "motion_layers_per_block": 1,
-            "motion_max_seq_length": 8,
-            "use_motion_mid_block": false
-        }))
-        .unwrap();
-        let weights =
-            random_weights_for(|vb| MotionAdapter::new(vb, &config, 8).map(|_| ())).unwrap();
-        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-        let motion = MotionAdapter::new(vb, &config, 8).unwrap();
-        tiny_image_model()
-            .with_motion(Arc::new(motion), 1.0)
-            .unwrap()
-    }
-
     #[test]
     fn the_adapter_trains_on_top_of_frozen_motion_modules_within_their_frames() -> Result<()> {
-        let unet = tiny_model_with_motion();
+        let unet = tiny_motion_model(DType::F32);
         let clips = clips();
         let alphas = alphas();
         let data = TemporalTrainingData {

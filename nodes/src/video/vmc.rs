@@ -327,79 +327,33 @@ mod tests {
     use std::sync::Arc;
 
     use candle_core::{Device, IndexOp};
-    use candle_nn::VarBuilder;
 
     use super::*;
     use crate::models::attention::{AttentionHook, AttentionKind, ProcessorBinding};
     use crate::models::call::ForwardPass;
     use crate::models::motion::{MotionAdapter, MotionAdapterConfig};
-    use crate::models::random::random_weights_for;
-    use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
     use crate::video::motion_adaptive::{
         MotionAdaptiveAttention, MotionAdaptiveConfig, AMPLITUDE_VALUE,
     };
 
     fn motion_config() -> MotionAdapterConfig {
-        serde_json::from_value(serde_json::json!({
-            "block_out_channels": [32, 64],
-            "motion_layers_per_block": 1,
-            "motion_max_seq_length": 8,
-            "use_motion_mid_block": false
-        }))
-        .unwrap()
+        crate::test_util::tiny_motion_config()
     }
 
     fn motion_weights() -> HashMap<String, Tensor> {
-        random_weights_for(|vb| MotionAdapter::new(vb, &motion_config(), 8).map(|_| ())).unwrap()
+        crate::test_util::tiny_motion_weights()
     }
 
-    /// SD 1.x's layout at 32/64 channels with a motion module of two levels.
     fn tiny_model() -> PatchedUNet {
-        tiny_model_in(DType::F32)
+        crate::test_util::tiny_motion_model(DType::F32)
     }
 
-    fn tiny_model_in(dtype: DType) -> PatchedUNet {
-        let config: UNet2DConditionConfig = serde_json::from_value(serde_json::json!({
-            "in_channels": 4, "out_channels": 4, "sample_size": 8,
-            "block_out_channels": [32, 64],
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "layers_per_block": 1, "norm_num_groups": 8,
-            "cross_attention_dim": 32, "attention_head_dim": 8
-        }))
-        .unwrap();
-        let weights =
-            random_weights_for(|vb| UNet2DConditionModel::new(vb, &config).map(|_| ())).unwrap();
-        let vb = VarBuilder::from_tensors(weights, dtype, &Device::Cpu);
-        let unet = UNet2DConditionModel::new(vb, &config).unwrap();
-        let vb = VarBuilder::from_tensors(motion_weights(), dtype, &Device::Cpu);
-        let adapter = MotionAdapter::new(vb, &motion_config(), 8).unwrap();
-        PatchedUNet::new(Arc::new(unet))
-            .with_motion(Arc::new(adapter), 1.0)
-            .unwrap()
-    }
-
-    /// A bright square moving one latent pixel right per frame: (1, 4, F, 8, 8).
     fn moving_square(frames: usize) -> Tensor {
-        let mut values = vec![-0.5f32; 4 * frames * 64];
-        for c in 0..4 {
-            for f in 0..frames {
-                for y in 2..5 {
-                    for x in f..f + 3 {
-                        values[((c * frames + f) * 8 + y) * 8 + (x % 8)] = 1.0;
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(values, (1, 4, frames, 8, 8), &Device::Cpu).unwrap()
+        crate::test_util::moving_square(frames, 1)
     }
 
     fn alphas() -> Vec<f32> {
-        use crate::schedulers::{DdimScheduler, DdimSchedulerConfig, Scheduler};
-        DdimScheduler::new(DdimSchedulerConfig::sd15())
-            .unwrap()
-            .alphas_cumprod()
-            .to_vec()
+        crate::test_util::sd15_alphas_cumprod()
     }
 
     fn text() -> Tensor {
@@ -724,7 +678,7 @@ mod tests {
     /// A half-precision model trains f32 parameters, cast into its dtype at every step.
     #[test]
     fn a_half_precision_model_trains_f32_parameters() -> Result<()> {
-        let unet = tiny_model_in(DType::F16);
+        let unet = crate::test_util::tiny_motion_model(DType::F16);
         let latents = moving_square(4);
         let text = text();
         let alphas = alphas();
