@@ -96,6 +96,10 @@ impl Event {
 /// Where events go.
 pub trait EventSink: Send + Sync {
     fn emit(&self, event: Event);
+
+    /// A PNG preview of `node`'s current state (sent only when the `previews` setting is on);
+    /// sinks without a display drop it.
+    fn preview(&self, _node: &str, _png: &[u8]) {}
 }
 
 /// Drops every event.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::sabi_types::RRef;
-use abi_stable::std_types::{RErr, RNone, ROk, ROption, RSome, RStr, RString, RVec};
+use abi_stable::std_types::{RErr, RNone, ROk, ROption, RSlice, RSome, RStr, RString, RVec};
 use serde_json::Value as Json;
 use vdm_ffi::{
     ErrorKind, ExecuteRequest, HostContext, HostContext_TO, InputKind, NamedValue, NodeDescriptor,
@@ -422,5 +422,9 @@ impl HostContext for NodeHost<'_> {
             Some(v) => RSome(v.as_str().into()),
             None => RNone,
         }
+    }
+
+    fn preview(&self, png: RSlice<'_, u8>) {
+        self.sink.preview(self.node, png.as_slice());
     }
 }

@@ -113,6 +113,10 @@ enum Command {
         /// Output folder for saved files.
         #[arg(long, value_name = "DIR", default_value = "output")]
         out: PathBuf,
+        /// Latent previews while sampling, as ComfyUI's option: `latent2rgb` (or `auto`) sends
+        /// each step's estimate, `none` sends nothing.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "latent2rgb", "none"])]
+        preview_method: String,
         #[command(flatten)]
         settings: Settings,
     },
@@ -449,8 +453,17 @@ fn main() -> ExitCode {
             port,
             frontend,
             out,
+            preview_method,
             settings,
-        } => serve(plugins, listen, port, frontend, out, settings),
+        } => serve(
+            plugins,
+            listen,
+            port,
+            frontend,
+            out,
+            &preview_method,
+            settings,
+        ),
         Command::Validate {
             workflow,
             settings,
@@ -702,6 +715,7 @@ fn serve(
     port: u16,
     frontend: Option<PathBuf>,
     out: PathBuf,
+    preview_method: &str,
     settings: Settings,
 ) -> ExitCode {
     if let Some(why) = plugins.none_found() {
@@ -718,6 +732,11 @@ fn serve(
     options
         .settings
         .insert("device".into(), settings.device.clone());
+    let previews = match preview_method {
+        "none" => "none",
+        _ => "latent2rgb",
+    };
+    options.settings.insert("previews".into(), previews.into());
     if let Some(bytes) = settings.max_memory {
         options
             .settings

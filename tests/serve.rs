@@ -738,3 +738,47 @@ fn previews_are_written_where_view_serves_temporary_files() {
         assert!(png.starts_with(b"\x89PNG"));
     }
 }
+
+#[test]
+fn sampling_sends_a_latent_preview_per_step_as_binary_frames() {
+    let models_dir = tempfile::tempdir().unwrap();
+    let models = common::write_tiny_models(models_dir.path());
+    let server = serve_with_models(Some(models.root.clone()));
+    let mut socket = connect(&server, "viewer");
+    let prompt = json!({
+        "1": {"class_type": "CheckpointLoader", "inputs": {"ckpt_name": "tiny-sd"}},
+        "2": {"class_type": "TextEncode", "inputs": {"clip": ["1", 1], "text": "a ball"}},
+        "3": {"class_type": "EmptyVideoLatent", "inputs": {"width": 96, "height": 128, "frames": 2, "batch_size": 1}},
+        "4": {"class_type": "VideoSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0],
+              "latent_image": ["3", 0], "seed": 1, "steps": 2, "cfg": 1.0, "scheduler": "ddim", "denoise": 1.0}},
+        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "previewed"}}
+    });
+    let prompt_id = queue(&server, "viewer", prompt);
+    let mut previews = Vec::new();
+    loop {
+        match socket.read().unwrap() {
+            tungstenite::Message::Binary(frame) => previews.push(frame.to_vec()),
+            tungstenite::Message::Text(text) => {
+                let message: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                let done = message["type"] == "executing"
+                    && message["data"]["node"].is_null()
+                    && message["data"]["prompt_id"] == prompt_id.as_str();
+                if done {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(previews.len(), 2, "one preview per step");
+    for frame in &previews {
+        // ComfyUI's binary event: PREVIEW_IMAGE (1), PNG (2), then the image.
+        assert_eq!(frame[..8], [0, 0, 0, 1, 0, 0, 0, 2]);
+        let image = image::load_from_memory(&frame[8..]).unwrap();
+        assert_eq!(
+            (image.width(), image.height()),
+            (96, 128),
+            "the latents at 8×"
+        );
+    }
+}

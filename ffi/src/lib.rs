@@ -19,7 +19,7 @@ use abi_stable::{
     library::RootModule,
     package_version_strings, sabi_trait,
     sabi_types::VersionStrings,
-    std_types::{RArc, ROption, RResult, RStr, RString, RVec},
+    std_types::{RArc, ROption, RResult, RSlice, RStr, RString, RVec},
     StableAbi,
 };
 
@@ -283,6 +283,10 @@ pub trait HostContext {
     /// A host setting: `output_dir`, `models_dir`, `input_dir`, `device`, ... Unknown keys
     /// give `RNone`.
     fn setting(&self, key: RStr<'_>) -> ROption<RString>;
+    /// Shows `png`, an image of the running node's current state (ComfyUI's latent preview
+    /// while sampling). Nodes send previews only when the host sets `previews`; a host that
+    /// shows none ignores them.
+    fn preview(&self, png: RSlice<'_, u8>);
 }
 
 /// Everything a node needs to run.

@@ -10,14 +10,27 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::events::{Event, EventSink};
 
+/// A websocket message on its way to a client.
+pub enum Outgoing {
+    /// A JSON event.
+    Text(String),
+    /// A binary frame: a preview image.
+    Binary(Vec<u8>),
+}
+
+/// ComfyUI's binary event type of a preview image, and its image type for PNG: a preview frame
+/// is both, as big-endian u32s, then the image.
+const PREVIEW_IMAGE_EVENT: u32 = 1;
+const PNG_IMAGE_TYPE: u32 = 2;
+
 /// The open websockets, by client id.
 #[derive(Default)]
 pub struct Clients {
-    senders: Mutex<HashMap<String, UnboundedSender<String>>>,
+    senders: Mutex<HashMap<String, UnboundedSender<Outgoing>>>,
 }
 
 impl Clients {
-    pub fn connect(&self, client_id: &str, sender: UnboundedSender<String>) {
+    pub fn connect(&self, client_id: &str, sender: UnboundedSender<Outgoing>) {
         self.lock().insert(client_id.to_owned(), sender);
     }
 
@@ -30,22 +43,35 @@ impl Clients {
     /// misses the message.
     pub fn send(&self, client_id: Option<&str>, kind: &str, data: Json) {
         let text = json!({"type": kind, "data": data}).to_string();
+        self.deliver(client_id, || Outgoing::Text(text.clone()));
+    }
+
+    /// Sends a PNG preview as ComfyUI's binary frame, to `client_id` or to every client.
+    pub fn send_preview(&self, client_id: Option<&str>, png: &[u8]) {
+        let mut frame = Vec::with_capacity(8 + png.len());
+        frame.extend(PREVIEW_IMAGE_EVENT.to_be_bytes());
+        frame.extend(PNG_IMAGE_TYPE.to_be_bytes());
+        frame.extend_from_slice(png);
+        self.deliver(client_id, || Outgoing::Binary(frame.clone()));
+    }
+
+    fn deliver(&self, client_id: Option<&str>, message: impl Fn() -> Outgoing) {
         let senders = self.lock();
         match client_id {
             Some(id) => {
                 if let Some(sender) = senders.get(id) {
-                    let _ = sender.send(text);
+                    let _ = sender.send(message());
                 }
             }
             None => {
                 for sender in senders.values() {
-                    let _ = sender.send(text.clone());
+                    let _ = sender.send(message());
                 }
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, UnboundedSender<String>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, UnboundedSender<Outgoing>>> {
         self.senders.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -129,6 +155,10 @@ impl<'a> PromptEvents<'a> {
 }
 
 impl EventSink for PromptEvents<'_> {
+    fn preview(&self, _node: &str, png: &[u8]) {
+        self.clients.send_preview(self.client_id.as_deref(), png);
+    }
+
     fn emit(&self, event: Event) {
         if let Event::Progress { value, max, .. } = &event {
             if !self.progress_due(*value, *max) {

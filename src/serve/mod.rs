@@ -145,6 +145,10 @@ fn executor_settings(options: &ServeOptions) -> BTreeMap<String, String> {
     settings.insert("output_dir".into(), path_setting(&options.output));
     settings.insert("input_dir".into(), path_setting(&options.input));
     settings.insert("temp_dir".into(), path_setting(&options.temp));
+    // Samplers send a latent preview per step to the prompt's client unless turned off.
+    settings
+        .entry("previews".into())
+        .or_insert_with(|| "latent2rgb".into());
     if let Some(models) = &options.models {
         settings.insert("models_dir".into(), path_setting(models));
     }

@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value as Json};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::services::ServeDir;
 
+use super::clients::Outgoing;
 use super::queue::QueuedPrompt;
 use super::{models, paths, AppState};
 use crate::events::Silent;
@@ -130,8 +131,12 @@ async fn client_session(state: Arc<AppState>, client_id: String, mut socket: Web
         loop {
             tokio::select! {
                 outgoing = receiver.recv() => match outgoing {
-                    Some(text) => {
-                        if socket.send(Message::Text(text.into())).await.is_err() {
+                    Some(outgoing) => {
+                        let message = match outgoing {
+                            Outgoing::Text(text) => Message::Text(text.into()),
+                            Outgoing::Binary(bytes) => Message::Binary(bytes.into()),
+                        };
+                        if socket.send(message).await.is_err() {
                             break;
                         }
                     }

@@ -324,7 +324,10 @@ impl Outputs {
     }
 }
 
-/// The host side of a call: progress, cancellation and settings.
+/// The longer side of a sampling preview, in pixels (ComfyUI's default `--preview-size`).
+const PREVIEW_MAX_SIDE: usize = 512;
+
+/// The host side of a call: progress, cancellation, settings and previews.
 pub struct Context<'a> {
     host: HostContext_TO<'a, abi_stable::sabi_types::RRef<'a, ()>>,
 }
@@ -352,6 +355,23 @@ impl<'a> Context<'a> {
             RSome(v) => Some(v.into_string()),
             RNone => None,
         }
+    }
+
+    /// Sends the host a preview of `latents` being sampled (the first frame as a PNG), when it
+    /// asked for previews with its `previews` setting. A latent the preview cannot show (not 4
+    /// channels) sends nothing.
+    pub fn preview_latents(&self, latents: &candle_core::Tensor) {
+        if self.previews_wanted() {
+            if let Ok(png) = crate::video::preview::preview_png(latents, PREVIEW_MAX_SIDE) {
+                self.host
+                    .preview(abi_stable::std_types::RSlice::from_slice(&png));
+            }
+        }
+    }
+
+    fn previews_wanted(&self) -> bool {
+        self.setting("previews")
+            .is_some_and(|value| !matches!(value.as_str(), "" | "0" | "off" | "none"))
     }
 
     /// Where output nodes write: the host's `output_dir`, else the current folder.

@@ -292,6 +292,7 @@ impl Node for VideoSampler {
                 "sampling".to_owned()
             };
             ctx.progress((step.index + 1) as u64, step.count as u64, &text);
+            ctx.preview_latents(report.denoised);
             if ctx.check_cancelled().is_err() {
                 cancelled.set(true);
                 candle_core::bail!("cancelled");

@@ -4,6 +4,7 @@
 //! `preview_to_image`.
 
 use candle_core::{bail, DType, Result, Tensor};
+use image::ImageEncoder;
 
 /// Latent channel → (R, G, B) contribution, one row per latent channel (ComfyUI's SD15 values).
 pub const SD15_LATENT_RGB_FACTORS: [[f32; 3]; 4] = [
@@ -76,6 +77,43 @@ pub fn latent_to_rgb(latent: &Tensor, upscale: usize, filter: UpscaleFilter) -> 
             .upsample_bilinear2d(target_h, target_w, false)?,
     };
     enlarged.permute((0, 2, 3, 1))?.contiguous()
+}
+
+/// The first frame of `latent` (a video latent or a batch of frames, as [`latent_to_rgb`]
+/// takes) as an RGB PNG: ComfyUI's latent preview while sampling. The frame is enlarged
+/// (bilinear) toward the decoded image's size, at most `max_side` pixels on its longer side.
+pub fn preview_png(latent: &Tensor, max_side: usize) -> Result<Vec<u8>> {
+    let first = match latent.rank() {
+        5 => latent.narrow(0, 0, 1)?.narrow(2, 0, 1)?,
+        4 => latent.narrow(0, 0, 1)?,
+        _ => bail!(
+            "latent preview expects a 4- or 5-dimensional latent, got {:?}",
+            latent.dims()
+        ),
+    };
+    let longer = first
+        .dim(first.rank() - 1)?
+        .max(first.dim(first.rank() - 2)?);
+    let upscale = (max_side / longer.max(1)).clamp(1, SD15_VAE_SCALE);
+    let rgb = latent_to_rgb(&first, upscale, UpscaleFilter::Bilinear)?.squeeze(0)?;
+    let (height, width, _) = rgb.dims3()?;
+    let bytes: Vec<u8> = rgb
+        .to_device(&candle_core::Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+        .collect();
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(
+            &bytes,
+            width as u32,
+            height as u32,
+            image::ExtendedColorType::Rgb8,
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("preview PNG: {e}")))?;
+    Ok(png)
 }
 
 #[cfg(test)]
@@ -164,5 +202,24 @@ mod tests {
         assert!(latent_to_rgb(&wrong_rank, 1, UpscaleFilter::Nearest).is_err());
         let ok = Tensor::zeros((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap();
         assert!(latent_to_rgb(&ok, 0, UpscaleFilter::Nearest).is_err());
+    }
+
+    #[test]
+    fn the_preview_png_is_the_first_frame_enlarged_toward_the_image_size() {
+        let latent = Tensor::randn(0f32, 1.0, (2, 4, 3, 6, 10), &candle_core::Device::Cpu).unwrap();
+        let png = preview_png(&latent, 64).unwrap();
+        let image = image::load_from_memory(&png).unwrap();
+        assert_eq!(
+            (image.width(), image.height()),
+            (60, 36),
+            "6× of 10×6 fits in 64"
+        );
+        let full = preview_png(&latent, 512).unwrap();
+        let image = image::load_from_memory(&full).unwrap();
+        assert_eq!(
+            (image.width(), image.height()),
+            (80, 48),
+            "at most the VAE's 8×"
+        );
     }
 }

@@ -293,6 +293,7 @@ impl SamplerRun {
                     (passes * total) as u64,
                     &text,
                 );
+                ctx.preview_latents(info.denoised);
                 if ctx.check_cancelled().is_err() {
                     candle_core::bail!("cancelled");
                 }
