@@ -782,3 +782,106 @@ fn sampling_sends_a_latent_preview_per_step_as_binary_frames() {
         );
     }
 }
+
+#[test]
+fn the_jobs_api_lists_running_waiting_and_finished_prompts_and_cancels_them() {
+    let server = serve();
+    let mut socket = connect(&server, "jobs");
+    let finished = queue(&server, "jobs", small_noise_preview(3));
+    messages_until_done(&mut socket, &finished);
+    let slow = |steps: u32| {
+        json!({
+            "1": {"class_type": "TestSlow", "inputs": {"steps": steps, "ms_per_step": 20}},
+            "2": {"class_type": "TestSink", "inputs": {"value": ["1", 0]}}
+        })
+    };
+    let running = queue(&server, "jobs", slow(1000));
+    loop {
+        let message = next_message(&mut socket);
+        if message["type"] == "progress" && message["data"]["prompt_id"] == running {
+            break;
+        }
+    }
+    let waiting = queue(&server, "jobs", slow(2));
+
+    let all = get_json(&server, "/api/jobs");
+    assert_eq!(all["pagination"]["total"], 3, "{all}");
+    assert_eq!(all["pagination"]["has_more"], false);
+    let status_of = |id: &str| {
+        all["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|job| job["id"] == id)
+            .unwrap_or_else(|| panic!("{id} missing from {all}"))["status"]
+            .clone()
+    };
+    assert_eq!(status_of(&running), "in_progress");
+    assert_eq!(status_of(&waiting), "pending");
+    assert_eq!(status_of(&finished), "completed");
+    assert!(all["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|job| job["create_time"].as_u64().unwrap() > 0));
+    // Newest first.
+    assert_eq!(all["jobs"][0]["id"], waiting.as_str());
+
+    let page = get_json(
+        &server,
+        "/api/jobs?status=completed,pending&limit=1&offset=0&sort_order=asc",
+    );
+    assert_eq!(page["pagination"]["total"], 2);
+    assert_eq!(page["pagination"]["has_more"], true);
+    assert_eq!(page["jobs"][0]["id"], finished.as_str());
+    let done = &page["jobs"][0];
+    assert!(done["outputs_count"].as_u64().unwrap() >= 1, "{done}");
+    assert_eq!(done["preview_output"]["nodeId"], "3");
+    assert_eq!(done["preview_output"]["mediaType"], "images");
+    assert!(done["execution_end_time"].as_u64() >= done["execution_start_time"].as_u64());
+
+    let detail = get_json(&server, &format!("/api/jobs/{finished}"));
+    assert_eq!(detail["outputs"]["3"]["images"][0]["type"], "output");
+    assert_eq!(
+        detail["workflow"]["prompt"]["1"]["class_type"],
+        "VideoNoise"
+    );
+    assert_eq!(get(&server, "/api/jobs/no-such-job").0, 404);
+    assert_eq!(get(&server, "/api/jobs?status=bogus").0, 400);
+
+    // An interrupt naming another prompt stops nothing; cancelling the waiting job drops it,
+    // cancelling the running one stops it.
+    assert_eq!(
+        post(
+            &server,
+            "/interrupt",
+            json!({"prompt_id": waiting}).to_string().as_bytes()
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        get_json(&server, &format!("/api/jobs/{running}"))["status"],
+        "in_progress"
+    );
+    assert_eq!(
+        post(&server, &format!("/api/jobs/{waiting}/cancel"), b"").0,
+        200
+    );
+    assert_eq!(
+        get_json(&server, "/api/jobs?status=pending")["pagination"]["total"],
+        0
+    );
+    let (status, reply) = post(
+        &server,
+        "/api/jobs/cancel",
+        json!({"job_ids": [running]}).to_string().as_bytes(),
+    );
+    assert_eq!(
+        (status, reply["cancelled"].clone()),
+        (200, json!([running]))
+    );
+    messages_until_done(&mut socket, &running);
+    let stopped = get_json(&server, &format!("/api/jobs/{running}"));
+    assert_eq!(stopped["status"], "failed", "{stopped}");
+}

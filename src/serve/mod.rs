@@ -10,6 +10,7 @@
 //! [`Executor`]: crate::Executor
 
 mod clients;
+mod jobs;
 mod models;
 mod paths;
 mod queue;

@@ -119,11 +119,46 @@ impl Queue {
         self.send_status();
     }
 
-    /// Asks the running prompt, if any, to stop at its next check.
-    pub fn interrupt(&self) {
-        if self.lock().running.is_some() {
+    /// Asks the running prompt, if any, to stop at its next check; with `prompt_id`, only when
+    /// that is the prompt running (so a late click never stops the next one).
+    pub fn interrupt(&self, prompt_id: Option<&str>) {
+        let state = self.lock();
+        let matches = match (&state.running, prompt_id) {
+            (Some(_), None) => true,
+            (Some((running, _)), Some(id)) => running == id,
+            (None, _) => false,
+        };
+        if matches {
             self.cancel.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// Stops the prompt `prompt_id` if it runs, drops it if it waits; whether it was either.
+    pub fn cancel_job(&self, prompt_id: &str) -> bool {
+        let running = self
+            .lock()
+            .running
+            .as_ref()
+            .is_some_and(|(id, _)| id == prompt_id);
+        if running {
+            self.interrupt(Some(prompt_id));
+            return true;
+        }
+        let waiting = self.lock().pending.iter().any(|p| p.id == prompt_id);
+        if waiting {
+            self.delete_pending(&[prompt_id.to_owned()]);
+        }
+        waiting
+    }
+
+    /// The running prompt's listing (none or one), the waiting ones', and the history by id, for
+    /// the jobs API.
+    pub fn jobs_snapshot(&self) -> (Vec<Json>, Vec<Json>, Map<String, Json>) {
+        let state = self.lock();
+        let running = state.running.iter().map(|(_, l)| l.clone()).collect();
+        let pending = state.pending.iter().map(QueuedPrompt::listing).collect();
+        let history = state.history.iter().cloned().collect();
+        (running, pending, history)
     }
 
     /// Every history entry, by prompt id, the newest `max_items` when given.

@@ -16,6 +16,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::services::ServeDir;
 
 use super::clients::Outgoing;
+use super::jobs;
 use super::queue::QueuedPrompt;
 use super::{models, paths, AppState};
 use crate::events::Silent;
@@ -42,6 +43,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/prompt", get(prompt_status).post(queue_prompt))
         .route("/queue", get(queue_listing).post(queue_edit))
         .route("/interrupt", post(interrupt))
+        .route("/jobs", get(jobs_list))
+        .route("/jobs/cancel", post(jobs_cancel))
+        .route("/jobs/{job_id}", get(job_detail))
+        .route("/jobs/{job_id}/cancel", post(job_cancel))
         .route("/history", get(history).post(history_edit))
         .route("/history/{prompt_id}", get(history_of))
         .route("/view", get(view))
@@ -244,8 +249,12 @@ async fn queue_prompt(State(state): Shared, body: Bytes) -> Response {
         .filter(|id| !id.is_empty())
         .map(str::to_owned);
     let mut extra_data = request.get("extra_data").cloned().unwrap_or(json!({}));
-    if let (Some(id), Json::Object(extra)) = (&client_id, &mut extra_data) {
-        extra.insert("client_id".into(), json!(id));
+    if let Json::Object(extra) = &mut extra_data {
+        if let Some(id) = &client_id {
+            extra.insert("client_id".into(), json!(id));
+        }
+        // As ComfyUI: the jobs API sorts and shows jobs by it.
+        extra.insert("create_time".into(), json!(super::clients::timestamp_ms()));
     }
     let outputs_to_execute = validate::output_nodes(&workflow, &state.plugins);
     let front = request
@@ -300,9 +309,63 @@ async fn queue_edit(State(state): Shared, body: Bytes) -> Response {
     StatusCode::OK.into_response()
 }
 
-async fn interrupt(State(state): Shared) -> StatusCode {
-    state.queue.interrupt();
+/// `{}` or `{"prompt_id": …}`: the latter stops only that prompt, if it is the one running.
+async fn interrupt(State(state): Shared, body: Bytes) -> StatusCode {
+    let body = json_body(&body).unwrap_or(Json::Null);
+    state.queue.interrupt(body["prompt_id"].as_str());
     StatusCode::OK
+}
+
+async fn jobs_list(State(state): Shared, Query(query): Query<HashMap<String, String>>) -> Response {
+    let query = match jobs::JobsQuery::parse(&query) {
+        Ok(query) => query,
+        Err(message) => return bad_request(&message),
+    };
+    let (running, pending, history) = state.queue.jobs_snapshot();
+    Reply(jobs::list(&running, &pending, &history, &query)).into_response()
+}
+
+async fn job_detail(State(state): Shared, UrlPath(job_id): UrlPath<String>) -> Response {
+    let (running, pending, history) = state.queue.jobs_snapshot();
+    let job = match history.get(&job_id) {
+        Some(entry) => jobs::finished_job(&job_id, entry, true),
+        None => {
+            let find =
+                |listings: &[Json]| listings.iter().find(|l| l[1] == job_id.as_str()).cloned();
+            match (find(&running), find(&pending)) {
+                (Some(listing), _) => jobs::queued_job(&listing, jobs::IN_PROGRESS),
+                (None, Some(listing)) => jobs::queued_job(&listing, jobs::PENDING),
+                (None, None) => {
+                    let body = json!({"error": format!("no job `{job_id}`")});
+                    return (StatusCode::NOT_FOUND, Reply(body)).into_response();
+                }
+            }
+        }
+    };
+    Reply(job).into_response()
+}
+
+async fn job_cancel(State(state): Shared, UrlPath(job_id): UrlPath<String>) -> Response {
+    if state.queue.cancel_job(&job_id) {
+        StatusCode::OK.into_response()
+    } else {
+        let body = json!({"error": format!("no running or waiting job `{job_id}`")});
+        (StatusCode::NOT_FOUND, Reply(body)).into_response()
+    }
+}
+
+/// `{"job_ids": [...]}`: each running or waiting one is stopped or dropped.
+async fn jobs_cancel(State(state): Shared, body: Bytes) -> Response {
+    let Some(body) = json_body(&body) else {
+        return bad_request("the body is not JSON");
+    };
+    let ids = body["job_ids"].as_array().cloned().unwrap_or_default();
+    let cancelled: Vec<&str> = ids
+        .iter()
+        .filter_map(Json::as_str)
+        .filter(|id| state.queue.cancel_job(id))
+        .collect();
+    Reply(json!({"cancelled": cancelled})).into_response()
 }
 
 async fn history(
