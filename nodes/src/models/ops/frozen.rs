@@ -138,8 +138,11 @@ impl CustomOp3 for FrozenConv {
             .cpu_fwd(xs, xs_layout, weight, weight_layout, bias, bias_layout)
     }
 
-    /// The input's gradient is the transposed convolution of the output's, as candle's own
-    /// backward computes it (the output padding restores a size that striding rounded down).
+    /// The input's gradient is the transposed convolution of the output's. At stride 1 that is
+    /// a plain convolution with the kernel flipped and its channels swapped, which runs on the
+    /// fused kernel (candle's CPU transposed convolution is a direct loop, many times slower);
+    /// at other strides candle's op runs, with the output padding that restores a size striding
+    /// rounded down, as candle's own backward computes it.
     fn bwd(
         &self,
         xs: &Tensor,
@@ -153,15 +156,34 @@ impl CustomOp3 for FrozenConv {
             stride,
             padding,
         } = self.0;
-        let covered = (grad.dim(2)? - 1) * stride + kernel - 2 * padding;
-        let output_padding = xs.dim(2)? - covered;
-        let input_grad = grad.contiguous()?.conv_transpose2d(
-            &weight.contiguous()?,
-            padding,
-            output_padding,
-            stride,
-            1,
-        )?;
+        let input_grad = if stride == 1 && padding < kernel {
+            let reversed: Vec<u32> = (0..kernel as u32).rev().collect();
+            let reversed = Tensor::new(reversed.as_slice(), weight.device())?;
+            // (C_out, C_in, k, k) → (C_in, C_out, k, k), each k×k window turned by 180°.
+            let flipped = weight
+                .transpose(0, 1)?
+                .contiguous()?
+                .index_select(&reversed, 2)?
+                .index_select(&reversed, 3)?;
+            let zero_bias = Tensor::zeros(flipped.dim(0)?, DType::F32, weight.device())?;
+            let op = Im2ColConv {
+                kernel,
+                stride: 1,
+                padding: kernel - 1 - padding,
+            };
+            grad.contiguous()?
+                .apply_op3_no_bwd(&flipped, &zero_bias, &op)?
+        } else {
+            let covered = (grad.dim(2)? - 1) * stride + kernel - 2 * padding;
+            let output_padding = xs.dim(2)? - covered;
+            grad.contiguous()?.conv_transpose2d(
+                &weight.contiguous()?,
+                padding,
+                output_padding,
+                stride,
+                1,
+            )?
+        };
         Ok((Some(input_grad), None, None))
     }
 }
