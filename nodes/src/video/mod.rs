@@ -37,6 +37,9 @@ pub mod reuse;
 pub mod temporal_training;
 pub mod vmc;
 
+#[cfg(test)]
+pub(crate) mod test_models;
+
 pub use io::{load_video, save_video, LoadOptions, MediaError, VideoFormat};
 pub use latent_file::{load_latent, save_latent};
 pub use noise::{free_noise, free_noise_schedule, video_noise, NoiseMode};

@@ -323,14 +323,14 @@ mod tests {
     use super::*;
     use crate::test_util::max_abs_diff;
 
-    use crate::test_util::{moving_square, tiny_motion_model};
+    use crate::video::test_models::{moving_square, tiny_motion_model};
 
     fn tiny_image_model() -> PatchedUNet {
-        crate::test_util::tiny_image_model(DType::F32)
+        crate::video::test_models::tiny_image_model(DType::F32)
     }
 
     fn alphas() -> Vec<f32> {
-        crate::test_util::sd15_alphas_cumprod()
+        crate::video::test_models::sd15_alphas_cumprod()
     }
 
     fn clips() -> Vec<TrainingClip> {
@@ -499,7 +499,7 @@ mod tests {
     /// A UNet in half precision trains f32 parameters through the cast into its dtype.
     #[test]
     fn a_half_precision_unet_trains_f32_parameters() -> Result<()> {
-        let unet = crate::test_util::tiny_image_model(DType::F16);
+        let unet = crate::video::test_models::tiny_image_model(DType::F16);
         let clips = clips();
         let alphas = alphas();
         let data = TemporalTrainingData {

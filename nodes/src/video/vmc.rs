@@ -337,23 +337,23 @@ mod tests {
     };
 
     fn motion_config() -> MotionAdapterConfig {
-        crate::test_util::tiny_motion_config()
+        crate::video::test_models::tiny_motion_config()
     }
 
     fn motion_weights() -> HashMap<String, Tensor> {
-        crate::test_util::tiny_motion_weights()
+        crate::video::test_models::tiny_motion_weights()
     }
 
     fn tiny_model() -> PatchedUNet {
-        crate::test_util::tiny_motion_model(DType::F32)
+        crate::video::test_models::tiny_motion_model(DType::F32)
     }
 
     fn moving_square(frames: usize) -> Tensor {
-        crate::test_util::moving_square(frames, 1)
+        crate::video::test_models::moving_square(frames, 1)
     }
 
     fn alphas() -> Vec<f32> {
-        crate::test_util::sd15_alphas_cumprod()
+        crate::video::test_models::sd15_alphas_cumprod()
     }
 
     fn text() -> Tensor {
@@ -678,7 +678,7 @@ mod tests {
     /// A half-precision model trains f32 parameters, cast into its dtype at every step.
     #[test]
     fn a_half_precision_model_trains_f32_parameters() -> Result<()> {
-        let unet = crate::test_util::tiny_motion_model(DType::F16);
+        let unet = crate::video::test_models::tiny_motion_model(DType::F16);
         let latents = moving_square(4);
         let text = text();
         let alphas = alphas();
