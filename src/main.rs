@@ -147,102 +147,34 @@ enum TrainCommand {
     /// motion module; writes the tuned projections as a small safetensors patch into --out
     /// (with a training state, from which an interrupted run resumes, and the losses as CSV).
     Vmc {
-        /// SD 1.x checkpoint (a file or diffusers folder, or a name under <models>/checkpoints/).
-        #[arg(long)]
-        checkpoint: String,
-        /// AnimateDiff motion module (or a name under <models>/animatediff_models/).
-        #[arg(long)]
-        motion_module: String,
-        /// The clip whose motion is learnt: a video file or a folder of frames, at the size to
-        /// train at (the frames are encoded as they are).
-        #[arg(long)]
-        clip: String,
-        /// Use at most this many frames of the clip (0: all; the motion module sees at most
-        /// its table's length at once, 32 for AnimateDiff v3).
-        #[arg(long, default_value_t = 16)]
-        frames: u32,
-        /// An appearance-invariant prompt: what moves and how ("a bird is flying").
-        #[arg(long)]
-        prompt: String,
-        #[arg(long, default_value_t = 400)]
-        steps: u32,
-        #[arg(long, default_value_t = 1e-4)]
-        learning_rate: f64,
-        /// paper, official or l2 (METHODS.md §2).
-        #[arg(long, default_value = "paper")]
-        loss: String,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Name of the patch in the output folder (may contain subfolders).
-        #[arg(long, default_value = "vmc/motion")]
-        prefix: String,
-        /// Save the training state every this many steps.
-        #[arg(long, default_value_t = 50)]
-        checkpoint_every: u32,
-        /// Output folder.
-        #[arg(long, value_name = "DIR", default_value = "output")]
-        out: PathBuf,
-        /// Print the workflow that the command runs (API format) and exit.
-        #[arg(long)]
-        print_workflow: bool,
         #[command(flatten)]
-        settings: Settings,
+        job: vdm::training::VmcJob,
+        #[command(flatten)]
+        run: TrainRun,
     },
     /// Train the lightweight motion-adaptive temporal modules (Hong & Quan) on a frozen SD 1.x
     /// UNet, on a folder of clips; writes the adapter into --out (with a training state, from
     /// which an interrupted run resumes, and the losses as CSV). It loads through
     /// TemporalAttentionInjector's `adapter` input or LoadTemporalAdapter.
     Temporal {
-        /// SD 1.x checkpoint (a file or diffusers folder, or a name under <models>/checkpoints/).
-        #[arg(long)]
-        checkpoint: String,
-        /// A folder of clips: folders of PNG/JPEG frames, GIFs, or videos through ffmpeg; a
-        /// `<clip>.txt` beside a clip is its caption.
-        #[arg(long)]
-        clips: String,
-        #[arg(long, default_value_t = 2000)]
-        steps: u32,
-        #[arg(long, default_value_t = 1e-4)]
-        learning_rate: f64,
-        /// Frames of every training window.
-        #[arg(long, default_value_t = 16)]
-        frames: u32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Frames are centre-cropped and resized to this size.
-        #[arg(long, default_value_t = 256)]
-        width: u32,
-        #[arg(long, default_value_t = 256)]
-        height: u32,
-        /// The prompt of clips without a caption (empty: unconditional).
-        #[arg(long, default_value = "")]
-        prompt: String,
-        /// Training noise: independent, mixed or progressive (correlated across frames).
-        #[arg(long, default_value = "independent")]
-        noise: String,
-        /// ρ of mixed or progressive noise.
-        #[arg(long, default_value_t = 0.0)]
-        correlation: f64,
-        /// constant or cosine (after the warm-up).
-        #[arg(long, default_value = "constant")]
-        lr_schedule: String,
-        #[arg(long, default_value_t = 0)]
-        warmup_steps: u32,
-        /// Save the training state every this many steps.
-        #[arg(long, default_value_t = 100)]
-        checkpoint_every: u32,
-        /// Name of the adapter in the output folder (may contain subfolders).
-        #[arg(long, default_value = "temporal_adapters/adapter")]
-        prefix: String,
-        /// Output folder.
-        #[arg(long, value_name = "DIR", default_value = "output")]
-        out: PathBuf,
-        /// Print the workflow that the command runs (API format) and exit.
-        #[arg(long)]
-        print_workflow: bool,
         #[command(flatten)]
-        settings: Settings,
+        job: vdm::training::TemporalJob,
+        #[command(flatten)]
+        run: TrainRun,
     },
+}
+
+/// Where a training command writes and what it runs on.
+#[derive(Args)]
+struct TrainRun {
+    /// Output folder.
+    #[arg(long, value_name = "DIR", default_value = "output")]
+    out: PathBuf,
+    /// Print the workflow that the command runs (API format) and exit.
+    #[arg(long)]
+    print_workflow: bool,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 /// Where nodes find their files, and what they compute on.
@@ -600,90 +532,12 @@ fn execute(
 }
 
 /// `vdm train …`: builds the job's workflow and runs it.
-fn train(plugins: &PluginSet, job: TrainCommand) -> ExitCode {
-    let (workflow, out, print_workflow, settings) = match job {
-        TrainCommand::Vmc {
-            checkpoint,
-            motion_module,
-            clip,
-            frames,
-            prompt,
-            steps,
-            learning_rate,
-            loss,
-            seed,
-            prefix,
-            checkpoint_every,
-            out,
-            print_workflow,
-            settings,
-        } => {
-            let job = vdm::training::VmcJob {
-                checkpoint,
-                motion_module,
-                clip,
-                frames,
-                prompt,
-                steps,
-                learning_rate,
-                loss,
-                seed,
-                filename_prefix: prefix,
-                checkpoint_every,
-            };
-            (
-                vdm::training::vmc_workflow(&job),
-                out,
-                print_workflow,
-                settings,
-            )
-        }
-        TrainCommand::Temporal {
-            checkpoint,
-            clips,
-            steps,
-            learning_rate,
-            frames,
-            seed,
-            width,
-            height,
-            prompt,
-            noise,
-            correlation,
-            lr_schedule,
-            warmup_steps,
-            checkpoint_every,
-            prefix,
-            out,
-            print_workflow,
-            settings,
-        } => {
-            let job = vdm::training::TemporalJob {
-                checkpoint,
-                clips,
-                steps,
-                learning_rate,
-                frames,
-                seed,
-                width,
-                height,
-                prompt,
-                noise,
-                correlation,
-                lr_schedule,
-                warmup_steps,
-                checkpoint_every,
-                filename_prefix: prefix,
-            };
-            (
-                vdm::training::temporal_workflow(&job),
-                out,
-                print_workflow,
-                settings,
-            )
-        }
+fn train(plugins: &PluginSet, command: TrainCommand) -> ExitCode {
+    let (workflow, run) = match command {
+        TrainCommand::Vmc { job, run } => (vdm::training::vmc_workflow(&job), run),
+        TrainCommand::Temporal { job, run } => (vdm::training::temporal_workflow(&job), run),
     };
-    if print_workflow {
+    if run.print_workflow {
         println!(
             "{}",
             serde_json::to_string_pretty(&workflow).expect("serialisable")
@@ -705,7 +559,14 @@ fn train(plugins: &PluginSet, job: TrainCommand) -> ExitCode {
         json_events: false,
         quiet: false,
     };
-    execute(plugins, &workflow, &here, Some(out), &settings, flags)
+    execute(
+        plugins,
+        &workflow,
+        &here,
+        Some(run.out),
+        &run.settings,
+        flags,
+    )
 }
 
 /// `vdm serve`: runs until the process is stopped.
