@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Result, Tensor};
 use vdm_nodes::models::patcher::PatchedUNet;
-use vdm_nodes::schedulers::{DdimScheduler, DdimSchedulerConfig, Scheduler};
+use vdm_nodes::schedulers::{DdimScheduler, DdimSchedulerConfig};
 use vdm_nodes::video::vmc::{customize_motion, VmcData, VmcSettings};
 
 /// Resets the process's peak resident size (VmHWM) to its current size, so that each step's
@@ -59,7 +59,7 @@ fn main() -> Result<()> {
         let data = VmcData {
             latents: &latents,
             text: &text,
-            alphas_cumprod: scheduler.alphas_cumprod(),
+            noise_schedule: &scheduler,
         };
         let before = common::peak_rss_gib().unwrap_or(0.0);
         reset_peak_rss();

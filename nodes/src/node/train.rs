@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use crate::models::temporal_adapter::{save_weights, TemporalAdapter, TemporalAdapterConfig};
-use crate::schedulers::{DdimScheduler, DdimSchedulerConfig, Scheduler};
+use crate::schedulers::{DdimScheduler, DdimSchedulerConfig};
 use crate::train::{self, AdamWConfig, Checkpointing, LrSchedule};
 use crate::video::io::{
     frame_folder_files, natural_cmp, resize_frames, resolve_prefix, save_atomically, LoadOptions,
@@ -234,7 +234,7 @@ impl Node for MotionCustomize {
         let data = VmcData {
             latents: &latents,
             text: &text,
-            alphas_cumprod: scheduler.alphas_cumprod(),
+            noise_schedule: &scheduler,
         };
         let tuned = vmc::customize_motion(
             &model.unet,
@@ -700,7 +700,7 @@ impl Node for TrainTemporalAdapter {
         };
         let data = TemporalTrainingData {
             clips: &clips,
-            alphas_cumprod: scheduler.alphas_cumprod(),
+            noise_schedule: &scheduler,
         };
         let trained = temporal_training::train_temporal_adapter(
             &model.unet,

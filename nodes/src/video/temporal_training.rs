@@ -30,6 +30,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::models::patcher::{Patch, PatchedUNet, UNetInputs};
 use crate::models::temporal_adapter::{TemporalAdapter, TemporalAdapterConfig};
 use crate::models::weights::NamedWeights;
+use crate::schedulers::Scheduler;
 use crate::train::{self, AdamW, AdamWConfig, Checkpointing, LrSchedule, StepReport, TrainPlan};
 use crate::video::motion_adaptive::{Amplitude, AmplitudeTap, MotionAdaptiveConfig};
 use crate::video::noise::{video_noise, NoiseMode};
@@ -93,8 +94,8 @@ pub struct TrainingClip {
 /// The clips and the noise schedule a run trains on.
 pub struct TemporalTrainingData<'a> {
     pub clips: &'a [TrainingClip],
-    /// ᾱ of every training timestep.
-    pub alphas_cumprod: &'a [f32],
+    /// The training noise schedule: where the windows are noised to.
+    pub noise_schedule: &'a dyn Scheduler,
 }
 
 /// What one step trains on, drawn from (seed, step) alone.
@@ -199,7 +200,7 @@ fn check_data(
             )
         }
     }
-    if data.alphas_cumprod.is_empty() {
+    if data.noise_schedule.alphas_cumprod().is_empty() {
         candle_core::bail!("the noise schedule has no timesteps")
     }
     Ok(())
@@ -263,7 +264,7 @@ pub fn train_temporal_adapter(
             step,
             &clip_frames,
             frames,
-            data.alphas_cumprod.len(),
+            data.noise_schedule.alphas_cumprod().len(),
         );
         let clip = &data.clips[draw.clip];
         let latents = clip
@@ -282,9 +283,9 @@ pub fn train_temporal_adapter(
             settings.correlation,
             latents.device(),
         )?;
-        let alpha_bar = f64::from(data.alphas_cumprod[draw.timestep]);
-        let noisy = (latents.affine(alpha_bar.sqrt(), 0.0)?
-            + noise.affine((1.0 - alpha_bar).sqrt(), 0.0)?)?;
+        let noisy = data
+            .noise_schedule
+            .add_noise(&latents, &noise, draw.timestep as f64)?;
         let weights = vars
             .iter()
             .map(|(key, var)| Ok((key.clone(), var.as_tensor().to_dtype(dtype)?)))
@@ -329,8 +330,8 @@ mod tests {
         crate::video::test_models::tiny_image_model(DType::F32)
     }
 
-    fn alphas() -> Vec<f32> {
-        crate::video::test_models::sd15_alphas_cumprod()
+    fn noise_schedule() -> crate::schedulers::DdimScheduler {
+        crate::video::test_models::sd15_noise_schedule()
     }
 
     fn clips() -> Vec<TrainingClip> {
@@ -380,10 +381,10 @@ mod tests {
     fn training_lowers_the_loss_and_trains_only_the_adapter() -> Result<()> {
         let unet = tiny_image_model();
         let clips = clips();
-        let alphas = alphas();
+        let schedule = noise_schedule();
         let data = TemporalTrainingData {
             clips: &clips,
-            alphas_cumprod: &alphas,
+            noise_schedule: &schedule,
         };
         let mut reported = Vec::new();
         let started = std::time::Instant::now();
@@ -437,10 +438,10 @@ mod tests {
     fn the_untrained_adapter_leaves_the_image_model_unchanged() -> Result<()> {
         let unet = tiny_image_model();
         let clips = clips();
-        let alphas = alphas();
+        let schedule = noise_schedule();
         let data = TemporalTrainingData {
             clips: &clips,
-            alphas_cumprod: &alphas,
+            noise_schedule: &schedule,
         };
         let untrained = train_temporal_adapter(&unet, &data, &settings(0), None, |_| Ok(()))?;
         assert!(untrained.losses.is_empty());
@@ -460,10 +461,10 @@ mod tests {
     fn a_resumed_run_ends_where_an_unbroken_one_does() -> Result<()> {
         let unet = tiny_image_model();
         let clips = clips();
-        let alphas = alphas();
+        let schedule = noise_schedule();
         let data = TemporalTrainingData {
             clips: &clips,
-            alphas_cumprod: &alphas,
+            noise_schedule: &schedule,
         };
         let correlated = |steps| TemporalTrainingSettings {
             noise: NoiseMode::Progressive,
@@ -501,10 +502,10 @@ mod tests {
     fn a_half_precision_unet_trains_f32_parameters() -> Result<()> {
         let unet = crate::video::test_models::tiny_image_model(DType::F16);
         let clips = clips();
-        let alphas = alphas();
+        let schedule = noise_schedule();
         let data = TemporalTrainingData {
             clips: &clips,
-            alphas_cumprod: &alphas,
+            noise_schedule: &schedule,
         };
         let trained = train_temporal_adapter(&unet, &data, &settings(2), None, |_| Ok(()))?;
         assert!(
@@ -548,10 +549,10 @@ mod tests {
     fn the_adapter_trains_on_top_of_frozen_motion_modules_within_their_frames() -> Result<()> {
         let unet = tiny_motion_model(DType::F32);
         let clips = clips();
-        let alphas = alphas();
+        let schedule = noise_schedule();
         let data = TemporalTrainingData {
             clips: &clips,
-            alphas_cumprod: &alphas,
+            noise_schedule: &schedule,
         };
         let trained = train_temporal_adapter(&unet, &data, &settings(2), None, |_| Ok(()))?;
         assert_eq!(trained.losses.len(), 2);
@@ -564,7 +565,7 @@ mod tests {
         }];
         let data = TemporalTrainingData {
             clips: &long,
-            alphas_cumprod: &alphas,
+            noise_schedule: &schedule,
         };
         let too_many = TemporalTrainingSettings {
             frames: 9,
@@ -583,11 +584,11 @@ mod tests {
     #[test]
     fn clips_shorter_than_the_window_and_windows_without_motion_are_refused() {
         let unet = tiny_image_model();
-        let alphas = alphas();
+        let schedule = noise_schedule();
         let clips = clips();
         let data = TemporalTrainingData {
             clips: &clips,
-            alphas_cumprod: &alphas,
+            noise_schedule: &schedule,
         };
         let too_long = TemporalTrainingSettings {
             frames: 6,
@@ -610,7 +611,7 @@ mod tests {
         assert!(error.to_string().contains("no motion"), "{error}");
         let none = TemporalTrainingData {
             clips: &[],
-            alphas_cumprod: &alphas,
+            noise_schedule: &schedule,
         };
         let error = train_temporal_adapter(&unet, &none, &settings(1), None, |_| Ok(()))
             .err()

@@ -70,11 +70,8 @@ pub(crate) fn moving_square(frames: usize, speed: usize) -> Tensor {
     Tensor::from_vec(values, (1, 4, frames, 8, 8), &Device::Cpu).unwrap()
 }
 
-/// ᾱ of SD 1.x's training schedule.
-pub(crate) fn sd15_alphas_cumprod() -> Vec<f32> {
-    use crate::schedulers::{DdimScheduler, DdimSchedulerConfig, Scheduler};
-    DdimScheduler::new(DdimSchedulerConfig::sd15())
-        .unwrap()
-        .alphas_cumprod()
-        .to_vec()
+/// SD 1.x's training noise schedule.
+pub(crate) fn sd15_noise_schedule() -> crate::schedulers::DdimScheduler {
+    use crate::schedulers::{DdimScheduler, DdimSchedulerConfig};
+    DdimScheduler::new(DdimSchedulerConfig::sd15()).unwrap()
 }

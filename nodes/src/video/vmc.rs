@@ -11,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::models::patcher::{PatchedUNet, UNetInputs};
 use crate::models::weights::NamedWeights;
+use crate::schedulers::Scheduler;
 use crate::train::{self, AdamW, AdamWConfig, Checkpointing, StepReport, TrainPlan};
 use crate::video::noise::{video_noise, NoiseMode};
 
@@ -165,8 +166,8 @@ pub struct VmcData<'a> {
     pub latents: &'a Tensor,
     /// (1, S, D) embeddings of the appearance-invariant prompt.
     pub text: &'a Tensor,
-    /// ᾱ of every training timestep.
-    pub alphas_cumprod: &'a [f32],
+    /// The training noise schedule: where the clip is noised to, and its ᾱ.
+    pub noise_schedule: &'a dyn Scheduler,
 }
 
 /// Fine-tunes the temporal Q/K/V of `unet`'s motion module on `data`. The state is saved (and
@@ -230,7 +231,7 @@ pub fn customize_motion(
     let latents = data.latents.to_dtype(DType::F32)?;
     let (batch, channels, frames, height, width) = latents.dims5()?;
     let device = latents.device().clone();
-    let train_timesteps = data.alphas_cumprod.len();
+    let train_timesteps = data.noise_schedule.alphas_cumprod().len();
     let loss_at = |step: u64| -> Result<Tensor> {
         // Each step's draws depend only on the seed and the step: a resumed run draws the same.
         let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
@@ -247,9 +248,10 @@ pub fn customize_motion(
             0.0,
             &device,
         )?;
-        let alpha_bar = f64::from(data.alphas_cumprod[timestep]);
-        let noisy = (latents.affine(alpha_bar.sqrt(), 0.0)?
-            + noise.affine((1.0 - alpha_bar).sqrt(), 0.0)?)?;
+        let alpha_bar = f64::from(data.noise_schedule.alphas_cumprod()[timestep]);
+        let noisy = data
+            .noise_schedule
+            .add_noise(&latents, &noise, timestep as f64)?;
         let rebuilt;
         let trained = match &built_once {
             Some(model) => model,
@@ -352,8 +354,8 @@ mod tests {
         crate::video::test_models::moving_square(frames, 1)
     }
 
-    fn alphas() -> Vec<f32> {
-        crate::video::test_models::sd15_alphas_cumprod()
+    fn noise_schedule() -> crate::schedulers::DdimScheduler {
+        crate::video::test_models::sd15_noise_schedule()
     }
 
     fn text() -> Tensor {
@@ -414,11 +416,11 @@ mod tests {
         let unet = tiny_model();
         let latents = moving_square(6);
         let text = text();
-        let alphas = alphas();
+        let schedule = noise_schedule();
         let data = VmcData {
             latents: &latents,
             text: &text,
-            alphas_cumprod: &alphas,
+            noise_schedule: &schedule,
         };
         let mut reported = Vec::new();
         let tuned = customize_motion(&unet, &data, &settings(24), None, |report| {
@@ -487,11 +489,11 @@ mod tests {
         let unet = tiny_model();
         let latents = moving_square(4);
         let text = text();
-        let alphas = alphas();
+        let schedule = noise_schedule();
         let data = VmcData {
             latents: &latents,
             text: &text,
-            alphas_cumprod: &alphas,
+            noise_schedule: &schedule,
         };
         let dir = tempfile::tempdir().unwrap();
         let checkpointing = |name: &str| Checkpointing {
@@ -681,11 +683,11 @@ mod tests {
         let unet = crate::video::test_models::tiny_motion_model(DType::F16);
         let latents = moving_square(4);
         let text = text();
-        let alphas = alphas();
+        let schedule = noise_schedule();
         let data = VmcData {
             latents: &latents,
             text: &text,
-            alphas_cumprod: &alphas,
+            noise_schedule: &schedule,
         };
         let tuned = customize_motion(&unet, &data, &settings(3), None, |_| Ok(()))?;
         assert!(
