@@ -49,6 +49,87 @@ const MOTION_PATCH_FOLDERS: &[&str] = &["motion_patches"];
 /// Frames encoded at once when the clip comes as images.
 const ENCODE_CHUNK: usize = 8;
 
+/// The optimiser inputs both training nodes take: `learning_rate`, and the optional
+/// `weight_decay`, `max_grad_norm`, `lr_schedule`, `warmup_steps` and `checkpoint_every`.
+struct OptimiserInputs {
+    learning_rate: f64,
+    optimizer: AdamWConfig,
+    schedule: LrSchedule,
+    checkpoint_every: u64,
+}
+
+impl OptimiserInputs {
+    /// Declares the optional inputs; `most` bounds the step counts, `checkpoint_every` is the
+    /// default save interval.
+    fn declare(builder: DescriptorBuilder, most: i64, checkpoint_every: i64) -> DescriptorBuilder {
+        builder
+            .float("weight_decay", 0.01, (0.0, 1.0, 0.001), "AdamW's decoupled weight decay.")
+            .float("max_grad_norm", 1.0, (0.0, 1000.0, 0.1), "Gradients are clipped to this global norm; 0 does not clip.")
+            .combo("lr_schedule", &LrSchedule::NAMES, "constant, or a half cosine to 0 at the last step; both after the warm-up.")
+            .int("warmup_steps", 0, 0, most, "Steps of linear warm-up from 0.")
+            .int("checkpoint_every", checkpoint_every, 0, most, "Save the training state every this many steps (and at the end); 0: only at the end.")
+    }
+
+    /// The inputs of a run of `steps` steps; `checkpoint_every` is the default save interval.
+    fn read(inputs: &Inputs, steps: u64, checkpoint_every: u64) -> Result<Self, NodeFailure> {
+        let schedule_name = match inputs.get("lr_schedule") {
+            Some(_) => inputs.string("lr_schedule")?,
+            None => "constant",
+        };
+        let schedule = LrSchedule::named(
+            schedule_name,
+            inputs.usize_or("warmup_steps", 0)? as u64,
+            steps,
+        )
+        .map_err(|e| NodeFailure::input("lr_schedule", e))?;
+        let learning_rate = inputs.float("learning_rate")?;
+        if learning_rate.is_nan() || learning_rate <= 0.0 {
+            return Err(NodeFailure::input("learning_rate", "must be positive"));
+        }
+        let max_grad_norm = inputs.float_or("max_grad_norm", 1.0)?;
+        let optimizer = AdamWConfig {
+            weight_decay: inputs.float_or("weight_decay", 0.01)?,
+            max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
+            ..AdamWConfig::default()
+        };
+        optimizer.validate().map_err(NodeFailure::execution)?;
+        Ok(Self {
+            learning_rate,
+            optimizer,
+            schedule,
+            checkpoint_every: inputs.usize_or("checkpoint_every", checkpoint_every as usize)?
+                as u64,
+        })
+    }
+}
+
+/// Where a training run keeps its state and its losses: beside its output, named after the
+/// `filename_prefix` without a counter, so that a rerun finds them.
+struct RunFiles {
+    state: PathBuf,
+    loss_csv: PathBuf,
+}
+
+impl RunFiles {
+    /// `{prefix}.{kind}-state.safetensors` and `{prefix}.{kind}-loss.csv` in the output folder.
+    fn of(out_dir: &Path, prefix: &str, kind: &str) -> Result<Self, NodeFailure> {
+        let (folder, name) = resolve_prefix(out_dir, prefix).map_err(save_failure)?;
+        Ok(Self {
+            state: folder.join(format!("{name}.{kind}-state.safetensors")),
+            loss_csv: folder.join(format!("{name}.{kind}-loss.csv")),
+        })
+    }
+}
+
+/// Reports each training step as progress, and stops the run once the user cancels.
+fn report_steps<'c>(ctx: &'c Context<'_>) -> Box<train::OnStep<'c>> {
+    Box::new(move |report| {
+        ctx.progress(report.step, report.steps, &report.summary());
+        ctx.check_cancelled()
+            .map_err(|_| candle_core::Error::Msg("cancelled".into()))
+    })
+}
+
 struct MotionCustomize;
 
 impl MotionCustomize {
@@ -108,34 +189,16 @@ impl MotionCustomize {
             .string("loss")?
             .parse()
             .map_err(|e| NodeFailure::input("loss", e))?;
-        let schedule = LrSchedule::named(
-            inputs.string("lr_schedule").unwrap_or("constant"),
-            inputs.usize_or("warmup_steps", 0)? as u64,
+        let optimiser = OptimiserInputs::read(inputs, steps, 50)?;
+        Ok(VmcSettings {
             steps,
-        )
-        .map_err(|e| NodeFailure::input("lr_schedule", e))?;
-        let max_grad_norm = inputs.float_or("max_grad_norm", 1.0)?;
-        let settings = VmcSettings {
-            steps,
-            learning_rate: inputs.float("learning_rate")?,
+            learning_rate: optimiser.learning_rate,
             loss,
             seed: inputs.seed("seed")?,
-            optimizer: AdamWConfig {
-                weight_decay: inputs.float_or("weight_decay", 0.01)?,
-                max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
-                ..AdamWConfig::default()
-            },
-            schedule,
-            checkpoint_every: inputs.usize_or("checkpoint_every", 50)? as u64,
-        };
-        if settings.learning_rate.is_nan() || settings.learning_rate <= 0.0 {
-            return Err(NodeFailure::input("learning_rate", "must be positive"));
-        }
-        settings
-            .optimizer
-            .validate()
-            .map_err(NodeFailure::execution)?;
-        Ok(settings)
+            optimizer: optimiser.optimizer,
+            schedule: optimiser.schedule,
+            checkpoint_every: optimiser.checkpoint_every,
+        })
     }
 }
 
@@ -157,7 +220,7 @@ fn data_fingerprint(latents: &Tensor, text: &Tensor) -> Result<String, NodeFailu
 
 impl Node for MotionCustomize {
     fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
-        DescriptorBuilder::new("MotionCustomize", "Motion Customize (VMC)", "vdm/training")
+        let builder = DescriptorBuilder::new("MotionCustomize", "Motion Customize (VMC)", "vdm/training")
             .description(
                 "VMC: learns the motion of one clip by fine-tuning only the Q, K and V projections of \
                  the motion module's temporal attention, so that the frame-to-frame residuals of the \
@@ -178,12 +241,8 @@ impl Node for MotionCustomize {
             .object("latent", "LATENT", "The clip as latents (VAE Encode); or give `images` and `vae`.")
             .object("images", "IMAGE", "The clip as frames, encoded with `vae`.")
             .object("vae", "VAE", "Encodes `images`.")
-            .int("clip_skip", 1, 1, 12, "1: the text encoder's last layer; 2: the penultimate.")
-            .float("weight_decay", 0.01, (0.0, 1.0, 0.001), "AdamW's decoupled weight decay.")
-            .float("max_grad_norm", 1.0, (0.0, 1000.0, 0.1), "Gradients are clipped to this global norm; 0 does not clip.")
-            .combo("lr_schedule", &LrSchedule::NAMES, "constant, or a half cosine to 0 at the last step; both after the warm-up.")
-            .int("warmup_steps", 0, 0, 100_000, "Steps of linear warm-up from 0.")
-            .int("checkpoint_every", 50, 0, 100_000, "Save the training state every this many steps (and at the end); 0: only at the end.")
+            .int("clip_skip", 1, 1, 12, "1: the text encoder's last layer; 2: the penultimate.");
+        OptimiserInputs::declare(builder, 100_000, 50)
             .output("MODEL", "MODEL")
             .output_node()
             .build()
@@ -222,9 +281,9 @@ impl Node for MotionCustomize {
 
         let out_dir = ctx.output_dir();
         let prefix = inputs.string("filename_prefix")?;
-        let (folder, name) = resolve_prefix(&out_dir, prefix).map_err(save_failure)?;
+        let files = RunFiles::of(&out_dir, prefix, "vmc")?;
         let checkpointing = Checkpointing {
-            path: folder.join(format!("{name}.vmc-state.safetensors")),
+            path: files.state,
             run: format!(
                 "{} data {}",
                 settings.describe_without_steps(),
@@ -241,16 +300,11 @@ impl Node for MotionCustomize {
             &data,
             &settings,
             Some(&checkpointing),
-            |report| {
-                ctx.progress(report.step, report.steps, &report.summary());
-                ctx.check_cancelled()
-                    .map_err(|_| candle_core::Error::Msg("cancelled".into()))
-            },
+            report_steps(ctx),
         )
         .map_err(|e| cancelled_or(ctx, e))?;
 
-        let loss_csv = folder.join(format!("{name}.vmc-loss.csv"));
-        train::write_loss_csv(&loss_csv, &tuned.losses)?;
+        train::write_loss_csv(&files.loss_csv, &tuned.losses)?;
         let patch_path = save_patch(&tuned.patch, &out_dir, prefix).map_err(save_failure)?;
         let unet = model
             .unet
@@ -261,7 +315,7 @@ impl Node for MotionCustomize {
             ui: Some(json!({
                 "loss": tuned.losses,
                 "patch": [file_entry(&out_dir, &patch_path)],
-                "loss_csv": [file_entry(&out_dir, &loss_csv)],
+                "loss_csv": [file_entry(&out_dir, &files.loss_csv)],
                 "resumed_at_step": [tuned.resumed_at],
             })),
         })
@@ -427,16 +481,6 @@ impl TrainTemporalAdapter {
     fn settings(inputs: &Inputs) -> Result<TemporalTrainingSettings, NodeFailure> {
         let defaults = TemporalTrainingSettings::default();
         let steps = inputs.usize("steps")? as u64;
-        let schedule_name = match inputs.get("lr_schedule") {
-            Some(_) => inputs.string("lr_schedule")?,
-            None => "constant",
-        };
-        let schedule = LrSchedule::named(
-            schedule_name,
-            inputs.usize_or("warmup_steps", 0)? as u64,
-            steps,
-        )
-        .map_err(|e| NodeFailure::input("lr_schedule", e))?;
         let noise: NoiseMode = match inputs.get("noise") {
             Some(_) => inputs
                 .string("noise")?
@@ -451,25 +495,18 @@ impl TrainTemporalAdapter {
                 format!("{correlation} is outside [0, 1)"),
             ));
         }
-        let max_grad_norm = inputs.float_or("max_grad_norm", 1.0)?;
+        let optimiser = OptimiserInputs::read(inputs, steps, 100)?;
         let settings = TemporalTrainingSettings {
             steps,
-            learning_rate: inputs.float("learning_rate")?,
+            learning_rate: optimiser.learning_rate,
             frames: inputs.usize("frames")?,
             seed: inputs.seed("seed")?,
             noise,
             correlation,
-            optimizer: AdamWConfig {
-                weight_decay: inputs.float_or("weight_decay", 0.01)?,
-                max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
-                ..AdamWConfig::default()
-            },
-            schedule,
-            checkpoint_every: inputs.usize_or("checkpoint_every", 100)? as u64,
+            optimizer: optimiser.optimizer,
+            schedule: optimiser.schedule,
+            checkpoint_every: optimiser.checkpoint_every,
         };
-        if settings.learning_rate.is_nan() || settings.learning_rate <= 0.0 {
-            return Err(NodeFailure::input("learning_rate", "must be positive"));
-        }
         if settings.frames < 2 {
             return Err(NodeFailure::input(
                 "frames",
@@ -610,7 +647,7 @@ impl TrainTemporalAdapter {
 
 impl Node for TrainTemporalAdapter {
     fn descriptor(&self) -> vdm_ffi::NodeDescriptor {
-        DescriptorBuilder::new("TrainTemporalAdapter", "Train Temporal Adapter", "vdm/training")
+        let builder = DescriptorBuilder::new("TrainTemporalAdapter", "Train Temporal Adapter", "vdm/training")
             .description(
                 "Trains Hong & Quan's lightweight motion-adaptive temporal modules (one small temporal \
                  attention after every spatial transformer, global in the down and mid blocks, biased \
@@ -638,12 +675,8 @@ impl Node for TrainTemporalAdapter {
             .int("height", 256, 8, 4096, "… and this height.")
             .combo("noise", &NoiseMode::NAMES, "independent: noise of its own per frame; mixed: a shared component, correlation ρ between any two frames; progressive: AR(1), ρ^|i − j|.")
             .float("correlation", 0.0, (0.0, 0.99, 0.01), "ρ of mixed or progressive noise.")
-            .int("clip_skip", 1, 1, 12, "1: the text encoder's last layer; 2: the penultimate.")
-            .float("weight_decay", 0.01, (0.0, 1.0, 0.001), "AdamW's decoupled weight decay.")
-            .float("max_grad_norm", 1.0, (0.0, 1000.0, 0.1), "Gradients are clipped to this global norm; 0 does not clip.")
-            .combo("lr_schedule", &LrSchedule::NAMES, "constant, or a half cosine to 0 at the last step; both after the warm-up.")
-            .int("warmup_steps", 0, 0, 1_000_000, "Steps of linear warm-up from 0.")
-            .int("checkpoint_every", 100, 0, 1_000_000, "Save the training state every this many steps (and at the end); 0: only at the end.")
+            .int("clip_skip", 1, 1, 12, "1: the text encoder's last layer; 2: the penultimate.");
+        OptimiserInputs::declare(builder, 1_000_000, 100)
             .output("MODEL", "MODEL")
             .output_node()
             .build()
@@ -685,13 +718,13 @@ impl Node for TrainTemporalAdapter {
 
         let out_dir = ctx.output_dir();
         let prefix = inputs.string("filename_prefix")?;
-        let (folder, name) = resolve_prefix(&out_dir, prefix).map_err(save_failure)?;
+        let files = RunFiles::of(&out_dir, prefix, "temporal")?;
         let mut fingerprint = std::collections::hash_map::DefaultHasher::new();
         for clip in &clips {
             data_fingerprint(&clip.latents, &clip.text)?.hash(&mut fingerprint);
         }
         let checkpointing = Checkpointing {
-            path: folder.join(format!("{name}.temporal-state.safetensors")),
+            path: files.state,
             run: format!(
                 "{} data {:016x}",
                 settings.describe_without_steps(),
@@ -707,16 +740,11 @@ impl Node for TrainTemporalAdapter {
             &data,
             &settings,
             Some(&checkpointing),
-            |report| {
-                ctx.progress(report.step, report.steps, &report.summary());
-                ctx.check_cancelled()
-                    .map_err(|_| candle_core::Error::Msg("cancelled".into()))
-            },
+            report_steps(ctx),
         )
         .map_err(|e| cancelled_or(ctx, e))?;
 
-        let loss_csv = folder.join(format!("{name}.temporal-loss.csv"));
-        train::write_loss_csv(&loss_csv, &trained.losses)?;
+        train::write_loss_csv(&files.loss_csv, &trained.losses)?;
         let adapter_path = save_atomically(&out_dir, prefix, "safetensors", |temp| {
             save_weights(&trained.config, &trained.weights, temp).map_err(|e| MediaError::Encode {
                 path: temp.to_path_buf(),
@@ -734,7 +762,7 @@ impl Node for TrainTemporalAdapter {
             ui: Some(json!({
                 "loss": trained.losses,
                 "adapter": [file_entry(&out_dir, &adapter_path)],
-                "loss_csv": [file_entry(&out_dir, &loss_csv)],
+                "loss_csv": [file_entry(&out_dir, &files.loss_csv)],
                 "resumed_at_step": [trained.resumed_at],
             })),
         })

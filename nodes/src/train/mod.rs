@@ -51,6 +51,9 @@ pub struct StepReport {
     pub steps_per_second: f64,
 }
 
+/// Hears of every finished step; an error from it stops the run (cancellation).
+pub type OnStep<'a> = dyn FnMut(&StepReport) -> Result<()> + 'a;
+
 impl StepReport {
     /// `loss 0.1234 (mean 0.1300) · 1.52 steps/s`, the text of a progress bar.
     pub fn summary(&self) -> String {
