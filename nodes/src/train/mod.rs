@@ -9,7 +9,9 @@ pub mod state;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, Var};
+
+use crate::models::weights::NamedWeights;
 
 pub use optimizer::{AdamW, AdamWConfig, LrSchedule, StepStats};
 pub use state::{write_atomically, TrainingState};
@@ -62,6 +64,42 @@ impl StepReport {
             self.loss, self.running_mean, self.steps_per_second
         )
     }
+}
+
+/// Trainable f32 copies of `initial`, by name: the parameters and the optimiser's moments are
+/// f32 whatever the model's dtype.
+pub fn variables(
+    initial: impl IntoIterator<Item = (String, Tensor)>,
+) -> Result<Vec<(String, Var)>> {
+    initial
+        .into_iter()
+        .map(|(name, tensor)| Ok((name, Var::from_tensor(&tensor.to_dtype(DType::F32)?)?)))
+        .collect()
+}
+
+/// `variables` as the weights of a model of `dtype`, by name. For f32 they are the variables'
+/// own tensors, which every optimiser step updates in place; another dtype gets a cast, which
+/// carries the gradient back and must be taken again after each step.
+pub fn as_weights(variables: &[(String, Var)], dtype: DType) -> Result<NamedWeights> {
+    variables
+        .iter()
+        .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_dtype(dtype)?)))
+        .collect()
+}
+
+/// AdamW over `variables`, resumed from the state at `checkpointing` when there is one of this
+/// run, and the losses of the steps already taken.
+pub fn start(
+    variables: Vec<(String, Var)>,
+    config: AdamWConfig,
+    checkpointing: Option<&Checkpointing>,
+) -> Result<(AdamW, Vec<f64>)> {
+    let mut optimizer = AdamW::new(variables, config)?;
+    let losses = match checkpointing {
+        Some(checkpointing) => resume(&mut optimizer, checkpointing)?,
+        None => Vec::new(),
+    };
+    Ok((optimizer, losses))
 }
 
 /// Loads the state at `checkpointing.path` into `optimizer` when it is a state of the same run,

@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -31,7 +31,7 @@ use crate::models::patcher::{Patch, PatchedUNet, UNetInputs};
 use crate::models::temporal_adapter::{TemporalAdapter, TemporalAdapterConfig};
 use crate::models::weights::NamedWeights;
 use crate::schedulers::Scheduler;
-use crate::train::{self, AdamW, AdamWConfig, Checkpointing, LrSchedule, StepReport, TrainPlan};
+use crate::train::{self, AdamWConfig, Checkpointing, LrSchedule, StepReport, TrainPlan};
 use crate::video::motion_adaptive::{Amplitude, AmplitudeTap, MotionAdaptiveConfig};
 use crate::video::noise::{video_noise, NoiseMode};
 
@@ -222,20 +222,12 @@ pub fn train_temporal_adapter(
     let device = base.device().clone();
     let dtype = base.dtype();
 
-    // The parameters and the optimiser's moments stay f32 whatever the UNet's dtype; each
-    // step casts them into the adapter (a no-op for an f32 UNet), and the cast carries the
-    // gradient back.
+    // The parameters stay f32 whatever the UNet's dtype; each step casts them into the adapter
+    // (a no-op for an f32 UNet), and the cast carries the gradient back.
     let init = TemporalAdapter::init_weights(&config, settings.seed, DType::F32, &device)?;
-    let parameters = init
-        .into_iter()
-        .map(|(key, tensor)| Ok((key, Var::from_tensor(&tensor)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let parameters = train::variables(init)?;
     let vars = parameters.clone();
-    let mut optimizer = AdamW::new(parameters, settings.optimizer)?;
-    let mut losses = match checkpointing {
-        Some(checkpointing) => train::resume(&mut optimizer, checkpointing)?,
-        None => Vec::new(),
-    };
+    let (mut optimizer, mut losses) = train::start(parameters, settings.optimizer, checkpointing)?;
     let resumed_at = optimizer.steps_taken();
 
     let kappa = MotionAdaptiveConfig::default().kappa;
@@ -286,11 +278,7 @@ pub fn train_temporal_adapter(
         let noisy = data
             .noise_schedule
             .add_noise(&latents, &noise, draw.timestep as f64)?;
-        let weights = vars
-            .iter()
-            .map(|(key, var)| Ok((key.clone(), var.as_tensor().to_dtype(dtype)?)))
-            .collect::<Result<NamedWeights>>()?;
-        let adapter = TemporalAdapter::from_weights(&config, weights)?;
+        let adapter = TemporalAdapter::from_weights(&config, train::as_weights(&vars, dtype)?)?;
         let model = with_amplitude
             .with_temporal_adapter(Arc::new(adapter))
             .map_err(candle_core::Error::Msg)?;

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::models::patcher::{PatchedUNet, UNetInputs};
 use crate::models::weights::NamedWeights;
 use crate::schedulers::Scheduler;
-use crate::train::{self, AdamW, AdamWConfig, Checkpointing, StepReport, TrainPlan};
+use crate::train::{self, AdamWConfig, Checkpointing, StepReport, TrainPlan};
 use crate::video::noise::{video_noise, NoiseMode};
 
 /// The motion loss between the frame residuals of the true and the predicted noise.
@@ -186,41 +186,29 @@ pub fn customize_motion(
     if frames < 2 {
         candle_core::bail!("a clip of {frames} frame(s) has no motion; give 2 frames or more")
     }
-    let parameters = adapter
-        .weights()
-        .iter()
-        .filter(|(key, _)| is_temporal_qkv(key))
-        .map(|(key, tensor)| {
-            Ok((
-                key.clone(),
-                Var::from_tensor(&tensor.to_dtype(DType::F32)?)?,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let parameters = train::variables(
+        adapter
+            .weights()
+            .iter()
+            .filter(|(key, _)| is_temporal_qkv(key))
+            .map(|(key, tensor)| (key.clone(), tensor.clone())),
+    )?;
     if parameters.is_empty() {
         candle_core::bail!("the motion module has no temporal attention projections to train")
     }
-    // The parameters and the optimiser's moments are f32 whatever the model's dtype. An f32
-    // model reads the variables' storage, so it is built once and sees every optimiser step;
-    // another dtype takes a cast of them, rebuilt at every step.
+    // An f32 model reads the variables' storage, so it is built once and sees every optimiser
+    // step; another dtype takes a cast of them, rebuilt at every step.
     let dtype = unet.base().dtype();
     let with_parameters = |parameters: &[(String, Var)]| -> Result<PatchedUNet> {
-        let weights = parameters
-            .iter()
-            .map(|(key, var)| Ok((key.clone(), var.as_tensor().to_dtype(dtype)?)))
-            .collect::<Result<NamedWeights>>()?;
-        unet.with_weights(weights).map_err(candle_core::Error::Msg)
+        unet.with_weights(train::as_weights(parameters, dtype)?)
+            .map_err(candle_core::Error::Msg)
     };
     let built_once = match dtype {
         DType::F32 => Some(with_parameters(&parameters)?),
         _ => None,
     };
     let vars = parameters.clone();
-    let mut optimizer = AdamW::new(parameters, settings.optimizer)?;
-    let mut losses = match checkpointing {
-        Some(checkpointing) => train::resume(&mut optimizer, checkpointing)?,
-        None => Vec::new(),
-    };
+    let (mut optimizer, mut losses) = train::start(parameters, settings.optimizer, checkpointing)?;
     let resumed_at = optimizer.steps_taken();
     let plan = TrainPlan {
         steps: settings.steps,
