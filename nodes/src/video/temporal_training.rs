@@ -385,17 +385,7 @@ mod tests {
             started.elapsed().as_secs_f64() * 1000.0 / 32.0
         );
         assert_eq!(trained.losses, reported);
-        let quarter = trained.losses.len() / 4;
-        let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
-        let (first, last) = (
-            mean(&trained.losses[..quarter]),
-            mean(&trained.losses[trained.losses.len() - quarter..]),
-        );
-        assert!(
-            last < first,
-            "mean loss of the last quarter {last} ≥ the first's {first}: {:?}",
-            trained.losses
-        );
+        crate::video::test_models::assert_loss_falls(&trained.losses);
 
         // The parameters are the adapter's keys, all of them, and nothing of the UNet.
         let expected = trained.config.trainable_keys();

@@ -75,3 +75,18 @@ pub(crate) fn sd15_noise_schedule() -> crate::schedulers::DdimScheduler {
     use crate::schedulers::{DdimScheduler, DdimSchedulerConfig};
     DdimScheduler::new(DdimSchedulerConfig::sd15()).unwrap()
 }
+
+/// That training learnt: the mean loss of the last quarter of the steps is below the first
+/// quarter's.
+pub(crate) fn assert_loss_falls(losses: &[f64]) {
+    let quarter = losses.len() / 4;
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (first, last) = (
+        mean(&losses[..quarter]),
+        mean(&losses[losses.len() - quarter..]),
+    );
+    assert!(
+        last < first,
+        "mean loss of the last quarter {last} ≥ the first's {first}: {losses:?}"
+    );
+}

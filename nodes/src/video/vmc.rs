@@ -416,17 +416,7 @@ mod tests {
             Ok(())
         })?;
         assert_eq!(tuned.losses, reported);
-        let quarter = tuned.losses.len() / 4;
-        let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
-        let (first, last) = (
-            mean(&tuned.losses[..quarter]),
-            mean(&tuned.losses[tuned.losses.len() - quarter..]),
-        );
-        assert!(
-            last < first,
-            "mean loss of the last quarter {last} ≥ the first's {first}: {:?}",
-            tuned.losses
-        );
+        crate::video::test_models::assert_loss_falls(&tuned.losses);
 
         // Only Q, K, V of temporal attention, every one of them, and all changed.
         let adapter = unet.motion().unwrap();
