@@ -9,23 +9,6 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
-use vdm::{Executor, PluginSet, RunError, RunSummary, Workflow};
-
-fn plugins() -> PluginSet {
-    let set = PluginSet::load(&[], &[common::plugin_library("vdm-nodes")]);
-    assert!(set.refused.is_empty(), "{:?}", set.refused);
-    set
-}
-
-fn run(workflow: &Value, models: &common::TinyModels, out: &Path) -> Result<RunSummary, RunError> {
-    let workflow = Workflow::from_json(workflow.clone()).unwrap();
-    let set = plugins();
-    Executor::new(&set, &vdm::events::Silent)
-        .with_setting("output_dir", out.to_string_lossy())
-        .with_setting("models_dir", models.root.to_string_lossy())
-        .with_setting("device", "cpu")
-        .run(&workflow)
-}
 
 /// A clip folder: two moving-texture GIFs of 6 frames (24×32 pixels: 12×16 latents through
 /// the tiny VAE) and a `notes.txt`, which is no clip.
@@ -64,23 +47,6 @@ fn shipped_workflow(clips: &Path) -> Value {
     workflow
 }
 
-fn node_error(result: Result<RunSummary, RunError>) -> (String, Option<String>, String) {
-    match result {
-        Err(RunError::Node(e)) => (
-            e.node_id.to_string(),
-            e.input.clone().into_option().map(|s| s.into_string()),
-            e.to_string(),
-        ),
-        Err(RunError::Invalid(report)) => {
-            let (node, errors) = report.node_errors.iter().next().expect("a node error");
-            let issue = &errors.errors[0];
-            let input = issue.extra_info["input_name"].as_str().map(str::to_string);
-            (node.clone(), input, issue.details.clone())
-        }
-        other => panic!("expected a node error, got {:?}", other.map(|s| s.executed)),
-    }
-}
-
 #[test]
 fn the_shipped_workflow_trains_an_adapter_that_the_injector_loads() {
     let dir = tempfile::tempdir().unwrap();
@@ -89,7 +55,7 @@ fn the_shipped_workflow_trains_an_adapter_that_the_injector_loads() {
     let out = dir.path().join("out");
     let workflow = shipped_workflow(&clips);
     let started = std::time::Instant::now();
-    let summary = run(&workflow, &models, &out).unwrap();
+    let summary = common::run_on_tiny_models(&workflow, &models, &out).unwrap();
     eprintln!(
         "the shipped workflow, 3 steps and a 2-step sample: {:.1} s",
         started.elapsed().as_secs_f64()
@@ -154,7 +120,7 @@ fn the_shipped_workflow_trains_an_adapter_that_the_injector_loads() {
             "seed": 42, "steps": 2, "cfg": 7.5, "scheduler": "ddim", "denoise": 1.0}});
         nodes[saved] = json!({"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": saved}});
     }
-    let both = run(&nodes, &models, &out).unwrap();
+    let both = common::run_on_tiny_models(&nodes, &models, &out).unwrap();
     assert_eq!(both.ui["2"]["resumed_at_step"][0], 3);
     assert_eq!(both.ui["2"]["loss"], ui["loss"]);
     let read = |node: &str| {
@@ -190,12 +156,20 @@ fn a_folder_without_clips_or_a_clip_of_one_frame_is_refused_naming_clips() {
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     std::fs::write(empty.join("notes.txt"), "not a clip").unwrap();
-    let (node, input, message) = node_error(run(&train_only(&empty), &models, &out));
+    let (node, input, message) = common::node_error(common::run_on_tiny_models(
+        &train_only(&empty),
+        &models,
+        &out,
+    ));
     assert_eq!((node.as_str(), input.as_deref()), ("2", Some("clips")));
     assert!(message.contains("holds no clips"), "{message}");
 
     let missing = dir.path().join("missing");
-    let (node, input, message) = node_error(run(&train_only(&missing), &models, &out));
+    let (node, input, message) = common::node_error(common::run_on_tiny_models(
+        &train_only(&missing),
+        &models,
+        &out,
+    ));
     assert_eq!((node.as_str(), input.as_deref()), ("2", Some("clips")));
     assert!(message.contains("not a folder of clips"), "{message}");
 
@@ -203,7 +177,11 @@ fn a_folder_without_clips_or_a_clip_of_one_frame_is_refused_naming_clips() {
     std::fs::create_dir_all(&still).unwrap();
     common::write_moving_texture_gif(&still.join("moving.gif"), 6, (24, 32), (1, 0));
     common::write_moving_texture_gif(&still.join("still.gif"), 1, (24, 32), (0, 0));
-    let (node, input, message) = node_error(run(&train_only(&still), &models, &out));
+    let (node, input, message) = common::node_error(common::run_on_tiny_models(
+        &train_only(&still),
+        &models,
+        &out,
+    ));
     assert_eq!((node.as_str(), input.as_deref()), ("2", Some("clips")));
     assert!(
         message.contains("still.gif") && message.contains("2 frames or more"),
@@ -213,7 +191,11 @@ fn a_folder_without_clips_or_a_clip_of_one_frame_is_refused_naming_clips() {
     let short = dir.path().join("short");
     std::fs::create_dir_all(&short).unwrap();
     common::write_moving_texture_gif(&short.join("three.gif"), 3, (24, 32), (1, 0));
-    let (node, input, message) = node_error(run(&train_only(&short), &models, &out));
+    let (node, input, message) = common::node_error(common::run_on_tiny_models(
+        &train_only(&short),
+        &models,
+        &out,
+    ));
     assert_eq!((node.as_str(), input.as_deref()), ("2", Some("clips")));
     assert!(
         message.contains("three.gif") && message.contains("fewer than the 4"),

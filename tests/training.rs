@@ -7,22 +7,6 @@ mod common;
 use std::path::Path;
 
 use serde_json::{json, Value};
-use vdm::{Executor, PluginSet, RunError, RunSummary, Workflow};
-
-fn plugins() -> PluginSet {
-    let set = PluginSet::load(&[], &[common::plugin_library("vdm-nodes")]);
-    assert!(set.refused.is_empty(), "{:?}", set.refused);
-    set
-}
-
-fn run(workflow: Value, models: &common::TinyModels, out: &Path) -> Result<RunSummary, RunError> {
-    let set = plugins();
-    Executor::new(&set, &vdm::events::Silent)
-        .with_setting("output_dir", out.to_string_lossy())
-        .with_setting("models_dir", models.root.to_string_lossy())
-        .with_setting("device", "cpu")
-        .run(&Workflow::from_json(workflow).unwrap())
-}
 
 /// Loaders, the clip as latents of `frames` frames (noise from the seed: the motion is whatever
 /// it is), and `MotionCustomize` as node 6 with `customize` merged into its inputs.
@@ -45,29 +29,13 @@ fn customize_workflow(frames: usize, customize: Value) -> Value {
     })
 }
 
-fn node_error(result: Result<RunSummary, RunError>) -> (String, Option<String>, String) {
-    match result {
-        Err(RunError::Node(e)) => (
-            e.node_id.to_string(),
-            e.input.clone().into_option().map(|s| s.into_string()),
-            e.to_string(),
-        ),
-        Err(RunError::Invalid(report)) => {
-            let (node, errors) = report.node_errors.iter().next().expect("a node error");
-            let issue = &errors.errors[0];
-            let input = issue.extra_info["input_name"].as_str().map(str::to_string);
-            (node.clone(), input, issue.details.clone())
-        }
-        other => panic!("expected a node error, got {:?}", other.map(|s| s.executed)),
-    }
-}
-
 #[test]
 fn motion_customize_writes_a_qkv_patch_that_load_motion_patch_applies() {
     let dir = tempfile::tempdir().unwrap();
     let models = common::write_tiny_models(&dir.path().join("models"));
     let out = dir.path().join("out");
-    let summary = run(customize_workflow(4, json!({})), &models, &out).unwrap();
+    let summary =
+        common::run_on_tiny_models(&customize_workflow(4, json!({})), &models, &out).unwrap();
     let ui = &summary.ui["6"];
     let losses = ui["loss"].as_array().unwrap();
     assert_eq!(losses.len(), 4);
@@ -90,7 +58,8 @@ fn motion_customize_writes_a_qkv_patch_that_load_motion_patch_applies() {
     assert!(csv.starts_with("step,loss\n1,"));
 
     // The same settings again: the saved state has every step, so nothing is trained.
-    let again = run(customize_workflow(4, json!({})), &models, &out).unwrap();
+    let again =
+        common::run_on_tiny_models(&customize_workflow(4, json!({})), &models, &out).unwrap();
     assert_eq!(again.ui["6"]["resumed_at_step"][0], 4);
     assert_eq!(again.ui["6"]["loss"], ui["loss"]);
 
@@ -107,7 +76,7 @@ fn motion_customize_writes_a_qkv_patch_that_load_motion_patch_applies() {
     workflow["10"] = sample(json!(["7", 0]));
     workflow["11"] = json!({"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "tuned"}});
     workflow["12"] = json!({"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "loaded"}});
-    let both = run(workflow, &models, &out).unwrap();
+    let both = common::run_on_tiny_models(&workflow, &models, &out).unwrap();
     let read = |node: &str| {
         let entry = &both.ui[node]["latents"][0];
         std::fs::read(
@@ -129,7 +98,11 @@ fn bad_clips_prompts_and_patches_name_the_node_and_input() {
     let models = common::write_tiny_models(&dir.path().join("models"));
     let out = dir.path().join("out");
 
-    let (node, input, message) = node_error(run(customize_workflow(1, json!({})), &models, &out));
+    let (node, input, message) = common::node_error(common::run_on_tiny_models(
+        &customize_workflow(1, json!({})),
+        &models,
+        &out,
+    ));
     assert_eq!(
         (node.as_str(), input.as_deref()),
         ("6", Some("latent")),
@@ -137,8 +110,8 @@ fn bad_clips_prompts_and_patches_name_the_node_and_input() {
     );
     assert!(message.contains("2 frames or more"), "{message}");
 
-    let (node, input, message) = node_error(run(
-        customize_workflow(4, json!({"prompt": "  "})),
+    let (node, input, message) = common::node_error(common::run_on_tiny_models(
+        &customize_workflow(4, json!({"prompt": "  "})),
         &models,
         &out,
     ));
@@ -150,15 +123,16 @@ fn bad_clips_prompts_and_patches_name_the_node_and_input() {
 
     let mut no_motion = customize_workflow(4, json!({"model": ["1", 0]}));
     no_motion.as_object_mut().unwrap().remove("3");
-    let (node, input, message) = node_error(run(no_motion, &models, &out));
+    let (node, input, message) =
+        common::node_error(common::run_on_tiny_models(&no_motion, &models, &out));
     assert_eq!(
         (node.as_str(), input.as_deref()),
         ("6", Some("model")),
         "{message}"
     );
 
-    let (node, input, message) = node_error(run(
-        customize_workflow(4, json!({"latent": null})),
+    let (node, input, message) = common::node_error(common::run_on_tiny_models(
+        &customize_workflow(4, json!({"latent": null})),
         &models,
         &out,
     ));
@@ -197,7 +171,8 @@ fn bad_clips_prompts_and_patches_name_the_node_and_input() {
                  "channels": 4, "mode": "independent", "correlation": 0.0}},
         "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "x"}}
     });
-    let (node, input, message) = node_error(run(workflow, &models, &out));
+    let (node, input, message) =
+        common::node_error(common::run_on_tiny_models(&workflow, &models, &out));
     assert_eq!(
         (node.as_str(), input.as_deref()),
         ("7", Some("patch_name")),

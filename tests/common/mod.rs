@@ -346,3 +346,40 @@ pub fn write_moving_texture_gif(
         encoder.encode_frame(image::Frame::new(img)).unwrap();
     }
 }
+
+/// Runs `workflow` with the vdm-nodes plugin on the CPU, its models under `models`, writing
+/// into `out`.
+pub fn run_on_tiny_models(
+    workflow: &serde_json::Value,
+    models: &TinyModels,
+    out: &std::path::Path,
+) -> Result<vdm::RunSummary, vdm::RunError> {
+    let set = vdm::PluginSet::load(&[], &[plugin_library("vdm-nodes")]);
+    assert!(set.refused.is_empty(), "{:?}", set.refused);
+    vdm::Executor::new(&set, &vdm::events::Silent)
+        .with_setting("output_dir", out.to_string_lossy())
+        .with_setting("models_dir", models.root.to_string_lossy())
+        .with_setting("device", "cpu")
+        .run(&vdm::Workflow::from_json(workflow.clone()).unwrap())
+}
+
+/// The node id, input and message of the error a run failed with, whether found at validation
+/// or while running; panics when the run did not fail on a node.
+pub fn node_error(
+    result: Result<vdm::RunSummary, vdm::RunError>,
+) -> (String, Option<String>, String) {
+    match result {
+        Err(vdm::RunError::Node(e)) => (
+            e.node_id.to_string(),
+            e.input.clone().into_option().map(|s| s.into_string()),
+            e.to_string(),
+        ),
+        Err(vdm::RunError::Invalid(report)) => {
+            let (node, errors) = report.node_errors.iter().next().expect("a node error");
+            let issue = &errors.errors[0];
+            let input = issue.extra_info["input_name"].as_str().map(str::to_string);
+            (node.clone(), input, issue.details.clone())
+        }
+        other => panic!("expected a node error, got {:?}", other.map(|s| s.executed)),
+    }
+}
