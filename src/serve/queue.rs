@@ -151,16 +151,6 @@ impl Queue {
         waiting
     }
 
-    /// The running prompt's listing (none or one), the waiting ones', and the history by id, for
-    /// the jobs API.
-    pub fn jobs_snapshot(&self) -> (Vec<Json>, Vec<Json>, Map<String, Json>) {
-        let state = self.lock();
-        let running = state.running.iter().map(|(_, l)| l.clone()).collect();
-        let pending = state.pending.iter().map(QueuedPrompt::listing).collect();
-        let history = state.history.iter().cloned().collect();
-        (running, pending, history)
-    }
-
     /// Every history entry, by prompt id, the newest `max_items` when given.
     pub fn history(&self, max_items: Option<usize>) -> Json {
         let state = self.lock();

@@ -321,25 +321,36 @@ async fn jobs_list(State(state): Shared, Query(query): Query<HashMap<String, Str
         Ok(query) => query,
         Err(message) => return bad_request(&message),
     };
-    let (running, pending, history) = state.queue.jobs_snapshot();
-    Reply(jobs::list(&running, &pending, &history, &query)).into_response()
+    let queue = state.queue.listing();
+    let history = state.queue.history(None);
+    let listings = |key: &str| queue[key].as_array().cloned().unwrap_or_default();
+    let history = history.as_object().cloned().unwrap_or_default();
+    Reply(jobs::list(
+        &listings("queue_running"),
+        &listings("queue_pending"),
+        &history,
+        &query,
+    ))
+    .into_response()
 }
 
 async fn job_detail(State(state): Shared, UrlPath(job_id): UrlPath<String>) -> Response {
-    let (running, pending, history) = state.queue.jobs_snapshot();
-    let job = match history.get(&job_id) {
-        Some(entry) => jobs::finished_job(&job_id, entry, true),
-        None => {
-            let find =
-                |listings: &[Json]| listings.iter().find(|l| l[1] == job_id.as_str()).cloned();
-            match (find(&running), find(&pending)) {
-                (Some(listing), _) => jobs::queued_job(&listing, jobs::IN_PROGRESS),
-                (None, Some(listing)) => jobs::queued_job(&listing, jobs::PENDING),
-                (None, None) => {
-                    let body = json!({"error": format!("no job `{job_id}`")});
-                    return (StatusCode::NOT_FOUND, Reply(body)).into_response();
-                }
-            }
+    if let Some(entry) = state.queue.history_of(&job_id).get(&job_id) {
+        return Reply(jobs::finished_job(&job_id, entry, true)).into_response();
+    }
+    let queue = state.queue.listing();
+    let find = |key: &str| {
+        queue[key]
+            .as_array()
+            .and_then(|listings| listings.iter().find(|l| l[1] == job_id.as_str()))
+            .cloned()
+    };
+    let job = match (find("queue_running"), find("queue_pending")) {
+        (Some(listing), _) => jobs::queued_job(&listing, jobs::IN_PROGRESS),
+        (None, Some(listing)) => jobs::queued_job(&listing, jobs::PENDING),
+        (None, None) => {
+            let body = json!({"error": format!("no job `{job_id}`")});
+            return (StatusCode::NOT_FOUND, Reply(body)).into_response();
         }
     };
     Reply(job).into_response()
